@@ -1,0 +1,696 @@
+//! The tiered cache: [`AuthzCache`], its builder and [`CheckError`].
+//!
+//! `AuthzCache` is cheap to clone (an `Arc` inside) and usable on its own, without the layer,
+//! e.g. from a gRPC handler or a job worker. It needs a Tokio runtime.
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower_authz_cache::{AuthzCache, Decision, Invalidation, Permission, Principal};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let cache = AuthzCache::builder(|p: Principal, perm: Permission| async move {
+//!     Ok::<_, std::convert::Infallible>(Decision::from_bool(p.id() == "bob" && perm.action() == "read"))
+//! })
+//! .l1_max_bytes(16 << 20)
+//! .allow_ttl(Duration::from_secs(30))
+//! .deny_ttl(Duration::from_secs(5))
+//! .build();
+//!
+//! let bob = Principal::new("bob");
+//! assert!(cache.check(&bob, &Permission::new("documents:1", "read")).await.unwrap().is_allowed());
+//! assert!(!cache.check(&bob, &Permission::new("documents:1", "delete")).await.unwrap().is_allowed());
+//! cache.invalidate(&Invalidation::principal("bob")).await.unwrap();
+//! # });
+//! ```
+
+pub(crate) mod clock;
+pub(crate) mod entry;
+pub(crate) mod epoch;
+pub(crate) mod key;
+pub(crate) mod single_flight;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::core::authorizer::{DynAuthorizer, ErasedAuthorizer};
+use crate::invalidation::Invalidation;
+use crate::stats::{Stats, StatsSnapshot};
+use crate::tier::memory::MemoryTier;
+use crate::{Authorizer, BoxError, Decision, Permission, Principal};
+
+use clock::{Clock, ms};
+use entry::Entry;
+use epoch::Epochs;
+use key::{CacheKey, ShortHash};
+use single_flight::{Join, SingleFlight};
+
+/// How many times an answer is recomputed when invalidations keep landing while it is computed.
+const MAX_ATTEMPTS: usize = 3;
+
+type Outcome = Result<Decision, CheckError>;
+
+/// The tiered authorization cache: tiers, single flight, epochs and stats around your
+/// [`Authorizer`].
+#[derive(Clone)]
+pub struct AuthzCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    l1: MemoryTier,
+    epochs: Epochs,
+    flights: SingleFlight<Outcome>,
+    authorizer: Box<dyn DynAuthorizer>,
+    stats: Stats,
+    clock: Clock,
+    allow_ttl_ms: u64,
+    deny_ttl_ms: u64,
+    authorizer_timeout: Duration,
+}
+
+impl fmt::Debug for AuthzCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthzCache")
+            .field("allow_ttl_ms", &self.inner.allow_ttl_ms)
+            .field("deny_ttl_ms", &self.inner.deny_ttl_ms)
+            .field("authorizer_timeout", &self.inner.authorizer_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthzCache {
+    /// Starts building a cache in front of `authorizer`.
+    pub fn builder<A: Authorizer>(authorizer: A) -> AuthzCacheBuilder {
+        AuthzCacheBuilder {
+            authorizer: Box::new(ErasedAuthorizer(Arc::new(authorizer))),
+            l1_max_bytes: 64 << 20,
+            allow_ttl: Duration::from_secs(60),
+            deny_ttl: Duration::from_secs(10),
+            authorizer_timeout: Duration::from_secs(5),
+            clock: Clock::System,
+        }
+    }
+
+    /// Decides whether `principal` holds `permission`: from L1 when a valid entry is there,
+    /// otherwise from the authorizer (one call per key however many requests wait for it).
+    ///
+    /// An error means no decision could be obtained (authorizer failed, timed out or panicked,
+    /// and nothing valid was cached): callers must treat it as "not allowed".
+    pub async fn check(&self, principal: &Principal, permission: &Permission) -> Result<Decision, CheckError> {
+        let start = Instant::now();
+        let key = CacheKey::new(principal, permission);
+        if let Some(decision) = self.inner.lookup_l1(&key, true) {
+            self.inner.stats.l1_hit_latency.record(start.elapsed());
+            return Ok(decision);
+        }
+        let outcome = self.inner.clone().miss(key, principal, permission).await;
+        self.inner.stats.miss_latency.record(start.elapsed());
+        if let Err(e) = &outcome {
+            Stats::incr(&self.inner.stats.undecided);
+            tracing::warn!(
+                target: "authz_cache::audit",
+                principal = %ShortHash::of(principal.id()),
+                action = permission.action(),
+                resource = permission.resource(),
+                error = %e,
+                "no decision obtainable: failing closed"
+            );
+        }
+        outcome
+    }
+
+    /// A copy of the counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats.snapshot(self.inner.l1.usage())
+    }
+
+    /// Applies an invalidation to this process: every cached decision it covers, including
+    /// any being computed right now, is a miss from the moment this returns.
+    pub(crate) fn apply_invalidation(&self, invalidation: &Invalidation) {
+        self.inner.apply_invalidation(invalidation);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn sync_l1(&self) {
+        self.inner.l1.sync();
+    }
+}
+
+impl Inner {
+    /// A valid L1 entry's decision. `count` says whether to update hit/miss counters.
+    fn lookup_l1(&self, key: &CacheKey, count: bool) -> Option<Decision> {
+        let found = self.l1.get(key);
+        let result = match &found {
+            None => None,
+            Some(e) if self.clock.now_ms() >= e.valid_until_ms => {
+                if count {
+                    Stats::incr(&self.stats.l1_expired);
+                }
+                self.l1.remove(key);
+                None
+            }
+            Some(e) if e.stamp != self.epochs.stamp(key) => {
+                if count {
+                    Stats::incr(&self.stats.l1_stale);
+                }
+                None
+            }
+            Some(e) => Some(e.decision()),
+        };
+        if count {
+            Stats::incr(if result.is_some() { &self.stats.l1_hits } else { &self.stats.l1_misses });
+        }
+        result
+    }
+
+    async fn miss(self: Arc<Self>, key: CacheKey, principal: &Principal, permission: &Permission) -> Outcome {
+        let mut rx = match self.flights.join(&key) {
+            Join::Leader(leader, rx) => {
+                let inner = self.clone();
+                let (principal, permission) = (principal.clone(), permission.clone());
+                tokio::spawn(async move {
+                    let guard = PanicGuard(&inner.stats);
+                    let outcome = inner.compute(&key, principal, permission).await;
+                    std::mem::forget(guard);
+                    leader.finish(outcome);
+                });
+                rx
+            }
+            Join::Follower(rx) => {
+                Stats::incr(&self.stats.single_flight_joins);
+                rx
+            }
+        };
+        match rx.wait_for(Option::is_some).await {
+            Ok(value) => value.clone().unwrap_or_else(|| Err(CheckError::new(CheckErrorKind::Panicked, None))),
+            Err(_) => Err(CheckError::new(CheckErrorKind::Panicked, None)),
+        }
+    }
+
+    async fn compute(&self, key: &CacheKey, principal: Principal, permission: Permission) -> Outcome {
+        // Another flight may have filled L1 between our miss and our registration.
+        if let Some(decision) = self.lookup_l1(key, false) {
+            return Ok(decision);
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            // Epochs are read before the authorizer is asked (DESIGN.md invariant 3).
+            let stamp = self.epochs.stamp(key);
+            Stats::incr(&self.stats.authorizer_calls);
+            let call = self.authorizer.authorize_owned(principal.clone(), permission.clone());
+            let decision = match tokio::time::timeout(self.authorizer_timeout, call).await {
+                Ok(Ok(decision)) => decision,
+                Ok(Err(e)) => {
+                    Stats::incr(&self.stats.authorizer_errors);
+                    return Err(CheckError::new(CheckErrorKind::Authorizer, Some(e)));
+                }
+                Err(_) => {
+                    Stats::incr(&self.stats.authorizer_errors);
+                    return Err(CheckError::new(CheckErrorKind::Timeout, None));
+                }
+            };
+            if self.epochs.stamp(key) != stamp {
+                // An invalidation landed while the authorizer was thinking: its answer may
+                // predate the change. Ask again.
+                Stats::incr(&self.stats.invalidation_races);
+                continue;
+            }
+            let configured = if decision.is_allowed() { self.allow_ttl_ms } else { self.deny_ttl_ms };
+            let ttl = decision.ttl_hint().map_or(configured, |hint| ms(hint).min(configured));
+            if ttl > 0 {
+                let valid_until_ms = self.clock.now_ms().saturating_add(ttl);
+                self.l1.insert(key.clone(), Entry::new(&decision, valid_until_ms, stamp));
+            }
+            return Ok(decision);
+        }
+        Err(CheckError::new(CheckErrorKind::Unstable, None))
+    }
+
+    fn apply_invalidation(&self, invalidation: &Invalidation) {
+        let now = self.clock.now_ms();
+        match invalidation {
+            Invalidation::Principal(id) => {
+                self.epochs.bump_principal(id, now);
+                Stats::incr(&self.stats.inv_principal);
+                tracing::info!(target: "authz_cache::audit", scope = "principal", principal = %ShortHash::of(id), "invalidated");
+            }
+            Invalidation::Resource(resource) => {
+                self.epochs.bump_resource(resource, now);
+                Stats::incr(&self.stats.inv_resource);
+                tracing::info!(target: "authz_cache::audit", scope = "resource", resource = %resource, "invalidated");
+            }
+            Invalidation::Entry { principal, permission } => {
+                let key = CacheKey::new(&Principal::new(principal.as_str()), permission);
+                self.epochs.bump_entry(&key, now);
+                self.l1.remove(&key);
+                Stats::incr(&self.stats.inv_entry);
+                tracing::info!(target: "authz_cache::audit", scope = "entry", principal = %ShortHash::of(principal), permission = %permission, "invalidated");
+            }
+            Invalidation::All => {
+                self.epochs.bump_all();
+                self.l1.clear();
+                Stats::incr(&self.stats.inv_all);
+                tracing::info!(target: "authz_cache::audit", scope = "all", "invalidated");
+            }
+        }
+    }
+}
+
+/// Counts a computation that unwound (the authorizer panicked) instead of finishing.
+struct PanicGuard<'a>(&'a Stats);
+
+impl Drop for PanicGuard<'_> {
+    fn drop(&mut self) {
+        Stats::incr(&self.0.authorizer_errors);
+        tracing::error!(target: "authz_cache::audit", "authorizer panicked: failing closed");
+    }
+}
+
+/// Builds an [`AuthzCache`]. Defaults: L1 64 MiB, allow ttl 60 s, deny ttl 10 s, authorizer
+/// timeout 5 s.
+#[must_use]
+pub struct AuthzCacheBuilder {
+    authorizer: Box<dyn DynAuthorizer>,
+    l1_max_bytes: u64,
+    allow_ttl: Duration,
+    deny_ttl: Duration,
+    authorizer_timeout: Duration,
+    clock: Clock,
+}
+
+impl fmt::Debug for AuthzCacheBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthzCacheBuilder")
+            .field("l1_max_bytes", &self.l1_max_bytes)
+            .field("allow_ttl", &self.allow_ttl)
+            .field("deny_ttl", &self.deny_ttl)
+            .field("authorizer_timeout", &self.authorizer_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthzCacheBuilder {
+    /// Bound of L1 in bytes (keys, entries and the cache's own per-entry overhead).
+    pub fn l1_max_bytes(mut self, bytes: u64) -> Self {
+        self.l1_max_bytes = bytes;
+        self
+    }
+
+    /// How long an allow is cached. The authorizer's hint can only shorten it.
+    pub fn allow_ttl(mut self, ttl: Duration) -> Self {
+        self.allow_ttl = ttl;
+        self
+    }
+
+    /// How long a deny is cached (usually shorter than allows, so grants show up quickly).
+    pub fn deny_ttl(mut self, ttl: Duration) -> Self {
+        self.deny_ttl = ttl;
+        self
+    }
+
+    /// How long one authorizer call may take before the check fails closed (503).
+    pub fn authorizer_timeout(mut self, timeout: Duration) -> Self {
+        self.authorizer_timeout = timeout;
+        self
+    }
+
+    #[cfg(test)]
+    pub(crate) fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Builds the cache.
+    pub fn build(self) -> AuthzCache {
+        let longest_ttl = self.allow_ttl.max(self.deny_ttl);
+        // An entry stamped before a bump expires at most `longest_ttl` after the authorizer
+        // answered, which is at most `authorizer_timeout` after the stamp: past that, the bump's
+        // scope can be forgotten (see epoch.rs).
+        let forget_after_ms = ms(longest_ttl).saturating_add(ms(self.authorizer_timeout)).saturating_add(1000);
+        AuthzCache {
+            inner: Arc::new(Inner {
+                l1: MemoryTier::new(self.l1_max_bytes, longest_ttl.max(Duration::from_millis(1))),
+                epochs: Epochs::new(forget_after_ms),
+                flights: SingleFlight::new(),
+                authorizer: self.authorizer,
+                stats: Stats::new(),
+                clock: self.clock,
+                allow_ttl_ms: ms(self.allow_ttl),
+                deny_ttl_ms: ms(self.deny_ttl),
+                authorizer_timeout: self.authorizer_timeout,
+            }),
+        }
+    }
+}
+
+/// No decision could be obtained. The layer answers 503; callers of
+/// [`AuthzCache::check`] must treat it as "not allowed".
+#[derive(Clone)]
+pub struct CheckError {
+    kind: CheckErrorKind,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+/// What kind of [`CheckError`] this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CheckErrorKind {
+    /// The authorizer returned an error.
+    Authorizer,
+    /// The authorizer did not answer within its timeout.
+    Timeout,
+    /// The authorizer panicked.
+    Panicked,
+    /// Invalidations kept landing while the decision was computed.
+    Unstable,
+}
+
+impl CheckError {
+    fn new(kind: CheckErrorKind, source: Option<BoxError>) -> Self {
+        Self { kind, source: source.map(Arc::from) }
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> CheckErrorKind {
+        self.kind
+    }
+
+    /// The authorizer did not answer in time.
+    pub fn is_timeout(&self) -> bool {
+        self.kind == CheckErrorKind::Timeout
+    }
+}
+
+impl fmt::Debug for CheckError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CheckError").field("kind", &self.kind).field("source", &self.source).finish()
+    }
+}
+
+impl fmt::Display for CheckError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.kind {
+            CheckErrorKind::Authorizer => "authorizer failed",
+            CheckErrorKind::Timeout => "authorizer timed out",
+            CheckErrorKind::Panicked => "authorizer panicked",
+            CheckErrorKind::Unstable => "decision invalidated while computed, repeatedly",
+        })
+    }
+}
+
+impl std::error::Error for CheckError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use tokio::sync::{Notify, Semaphore};
+
+    fn bob() -> Principal {
+        Principal::new("bob")
+    }
+
+    fn read(doc: u32) -> Permission {
+        Permission::new(format!("documents:{doc}"), "read")
+    }
+
+    /// An authorizer whose answer the test controls, counting its calls.
+    #[derive(Clone, Default)]
+    struct Switch {
+        allow: Arc<AtomicBool>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl Switch {
+        fn cache(&self, clock: Clock) -> AuthzCache {
+            let s = self.clone();
+            AuthzCache::builder(move |_: Principal, _: Permission| {
+                let s = s.clone();
+                async move {
+                    s.calls.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, BoxError>(Decision::from_bool(s.allow.load(Ordering::SeqCst)))
+                }
+            })
+            .allow_ttl(Duration::from_secs(60))
+            .deny_ttl(Duration::from_secs(5))
+            .clock(clock)
+            .build()
+        }
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    #[tokio::test]
+    async fn allow_and_deny_expire_on_their_own_ttls() {
+        let clock = Clock::manual();
+        let sw = Switch::default();
+        sw.allow.store(true, Ordering::SeqCst);
+        let cache = sw.cache(clock.clone());
+        assert!(cache.check(&bob(), &read(1)).await.unwrap().is_allowed());
+        clock.advance(Duration::from_millis(59_999));
+        assert!(cache.check(&bob(), &read(1)).await.unwrap().is_allowed());
+        assert_eq!(sw.calls(), 1, "still valid one ms before the deadline");
+        clock.advance(Duration::from_millis(1));
+        sw.allow.store(false, Ordering::SeqCst);
+        assert!(!cache.check(&bob(), &read(1)).await.unwrap().is_allowed(), "expired allow is a miss");
+        assert_eq!(sw.calls(), 2);
+        assert_eq!(cache.stats().tiers.l1.expired, 1);
+        // The deny lives 5 s.
+        clock.advance(Duration::from_millis(4_999));
+        assert!(!cache.check(&bob(), &read(1)).await.unwrap().is_allowed());
+        assert_eq!(sw.calls(), 2);
+        clock.advance(Duration::from_millis(1));
+        sw.allow.store(true, Ordering::SeqCst);
+        assert!(cache.check(&bob(), &read(1)).await.unwrap().is_allowed());
+        assert_eq!(sw.calls(), 3);
+    }
+
+    #[tokio::test]
+    async fn the_authorizer_hint_only_shortens() {
+        let clock = Clock::manual();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let hint = Arc::new(Mutex::new(Duration::from_secs(2)));
+        let (c, h) = (calls.clone(), hint.clone());
+        let cache = AuthzCache::builder(move |_: Principal, _: Permission| {
+            c.fetch_add(1, Ordering::SeqCst);
+            let ttl = *h.lock().unwrap();
+            async move { Ok::<_, BoxError>(Decision::allow().with_ttl(ttl)) }
+        })
+        .allow_ttl(Duration::from_secs(10))
+        .clock(clock.clone())
+        .build();
+        cache.check(&bob(), &read(1)).await.unwrap();
+        clock.advance(Duration::from_millis(2_000));
+        cache.check(&bob(), &read(1)).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "hint of 2 s wins over ttl of 10 s");
+
+        *hint.lock().unwrap() = Duration::from_secs(3600);
+        cache.check(&bob(), &read(2)).await.unwrap();
+        clock.advance(Duration::from_millis(10_000));
+        cache.check(&bob(), &read(2)).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 4, "a long hint never extends the ttl of 10 s");
+
+        *hint.lock().unwrap() = Duration::ZERO;
+        cache.check(&bob(), &read(3)).await.unwrap();
+        cache.check(&bob(), &read(3)).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 6, "a zero hint is not cached");
+    }
+
+    #[tokio::test]
+    async fn invalidation_at_every_scope_makes_the_next_check_miss() {
+        let sw = Switch::default();
+        sw.allow.store(true, Ordering::SeqCst);
+        let cache = sw.cache(Clock::manual());
+        let alice = Principal::new("alice");
+        for inv in [
+            Invalidation::principal("bob"),
+            Invalidation::resource("documents:1"),
+            Invalidation::entry("bob", read(1)),
+            Invalidation::All,
+        ] {
+            cache.check(&bob(), &read(1)).await.unwrap();
+            cache.check(&alice, &read(2)).await.unwrap();
+            let before = sw.calls();
+            cache.check(&bob(), &read(1)).await.unwrap();
+            assert_eq!(sw.calls(), before, "cached before {inv:?}");
+            cache.invalidate(&inv).await.unwrap();
+            cache.check(&bob(), &read(1)).await.unwrap();
+            assert_eq!(sw.calls(), before + 1, "{inv:?} covers bob/documents:1");
+            cache.check(&alice, &read(2)).await.unwrap();
+            let alice_recomputed = sw.calls() - before - 1;
+            assert_eq!(alice_recomputed, usize::from(inv == Invalidation::All), "{inv:?} and alice/documents:2");
+        }
+    }
+
+    /// An authorizer that answers `allow` from the state it read *before* blocking, the way a
+    /// real authorizer answers from a snapshot: it blocks until the test releases it.
+    #[tokio::test]
+    async fn a_decision_computed_across_an_invalidation_is_never_served_after_it() {
+        let allowed = Arc::new(AtomicBool::new(true));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let entered = Arc::new(Notify::new());
+        let release = Arc::new(Semaphore::new(0));
+        let (a, c, e, r) = (allowed.clone(), calls.clone(), entered.clone(), release.clone());
+        let cache = AuthzCache::builder(move |_: Principal, _: Permission| {
+            let (a, c, e, r) = (a.clone(), c.clone(), e.clone(), r.clone());
+            async move {
+                let snapshot = a.load(Ordering::SeqCst);
+                let n = c.fetch_add(1, Ordering::SeqCst);
+                if n == 0 {
+                    e.notify_one();
+                    r.acquire().await.unwrap().forget();
+                }
+                Ok::<_, BoxError>(Decision::from_bool(snapshot))
+            }
+        })
+        .build();
+
+        let c2 = cache.clone();
+        let first = tokio::spawn(async move { c2.check(&bob(), &read(1)).await });
+        entered.notified().await;
+        // The first call has read "allowed" and is blocked. Revoke, invalidate, then release it.
+        let c3 = cache.clone();
+        let follower = tokio::spawn(async move { c3.check(&bob(), &read(1)).await });
+        tokio::task::yield_now().await;
+        allowed.store(false, Ordering::SeqCst);
+        cache.invalidate(&Invalidation::principal("bob")).await.unwrap();
+        release.add_permits(1);
+
+        assert!(!first.await.unwrap().unwrap().is_allowed(), "the stale allow was recomputed");
+        assert!(!follower.await.unwrap().unwrap().is_allowed());
+        assert!(!cache.check(&bob(), &read(1)).await.unwrap().is_allowed());
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "one stale answer thrown away, one fresh");
+        assert_eq!(cache.stats().invalidation_races, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_thousand_concurrent_misses_make_one_call() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Semaphore::new(0));
+        let (c, g) = (calls.clone(), gate.clone());
+        let cache = AuthzCache::builder(move |_: Principal, _: Permission| {
+            let (c, g) = (c.clone(), g.clone());
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                g.acquire().await.unwrap().forget();
+                Ok::<_, BoxError>(Decision::allow())
+            }
+        })
+        .build();
+        let tasks: Vec<_> = (0..1000)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.check(&bob(), &read(1)).await })
+            })
+            .collect();
+        // Let every task reach the flight before the answer comes.
+        while cache.stats().tiers.l1.misses < 1000 {
+            tokio::task::yield_now().await;
+        }
+        gate.add_permits(1);
+        for t in tasks {
+            assert!(t.await.unwrap().unwrap().is_allowed());
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.stats().single_flight_joins, 999);
+        assert_eq!(cache.inner.flights.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_leading_request_strands_nobody() {
+        let gate = Arc::new(Semaphore::new(0));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (g, c) = (gate.clone(), calls.clone());
+        let cache = AuthzCache::builder(move |_: Principal, _: Permission| {
+            let (g, c) = (g.clone(), c.clone());
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                g.acquire().await.unwrap().forget();
+                Ok::<_, BoxError>(Decision::allow())
+            }
+        })
+        .build();
+        let leader = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.check(&bob(), &read(1)).await }
+        });
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let follower = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.check(&bob(), &read(1)).await }
+        });
+        while cache.stats().single_flight_joins == 0 {
+            tokio::task::yield_now().await;
+        }
+        leader.abort();
+        assert!(leader.await.unwrap_err().is_cancelled());
+        gate.add_permits(1);
+        assert!(follower.await.unwrap().unwrap().is_allowed());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn errors_timeouts_and_panics_reach_every_waiter_and_are_not_cached() {
+        let mode = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(Semaphore::new(0));
+        let (m, g) = (mode.clone(), gate.clone());
+        let cache = AuthzCache::builder(move |_: Principal, _: Permission| {
+            let (m, g) = (m.clone(), g.clone());
+            async move {
+                g.acquire().await.unwrap().forget();
+                match m.load(Ordering::SeqCst) {
+                    0 => Err::<Decision, BoxError>("backend down".into()),
+                    1 => std::future::pending().await,
+                    2 => panic!("authorizer bug"),
+                    _ => Ok(Decision::allow()),
+                }
+            }
+        })
+        .authorizer_timeout(Duration::from_millis(50))
+        .build();
+        for (m, kind) in [(0, CheckErrorKind::Authorizer), (1, CheckErrorKind::Timeout), (2, CheckErrorKind::Panicked)]
+        {
+            mode.store(m, Ordering::SeqCst);
+            let waiters: Vec<_> = (0..3)
+                .map(|_| {
+                    let cache = cache.clone();
+                    tokio::spawn(async move { cache.check(&bob(), &read(1)).await })
+                })
+                .collect();
+            while cache.inner.flights.len() == 0 || cache.stats().single_flight_joins < 2 * (m as u64 + 1) {
+                tokio::task::yield_now().await;
+            }
+            gate.add_permits(1);
+            for w in waiters {
+                assert_eq!(w.await.unwrap().unwrap_err().kind(), kind);
+            }
+        }
+        mode.store(3, Ordering::SeqCst);
+        gate.add_permits(1);
+        assert!(cache.check(&bob(), &read(1)).await.unwrap().is_allowed(), "no error was cached");
+        let stats = cache.stats();
+        assert_eq!((stats.authorizer_calls, stats.authorizer_errors, stats.undecided), (4, 3, 9));
+    }
+
+    #[tokio::test]
+    async fn l1_stays_within_its_byte_bound() {
+        let cache = AuthzCache::builder(|_: Principal, _: Permission| async { Ok::<_, BoxError>(Decision::allow()) })
+            .l1_max_bytes(1 << 20)
+            .build();
+        for i in 0..20_000u32 {
+            cache.check(&Principal::new(format!("user-{i}")), &read(i)).await.unwrap();
+        }
+        cache.sync_l1();
+        let l1 = cache.stats().tiers.l1;
+        assert!(l1.bytes <= 1 << 20, "{l1:?}");
+        assert!(l1.entries < 20_000 && l1.entries > 1000, "{l1:?}");
+    }
+}

@@ -1,0 +1,470 @@
+//! What a request needs: [`Permission`], the [`MapPermission`] plug-in point and the built-in
+//! [`RouteTable`].
+//!
+//! ```
+//! use http::{Method, Request};
+//! use tower_authz_cache::{Access, MapPermission, Permission, RouteTable};
+//!
+//! let table = RouteTable::new()
+//!     .public("/health")
+//!     .route(Method::GET, "/documents/{id}", "documents:{id}", "read")
+//!     .route(Method::DELETE, "/documents/{id}", "documents:{id}", "delete");
+//!
+//! let (parts, _) = Request::delete("/documents/7").body(()).unwrap().into_parts();
+//! assert_eq!(table.map(&parts), Access::Requires(Permission::new("documents:7", "delete")));
+//!
+//! let (parts, _) = Request::get("/health").body(()).unwrap().into_parts();
+//! assert_eq!(table.map(&parts), Access::Public);
+//!
+//! // Anything the table does not know is denied, and path tricks never widen a match.
+//! for path in ["/documents", "/documents/7/", "/documents//7", "/documents/%2e%2e", "/health/../documents/7"] {
+//!     let (parts, _) = Request::get(path).body(()).unwrap().into_parts();
+//!     assert_eq!(table.map(&parts), Access::Unmapped, "{path}");
+//! }
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::Method;
+use http::request::Parts;
+
+/// What a request needs: an action on a resource, e.g. `read` on `documents:7`.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Permission {
+    resource: Arc<str>,
+    action: Arc<str>,
+}
+
+impl Permission {
+    /// `action` on `resource`.
+    pub fn new(resource: impl Into<Arc<str>>, action: impl Into<Arc<str>>) -> Self {
+        Self { resource: resource.into(), action: action.into() }
+    }
+
+    /// The resource, e.g. `documents:7`.
+    pub fn resource(&self) -> &str {
+        &self.resource
+    }
+
+    /// The action, e.g. `read`.
+    pub fn action(&self) -> &str {
+        &self.action
+    }
+
+    pub(crate) fn resource_arc(&self) -> &Arc<str> {
+        &self.resource
+    }
+
+    pub(crate) fn action_arc(&self) -> &Arc<str> {
+        &self.action
+    }
+}
+
+impl fmt::Debug for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Permission({} {})", self.action, self.resource)
+    }
+}
+
+impl fmt::Display for Permission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.action, self.resource)
+    }
+}
+
+/// What a request needs before it may reach the inner service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Access {
+    /// No authorization: the request goes straight through.
+    Public,
+    /// The caller must hold this permission.
+    Requires(Permission),
+    /// No rule covers this request: it is denied (403).
+    Unmapped,
+}
+
+impl From<Option<Permission>> for Access {
+    /// `None` means public, as in [`MapPermission`] closures.
+    fn from(p: Option<Permission>) -> Self {
+        match p {
+            Some(p) => Access::Requires(p),
+            None => Access::Public,
+        }
+    }
+}
+
+impl From<Permission> for Access {
+    fn from(p: Permission) -> Self {
+        Access::Requires(p)
+    }
+}
+
+/// Maps a request to the [`Access`] it needs.
+///
+/// Implemented for closures `Fn(&Parts) -> impl Into<Access>`, so `Option<Permission>` works
+/// (`None` = public); the built-in is [`RouteTable`].
+///
+/// ```
+/// use http::request::Parts;
+/// use tower_authz_cache::{MapPermission, Permission};
+///
+/// fn assert_mapper(_: impl MapPermission) {}
+/// assert_mapper(|parts: &Parts| {
+///     (parts.uri.path() != "/health").then(|| Permission::new("app", "use"))
+/// });
+/// ```
+pub trait MapPermission: Send + Sync + 'static {
+    /// The access this request needs.
+    fn map(&self, parts: &Parts) -> Access;
+}
+
+impl<F, R> MapPermission for F
+where
+    F: Fn(&Parts) -> R + Send + Sync + 'static,
+    R: Into<Access>,
+{
+    fn map(&self, parts: &Parts) -> Access {
+        self(parts).into()
+    }
+}
+
+/// Longest path the route table looks at; longer paths are unmapped.
+const MAX_PATH_LEN: usize = 2048;
+/// Most segments the route table looks at; deeper paths are unmapped.
+const MAX_SEGMENTS: usize = 32;
+
+#[derive(Clone, Debug)]
+enum Seg {
+    Literal(Box<str>),
+    Param,
+}
+
+#[derive(Clone, Debug)]
+enum Part {
+    Literal(Box<str>),
+    Param(usize),
+}
+
+#[derive(Clone, Debug)]
+enum Target {
+    Public,
+    Permission { resource: Box<[Part]>, action: Arc<str> },
+}
+
+#[derive(Clone, Debug)]
+struct Route {
+    method: Option<Method>,
+    segments: Box<[Seg]>,
+    target: Target,
+}
+
+/// Method + path template -> resource template + action.
+///
+/// - Templates are `/documents/{id}`: literal segments and `{name}` parameters, one per segment.
+/// - A resource template uses the parameters: `documents:{id}`.
+/// - A `GET` route also covers `HEAD`.
+/// - When several routes match, the one with literals earliest wins (`/documents/new` beats
+///   `/documents/{id}`), then the one added first.
+/// - Unmapped requests get [`Access::Unmapped`] (403); [`RouteTable::public`] lists the open ones.
+///
+/// Matching is per segment on the percent-decoded path. A path with an empty segment (`//`, a
+/// trailing `/`), a `.` or `..` segment (also encoded as `%2e`), an encoded `/` or `\`, a control
+/// character, invalid UTF-8, or more than 2 KiB or 32 segments matches nothing. A parameter value
+/// may not contain `:` or `*`, so it cannot reach into another resource's name.
+///
+/// Builder methods panic on a malformed template, as `axum::Router::route` does: templates are
+/// code, not input.
+#[derive(Clone, Debug, Default)]
+pub struct RouteTable {
+    routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// An empty table: everything is unmapped.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `method path` needs `action` on `resource`.
+    ///
+    /// # Panics
+    ///
+    /// If `path` is not a valid template, or `resource` uses a parameter `path` does not have.
+    #[must_use]
+    pub fn route(mut self, method: Method, path: &str, resource: &str, action: &str) -> Self {
+        let (segments, names) = parse_path_template(path);
+        let resource = parse_resource_template(resource, &names);
+        self.routes.push(Route {
+            method: Some(method),
+            segments,
+            target: Target::Permission { resource, action: action.into() },
+        });
+        self
+    }
+
+    /// `path` is public for every method.
+    ///
+    /// # Panics
+    ///
+    /// If `path` is not a valid template.
+    #[must_use]
+    pub fn public(mut self, path: &str) -> Self {
+        let (segments, _) = parse_path_template(path);
+        self.routes.push(Route { method: None, segments, target: Target::Public });
+        self
+    }
+
+    /// `method path` is public.
+    ///
+    /// # Panics
+    ///
+    /// If `path` is not a valid template.
+    #[must_use]
+    pub fn public_route(mut self, method: Method, path: &str) -> Self {
+        let (segments, _) = parse_path_template(path);
+        self.routes.push(Route { method: Some(method), segments, target: Target::Public });
+        self
+    }
+
+    fn lookup(&self, method: &Method, path: &str) -> Access {
+        let Some(segments) = split_path(path) else {
+            return Access::Unmapped;
+        };
+        let mut best: Option<(&Route, u64)> = None;
+        for route in &self.routes {
+            if !method_matches(route.method.as_ref(), method) || route.segments.len() != segments.len() {
+                continue;
+            }
+            let mut score = 0u64;
+            let mut ok = true;
+            for (i, (seg, value)) in route.segments.iter().zip(&segments).enumerate() {
+                match seg {
+                    Seg::Literal(lit) => {
+                        if **lit != **value {
+                            ok = false;
+                            break;
+                        }
+                        score |= 1 << (63 - i);
+                    }
+                    Seg::Param => {
+                        if value.contains([':', '*']) {
+                            ok = false;
+                            break;
+                        }
+                    }
+                }
+            }
+            if ok && best.is_none_or(|(_, s)| score > s) {
+                best = Some((route, score));
+            }
+        }
+        let Some((route, _)) = best else {
+            return Access::Unmapped;
+        };
+        match &route.target {
+            Target::Public => Access::Public,
+            Target::Permission { resource, action } => {
+                let params: Vec<&str> = route
+                    .segments
+                    .iter()
+                    .zip(&segments)
+                    .filter(|(s, _)| matches!(s, Seg::Param))
+                    .map(|(_, v)| &**v)
+                    .collect();
+                let mut out = String::new();
+                for part in resource.iter() {
+                    match part {
+                        Part::Literal(l) => out.push_str(l),
+                        Part::Param(i) => out.push_str(params[*i]),
+                    }
+                }
+                Access::Requires(Permission { resource: out.into(), action: action.clone() })
+            }
+        }
+    }
+}
+
+impl MapPermission for RouteTable {
+    fn map(&self, parts: &Parts) -> Access {
+        self.lookup(&parts.method, parts.uri.path())
+    }
+}
+
+fn method_matches(route: Option<&Method>, method: &Method) -> bool {
+    match route {
+        None => true,
+        Some(m) => m == method || (*m == Method::GET && *method == Method::HEAD),
+    }
+}
+
+/// Splits and decodes a request path; `None` when it must match nothing.
+fn split_path(path: &str) -> Option<Vec<std::borrow::Cow<'_, str>>> {
+    if path.len() > MAX_PATH_LEN {
+        return None;
+    }
+    let rest = path.strip_prefix('/')?;
+    if rest.is_empty() {
+        return Some(Vec::new());
+    }
+    let mut out = Vec::new();
+    for raw in rest.split('/') {
+        if out.len() == MAX_SEGMENTS {
+            return None;
+        }
+        let seg = percent_decode(raw)?;
+        if seg.is_empty() || seg == "." || seg == ".." || seg.chars().any(|c| c == '/' || c == '\\' || c.is_control()) {
+            return None;
+        }
+        out.push(seg);
+    }
+    Some(out)
+}
+
+fn percent_decode(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if !raw.contains('%') {
+        return Some(raw.into());
+    }
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok().map(Into::into)
+}
+
+fn parse_path_template(path: &str) -> (Box<[Seg]>, Vec<String>) {
+    let rest = path.strip_prefix('/').unwrap_or_else(|| panic!("route template {path:?} must start with '/'"));
+    let mut names = Vec::new();
+    let mut segments = Vec::new();
+    if !rest.is_empty() {
+        for raw in rest.split('/') {
+            assert!(!raw.is_empty(), "route template {path:?} has an empty segment");
+            if let Some(name) = raw.strip_prefix('{').and_then(|r| r.strip_suffix('}')) {
+                assert!(
+                    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "route template {path:?}: bad parameter name {name:?}"
+                );
+                assert!(!names.iter().any(|n| n == name), "route template {path:?} repeats {{{name}}}");
+                names.push(name.to_owned());
+                segments.push(Seg::Param);
+            } else {
+                assert!(
+                    !raw.contains(['{', '}', '%']) && raw != "." && raw != "..",
+                    "route template {path:?}: bad segment {raw:?}"
+                );
+                segments.push(Seg::Literal(raw.into()));
+            }
+        }
+    }
+    (segments.into(), names)
+}
+
+fn parse_resource_template(template: &str, names: &[String]) -> Box<[Part]> {
+    let mut parts = Vec::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        if open > 0 {
+            parts.push(Part::Literal(rest[..open].into()));
+        }
+        let close =
+            rest[open..].find('}').unwrap_or_else(|| panic!("resource template {template:?} has an unclosed '{{'"))
+                + open;
+        let name = &rest[open + 1..close];
+        let idx = names
+            .iter()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("resource template {template:?} uses {{{name}}}, which the path does not have"));
+        parts.push(Part::Param(idx));
+        rest = &rest[close + 1..];
+    }
+    assert!(!rest.contains('}'), "resource template {template:?} has a stray '}}'");
+    if !rest.is_empty() {
+        parts.push(Part::Literal(rest.into()));
+    }
+    parts.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RouteTable {
+        RouteTable::new()
+            .public("/health")
+            .route(Method::GET, "/documents/{id}", "documents:{id}", "read")
+            .route(Method::GET, "/documents/new", "documents", "create")
+            .route(Method::PUT, "/admin/users/{user}/role", "admin", "manage")
+            .route(Method::GET, "/orgs/{org}/docs/{doc}", "orgs:{org}:docs:{doc}", "read")
+    }
+
+    fn req(t: &RouteTable, method: Method, path: &str) -> Access {
+        t.lookup(&method, path)
+    }
+
+    #[test]
+    fn maps_templates_per_segment() {
+        let t = table();
+        assert_eq!(req(&t, Method::GET, "/documents/7"), Access::Requires(Permission::new("documents:7", "read")));
+        assert_eq!(req(&t, Method::HEAD, "/documents/7"), Access::Requires(Permission::new("documents:7", "read")));
+        assert_eq!(req(&t, Method::GET, "/documents/new"), Access::Requires(Permission::new("documents", "create")));
+        assert_eq!(req(&t, Method::GET, "/orgs/a/docs/b"), Access::Requires(Permission::new("orgs:a:docs:b", "read")));
+        assert_eq!(req(&t, Method::GET, "/documents/%31"), Access::Requires(Permission::new("documents:1", "read")));
+        assert_eq!(
+            req(&t, Method::GET, "/documents/caf%C3%A9"),
+            Access::Requires(Permission::new("documents:café", "read"))
+        );
+        assert_eq!(req(&t, Method::POST, "/health"), Access::Public);
+        assert_eq!(req(&t, Method::DELETE, "/documents/7"), Access::Unmapped);
+    }
+
+    #[test]
+    fn path_tricks_never_widen_a_match() {
+        let t = table();
+        let long = format!("/documents/{}", "a".repeat(4096));
+        let deep = "/x".repeat(40);
+        for path in [
+            "",
+            "/",
+            "//documents/7",
+            "/documents//7",
+            "/documents/7/",
+            "/documents/..",
+            "/documents/.",
+            "/documents/%2e%2e",
+            "/documents/%2E",
+            "/documents/a%2Fb",
+            "/documents/a%5cb",
+            "/documents/%00",
+            "/documents/%zz",
+            "/documents/%c3",
+            "/documents/%ff",
+            "/health/../documents/7",
+            "/health/",
+            "/documents/7:delete",
+            "/documents/*",
+            "/orgs/a:docs:b/docs/c",
+            long.as_str(),
+            deep.as_str(),
+            "/documents/a\nb",
+        ] {
+            assert_eq!(req(&t, Method::GET, path), Access::Unmapped, "{path:?}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "does not have")]
+    fn resource_template_must_use_known_params() {
+        let _ = RouteTable::new().route(Method::GET, "/a/{id}", "a:{other}", "read");
+    }
+}

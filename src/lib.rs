@@ -1,0 +1,89 @@
+//! Authorization checks that cost microseconds: a tower middleware in front of a tiered,
+//! revocable decision cache.
+//!
+//! [`CachedAuthorizationLayer`] resolves who is calling ([`ResolvePrincipal`]), maps the request
+//! to what it needs ([`MapPermission`], e.g. a [`RouteTable`]), and asks an [`AuthzCache`] for
+//! the decision. The cache answers from memory (L1, bounded in bytes) when it can, and asks your
+//! [`Authorizer`] (the source of truth) when it must: once per key however many requests wait.
+//! [`Invalidation`]s take effect at once, including against answers still being computed.
+//!
+//! Guarantees:
+//! - **Fail closed**: only the authorizer produces an allow. When no decision can be obtained the
+//!   request gets 503, never a guess.
+//! - **Deadlines never grow**: a decision is cached for `min(ttl, authorizer hint)` from when the
+//!   authorizer answered.
+//! - **No fill after invalidate**: a decision whose computation started before an invalidation
+//!   that covers it is never served after that invalidation.
+//! - **Bounded memory**: L1 is bounded in bytes; epoch bookkeeping is bounded.
+//!
+//! ```
+//! use axum::{Router, routing::get};
+//! use http::Method;
+//! use tower_authz_cache::{
+//!     AuthzCache, BearerToken, CachedAuthorizationLayer, Decision, Permission, Principal, RouteTable,
+//! };
+//!
+//! // The source of truth.
+//! let authorizer = |principal: Principal, permission: Permission| async move {
+//!     let allowed = principal.id() == "alice" || permission.action() == "read";
+//!     Ok::<_, std::convert::Infallible>(Decision::from_bool(allowed))
+//! };
+//! // Who is calling.
+//! let tokens = BearerToken::new(|token: String| async move {
+//!     let user = match token.as_str() { "alice-token" => Some("alice"), "bob-token" => Some("bob"), _ => None };
+//!     Ok::<_, std::convert::Infallible>(user.map(Principal::new))
+//! });
+//! // What each route needs; anything else is denied.
+//! let routes = RouteTable::new()
+//!     .public("/health")
+//!     .route(Method::GET, "/documents/{id}", "documents:{id}", "read")
+//!     .route(Method::DELETE, "/documents/{id}", "documents:{id}", "delete");
+//!
+//! let cache = AuthzCache::builder(authorizer).build();
+//! let app: Router = Router::new()
+//!     .route("/health", get(|| async { "ok" }))
+//!     .route("/documents/{id}", get(|| async { "doc" }).delete(|| async { "deleted" }))
+//!     .layer(CachedAuthorizationLayer::new(cache.clone(), tokens, routes));
+//! # let _ = app;
+//! ```
+//!
+//! # Features
+//!
+//! - `axum`: [`Principal`] is an axum extractor.
+//! - `full`: everything.
+
+#![deny(unreachable_pub, missing_docs)]
+#![warn(missing_debug_implementations, rust_2018_idioms)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod cache;
+mod core;
+mod future;
+mod invalidation;
+mod layer;
+mod response;
+mod service;
+mod stats;
+mod tier;
+
+#[cfg(feature = "axum")]
+mod extract;
+
+pub use crate::cache::{AuthzCache, AuthzCacheBuilder, CheckError, CheckErrorKind};
+pub use crate::core::authorizer::Authorizer;
+pub use crate::core::decision::Decision;
+pub use crate::core::permission::{Access, MapPermission, Permission, RouteTable};
+pub use crate::core::principal::{
+    BearerToken, Principal, ResolveError, ResolveErrorKind, ResolvePrincipal, TrustedHeader,
+};
+pub use crate::future::ResponseFuture;
+pub use crate::invalidation::{Invalidation, InvalidationError, InvalidationFuture, InvalidationService};
+pub use crate::layer::CachedAuthorizationLayer;
+pub use crate::response::{Rejection, RejectionKind, ResponseBody};
+pub use crate::service::CachedAuthorization;
+pub use crate::stats::{
+    InvalidationsSnapshot, LatenciesSnapshot, LatencySnapshot, StatsSnapshot, TierSnapshot, TiersSnapshot,
+};
+
+/// A boxed error, as tower uses.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,169 @@
+//! [`CachedAuthorization`]: the service built by
+//! [`CachedAuthorizationLayer`](crate::CachedAuthorizationLayer).
+//!
+//! ```
+//! use http::{Request, Response, StatusCode};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//! use tower_authz_cache::{
+//!     AuthzCache, CachedAuthorizationLayer, Decision, Permission, Principal, TrustedHeader,
+//! };
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let cache = AuthzCache::builder(|p: Principal, _: Permission| async move {
+//!     Ok::<_, std::convert::Infallible>(Decision::from_bool(p.id() == "alice"))
+//! })
+//! .build();
+//! let mapper = |_: &http::request::Parts| Some(Permission::new("app", "use"));
+//! let svc = ServiceBuilder::new()
+//!     .layer(CachedAuthorizationLayer::new(cache, TrustedHeader::new("x-user-id".parse().unwrap()), mapper))
+//!     .service(service_fn(|req: Request<String>| async move {
+//!         let who = req.extensions().get::<Principal>().map(|p| p.id().to_owned());
+//!         Ok::<_, std::convert::Infallible>(Response::new(format!("hello {}", who.unwrap_or_default())))
+//!     }));
+//!
+//! let res = svc.clone().oneshot(Request::get("/").header("x-user-id", "alice").body(String::new()).unwrap()).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::OK);
+//! let res = svc.oneshot(Request::get("/").header("x-user-id", "bob").body(String::new()).unwrap()).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::FORBIDDEN);
+//! # });
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Request, Response};
+use tower::Service;
+
+use crate::cache::key::ShortHash;
+use crate::future::ResponseFuture;
+use crate::response::{Responder, ResponseBody};
+use crate::{Access, AuthzCache, MapPermission, Rejection, RejectionKind, ResolvePrincipal};
+
+/// Authorizes each request through an [`AuthzCache`] before the inner service sees it.
+pub struct CachedAuthorization<S, R, M> {
+    inner: S,
+    shared: Arc<Shared<R, M>>,
+}
+
+pub(crate) struct Shared<R, M> {
+    pub(crate) cache: AuthzCache,
+    pub(crate) resolver: Arc<R>,
+    pub(crate) mapper: Arc<M>,
+    pub(crate) respond: Responder,
+}
+
+impl<S, R, M> CachedAuthorization<S, R, M> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared<R, M>>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: Clone, R, M> Clone for CachedAuthorization<S, R, M> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone(), shared: self.shared.clone() }
+    }
+}
+
+impl<S: fmt::Debug, R, M> fmt::Debug for CachedAuthorization<S, R, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedAuthorization").field("inner", &self.inner).finish_non_exhaustive()
+    }
+}
+
+impl<R: ResolvePrincipal, M> Shared<R, M> {
+    /// Resolves and checks; on allow returns the parts with the principal, permission and
+    /// decision in their extensions, otherwise the rejection response.
+    pub(crate) async fn authorize(&self, mut parts: Parts, access: Access) -> Result<Parts, Response<Bytes>> {
+        let principal = match self.resolver.resolve(&parts).await {
+            Ok(p) => p,
+            Err(e) => {
+                let kind = if e.is_unavailable() { RejectionKind::Unavailable } else { RejectionKind::Unauthenticated };
+                if e.is_unavailable() {
+                    tracing::warn!(target: "authz_cache::audit", error = ?e, "principal store unavailable: failing closed");
+                }
+                let challenge = e.challenge().cloned();
+                let reason = if e.is_unavailable() {
+                    "authorization temporarily unavailable".into()
+                } else {
+                    e.reason().to_owned()
+                };
+                return Err(Rejection::new(kind, reason).with_challenge(challenge).into_response(&self.respond));
+            }
+        };
+        let permission = match access {
+            Access::Requires(p) => p,
+            _ => {
+                tracing::info!(
+                    target: "authz_cache::audit",
+                    principal = %ShortHash::of(principal.id()),
+                    method = %parts.method,
+                    "denied: no route rule covers this request"
+                );
+                return Err(Rejection::new(RejectionKind::Forbidden, "no authorization rule covers this request")
+                    .into_response(&self.respond));
+            }
+        };
+        match self.cache.check(&principal, &permission).await {
+            Ok(decision) if decision.is_allowed() => {
+                parts.extensions.insert(principal);
+                parts.extensions.insert(permission);
+                parts.extensions.insert(decision);
+                Ok(parts)
+            }
+            Ok(decision) => {
+                tracing::info!(
+                    target: "authz_cache::audit",
+                    principal = %ShortHash::of(principal.id()),
+                    permission = %permission,
+                    "denied"
+                );
+                let reason = match decision.reason() {
+                    Some(r) => r.to_owned(),
+                    None => format!("{} on {} is not allowed", permission.action(), permission.resource()),
+                };
+                Err(Rejection::new(RejectionKind::Forbidden, reason).into_response(&self.respond))
+            }
+            Err(e) => {
+                Err(Rejection::new(RejectionKind::Unavailable, format!("authorization temporarily unavailable: {e}"))
+                    .into_response(&self.respond))
+            }
+        }
+    }
+}
+
+impl<S, R, M, ReqB, ResB> Service<Request<ReqB>> for CachedAuthorization<S, R, M>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
+    R: ResolvePrincipal,
+    M: MapPermission,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqB>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        // The ready service goes with the request; the clone waits for the next poll_ready.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let (parts, body) = req.into_parts();
+        match self.shared.mapper.map(&parts) {
+            Access::Public => ResponseFuture::calling(inner.call(Request::from_parts(parts, body))),
+            access => {
+                let shared = self.shared.clone();
+                ResponseFuture::authorizing(Box::pin(async move { shared.authorize(parts, access).await }), inner, body)
+            }
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! Counters and latency histograms: [`StatsSnapshot`], from [`AuthzCache::stats`](crate::AuthzCache::stats).
+//!
+//! Counters are cumulative since the cache was built. A snapshot serialises to JSON (the demo's
+//! `/admin/stats`) and renders as Prometheus text.
+//!
+//! ```
+//! use tower_authz_cache::{AuthzCache, Decision, Permission, Principal};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let cache = AuthzCache::builder(|_: Principal, _: Permission| async {
+//!     Ok::<_, std::convert::Infallible>(Decision::allow())
+//! })
+//! .build();
+//! let (bob, read) = (Principal::new("bob"), Permission::new("documents:1", "read"));
+//! cache.check(&bob, &read).await.unwrap();
+//! cache.check(&bob, &read).await.unwrap();
+//!
+//! let stats = cache.stats();
+//! assert_eq!((stats.tiers.l1.hits, stats.tiers.l1.misses, stats.authorizer_calls), (1, 1, 1));
+//! let json = serde_json::to_value(&stats).unwrap();
+//! assert_eq!(json["tiers"]["l1"]["hits"], 1);
+//! # });
+//! ```
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Sub-buckets per power of two: values are recorded with at most 1/16 (6.25%) relative error.
+const SUB_BITS: u32 = 4;
+const SUB: usize = 1 << SUB_BITS;
+const BUCKETS: usize = (64 - SUB_BITS as usize + 1) * SUB;
+
+/// A lock-free log-linear histogram of nanoseconds.
+pub(crate) struct Histogram {
+    buckets: Box<[AtomicU64]>,
+    count: AtomicU64,
+    max: AtomicU64,
+}
+
+impl Histogram {
+    pub(crate) fn new() -> Self {
+        Self {
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            max: AtomicU64::new(0),
+        }
+    }
+
+    fn index(v: u64) -> usize {
+        if v < SUB as u64 {
+            return v as usize;
+        }
+        let msb = 63 - v.leading_zeros();
+        let shift = msb - SUB_BITS;
+        let sub = ((v >> shift) as usize) & (SUB - 1);
+        ((shift as usize + 1) << SUB_BITS) + sub
+    }
+
+    /// The upper bound of a bucket's values.
+    fn upper(index: usize) -> u64 {
+        if index < SUB {
+            return index as u64;
+        }
+        let shift = (index >> SUB_BITS) - 1;
+        let sub = (index & (SUB - 1)) as u64;
+        let base = (SUB as u64 + sub) << shift;
+        base + ((1u64 << shift) - 1)
+    }
+
+    pub(crate) fn record(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.buckets[Self::index(ns)].fetch_add(1, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+        self.max.fetch_max(ns, Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> LatencySnapshot {
+        let counts: Vec<u64> = self.buckets.iter().map(|b| b.load(Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        let max = self.max.load(Relaxed);
+        let quantile = |q: f64| -> f64 {
+            if total == 0 {
+                return 0.0;
+            }
+            let rank = ((q * total as f64).ceil() as u64).max(1);
+            let mut seen = 0;
+            for (i, c) in counts.iter().enumerate() {
+                seen += c;
+                if seen >= rank {
+                    return Self::upper(i).min(max) as f64 / 1000.0;
+                }
+            }
+            max as f64 / 1000.0
+        };
+        LatencySnapshot {
+            count: total,
+            p50_us: quantile(0.50),
+            p95_us: quantile(0.95),
+            p99_us: quantile(0.99),
+            max_us: max as f64 / 1000.0,
+        }
+    }
+}
+
+/// Latency percentiles of one path, in microseconds (at most 6.25% above the true value).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct LatencySnapshot {
+    /// Samples recorded.
+    pub count: u64,
+    /// Median.
+    pub p50_us: f64,
+    /// 95th percentile.
+    pub p95_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// Largest sample.
+    pub max_us: f64,
+}
+
+/// Counters of one tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct TierSnapshot {
+    /// Reads answered with a valid entry.
+    pub hits: u64,
+    /// Reads that found nothing valid (absent, expired or invalidated).
+    pub misses: u64,
+    /// Misses where an entry was present but expired.
+    pub expired: u64,
+    /// Misses where an entry was present but invalidated by an epoch bump.
+    pub stale: u64,
+    /// Entries currently held (approximate).
+    pub entries: u64,
+    /// Weighted size currently held, in bytes (approximate).
+    pub bytes: u64,
+    /// The configured bound, in bytes.
+    pub max_bytes: u64,
+}
+
+/// Per-tier counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct TiersSnapshot {
+    /// The in-process tier.
+    pub l1: TierSnapshot,
+}
+
+/// Invalidations applied, by scope.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct InvalidationsSnapshot {
+    /// `Invalidation::Principal`.
+    pub principal: u64,
+    /// `Invalidation::Resource`.
+    pub resource: u64,
+    /// `Invalidation::Entry`.
+    pub entry: u64,
+    /// `Invalidation::All`.
+    pub all: u64,
+}
+
+/// Latency of [`AuthzCache::check`](crate::AuthzCache::check), by path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct LatenciesSnapshot {
+    /// Answered from L1.
+    pub l1_hit: LatencySnapshot,
+    /// Went past L1 (single flight, authorizer).
+    pub miss: LatencySnapshot,
+}
+
+/// A point-in-time copy of the cache's counters. Counters are cumulative.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct StatsSnapshot {
+    /// Per-tier counters.
+    pub tiers: TiersSnapshot,
+    /// Calls made to the authorizer.
+    pub authorizer_calls: u64,
+    /// Authorizer calls that failed, timed out or panicked.
+    pub authorizer_errors: u64,
+    /// Requests that waited for another request's authorizer call instead of making their own.
+    pub single_flight_joins: u64,
+    /// Authorizer answers thrown away because an invalidation happened while they were computed.
+    pub invalidation_races: u64,
+    /// Checks that could not be decided (the 503s).
+    pub undecided: u64,
+    /// Invalidations applied, by scope.
+    pub invalidations: InvalidationsSnapshot,
+    /// Latency by path.
+    pub latency: LatenciesSnapshot,
+}
+
+impl StatsSnapshot {
+    /// Renders the snapshot in the Prometheus text exposition format (version 0.0.4).
+    pub fn to_prometheus(&self) -> String {
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, rows: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, v) in rows {
+                let _ = writeln!(out, "{name}{labels} {v}");
+            }
+        };
+        let l1 = &self.tiers.l1;
+        counter("authz_cache_hits_total", "Reads answered by a tier.", &[("{tier=\"l1\"}", l1.hits)]);
+        counter("authz_cache_misses_total", "Reads a tier could not answer.", &[("{tier=\"l1\"}", l1.misses)]);
+        counter("authz_cache_authorizer_calls_total", "Calls made to the authorizer.", &[("", self.authorizer_calls)]);
+        counter(
+            "authz_cache_authorizer_errors_total",
+            "Authorizer calls that failed, timed out or panicked.",
+            &[("", self.authorizer_errors)],
+        );
+        counter(
+            "authz_cache_single_flight_joins_total",
+            "Requests that waited for another request's authorizer call.",
+            &[("", self.single_flight_joins)],
+        );
+        counter("authz_cache_undecided_total", "Checks that could not be decided.", &[("", self.undecided)]);
+        let inv = &self.invalidations;
+        counter(
+            "authz_cache_invalidations_total",
+            "Invalidations applied, by scope.",
+            &[
+                ("{scope=\"principal\"}", inv.principal),
+                ("{scope=\"resource\"}", inv.resource),
+                ("{scope=\"entry\"}", inv.entry),
+                ("{scope=\"all\"}", inv.all),
+            ],
+        );
+        let mut gauge = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{tier=\"l1\"}} {v}");
+        };
+        gauge("authz_cache_entries", "Entries held by a tier.", l1.entries);
+        gauge("authz_cache_size_bytes", "Weighted size held by a tier, in bytes.", l1.bytes);
+        let _ = writeln!(
+            out,
+            "# HELP authz_cache_check_duration_seconds Latency of a cache check, by path.\n\
+             # TYPE authz_cache_check_duration_seconds summary"
+        );
+        for (path, l) in [("l1_hit", &self.latency.l1_hit), ("miss", &self.latency.miss)] {
+            for (q, v) in [("0.5", l.p50_us), ("0.95", l.p95_us), ("0.99", l.p99_us)] {
+                let _ =
+                    writeln!(out, "authz_cache_check_duration_seconds{{path=\"{path}\",quantile=\"{q}\"}} {}", v / 1e6);
+            }
+            let _ = writeln!(out, "authz_cache_check_duration_seconds_count{{path=\"{path}\"}} {}", l.count);
+        }
+        out
+    }
+}
+
+/// The live counters behind [`StatsSnapshot`].
+pub(crate) struct Stats {
+    pub(crate) l1_hits: AtomicU64,
+    pub(crate) l1_misses: AtomicU64,
+    pub(crate) l1_expired: AtomicU64,
+    pub(crate) l1_stale: AtomicU64,
+    pub(crate) authorizer_calls: AtomicU64,
+    pub(crate) authorizer_errors: AtomicU64,
+    pub(crate) single_flight_joins: AtomicU64,
+    pub(crate) invalidation_races: AtomicU64,
+    pub(crate) undecided: AtomicU64,
+    pub(crate) inv_principal: AtomicU64,
+    pub(crate) inv_resource: AtomicU64,
+    pub(crate) inv_entry: AtomicU64,
+    pub(crate) inv_all: AtomicU64,
+    pub(crate) l1_hit_latency: Histogram,
+    pub(crate) miss_latency: Histogram,
+}
+
+impl Stats {
+    pub(crate) fn new() -> Self {
+        Self {
+            l1_hits: AtomicU64::new(0),
+            l1_misses: AtomicU64::new(0),
+            l1_expired: AtomicU64::new(0),
+            l1_stale: AtomicU64::new(0),
+            authorizer_calls: AtomicU64::new(0),
+            authorizer_errors: AtomicU64::new(0),
+            single_flight_joins: AtomicU64::new(0),
+            invalidation_races: AtomicU64::new(0),
+            undecided: AtomicU64::new(0),
+            inv_principal: AtomicU64::new(0),
+            inv_resource: AtomicU64::new(0),
+            inv_entry: AtomicU64::new(0),
+            inv_all: AtomicU64::new(0),
+            l1_hit_latency: Histogram::new(),
+            miss_latency: Histogram::new(),
+        }
+    }
+
+    pub(crate) fn incr(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self, l1: (u64, u64, u64)) -> StatsSnapshot {
+        let (entries, bytes, max_bytes) = l1;
+        StatsSnapshot {
+            tiers: TiersSnapshot {
+                l1: TierSnapshot {
+                    hits: self.l1_hits.load(Relaxed),
+                    misses: self.l1_misses.load(Relaxed),
+                    expired: self.l1_expired.load(Relaxed),
+                    stale: self.l1_stale.load(Relaxed),
+                    entries,
+                    bytes,
+                    max_bytes,
+                },
+            },
+            authorizer_calls: self.authorizer_calls.load(Relaxed),
+            authorizer_errors: self.authorizer_errors.load(Relaxed),
+            single_flight_joins: self.single_flight_joins.load(Relaxed),
+            invalidation_races: self.invalidation_races.load(Relaxed),
+            undecided: self.undecided.load(Relaxed),
+            invalidations: InvalidationsSnapshot {
+                principal: self.inv_principal.load(Relaxed),
+                resource: self.inv_resource.load(Relaxed),
+                entry: self.inv_entry.load(Relaxed),
+                all: self.inv_all.load(Relaxed),
+            },
+            latency: LatenciesSnapshot { l1_hit: self.l1_hit_latency.snapshot(), miss: self.miss_latency.snapshot() },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_bound_every_value_within_one_sixteenth() {
+        for v in (0..5000u64).chain([65_535, 1 << 20, 123_456_789, u64::MAX / 3]) {
+            let i = Histogram::index(v);
+            let upper = Histogram::upper(i);
+            assert!(upper >= v, "{v} -> {i} -> {upper}");
+            assert!((upper - v) as f64 <= v as f64 / 16.0 + 1.0, "{v} -> {upper}");
+            assert!(i < BUCKETS);
+        }
+    }
+
+    #[test]
+    fn percentiles_follow_the_samples() {
+        let h = Histogram::new();
+        for us in 1..=100u64 {
+            h.record(Duration::from_micros(us));
+        }
+        let s = h.snapshot();
+        assert_eq!(s.count, 100);
+        assert!((50.0..=53.2).contains(&s.p50_us), "{s:?}");
+        assert!((99.0..=100.0).contains(&s.p99_us), "{s:?}");
+        assert_eq!(s.max_us, 100.0);
+    }
+}

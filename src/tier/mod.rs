@@ -1,0 +1,3 @@
+//! Cache tiers. L1 ([`memory`]) lives in-process; remote tiers plug in behind the same read path.
+
+pub(crate) mod memory;
