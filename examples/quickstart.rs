@@ -1,1 +1,265 @@
-fn main() {}
+//! The demo app: a tiny document service behind `CachedAuthorizationLayer`.
+//!
+//! ```text
+//! cargo run --example quickstart            # serves on 127.0.0.1:3000 (PORT to change)
+//! ```
+//!
+//! Users are alice (admin), bob (viewer) and carol (editor); their tokens are `<name>-token`.
+//! Roles live in memory; changing one through `PUT /admin/users/{user}/role` invalidates that
+//! user's cached decisions, so the change shows on the very next request.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use tower_authz_cache::{
+    AuthzCache, BearerToken, CachedAuthorizationLayer, Decision, Invalidation, Permission, Principal, RouteTable,
+};
+
+/// The demo's roles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    None,
+    Viewer,
+    Editor,
+    Admin,
+}
+
+impl Role {
+    fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "none" => Role::None,
+            "viewer" => Role::Viewer,
+            "editor" => Role::Editor,
+            "admin" => Role::Admin,
+            _ => return None,
+        })
+    }
+
+    fn allows(self, permission: &Permission) -> bool {
+        let documents = permission.resource().starts_with("documents:");
+        match (self, permission.action()) {
+            (Role::None, _) => false,
+            (Role::Admin, _) => true,
+            (Role::Viewer, "read") => documents,
+            (Role::Editor, "read" | "write") => documents,
+            _ => false,
+        }
+    }
+}
+
+/// The in-memory role store: the authorizer's source of truth.
+#[derive(Clone)]
+pub struct Roles(Arc<RwLock<HashMap<String, Role>>>);
+
+impl Roles {
+    pub fn demo() -> Self {
+        let roles = [("alice", Role::Admin), ("bob", Role::Viewer), ("carol", Role::Editor)];
+        Roles(Arc::new(RwLock::new(roles.into_iter().map(|(u, r)| (u.to_owned(), r)).collect())))
+    }
+
+    fn get(&self, user: &str) -> Option<Role> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).get(user).copied()
+    }
+
+    fn set(&self, user: &str, role: Role) -> bool {
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(user) {
+            Some(r) => {
+                *r = role;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    roles: Roles,
+    cache: AuthzCache,
+}
+
+fn routes() -> RouteTable {
+    RouteTable::new()
+        .public("/health")
+        .public_route(Method::GET, "/metrics")
+        .route(Method::GET, "/documents/{id}", "documents:{id}", "read")
+        .route(Method::PUT, "/documents/{id}", "documents:{id}", "write")
+        .route(Method::DELETE, "/documents/{id}", "documents:{id}", "delete")
+        .route(Method::PUT, "/admin/users/{user}/role", "admin", "manage")
+        .route(Method::POST, "/admin/invalidate", "admin", "manage")
+        .route(Method::GET, "/admin/stats", "admin", "manage")
+}
+
+/// Builds the demo app over `roles`. Returns the router and its cache.
+pub fn app(roles: Roles) -> (Router, AuthzCache) {
+    let store = roles.clone();
+    let cache = AuthzCache::builder(move |principal: Principal, permission: Permission| {
+        let role = store.get(principal.id()).unwrap_or(Role::None);
+        async move {
+            let d = Decision::from_bool(role.allows(&permission));
+            Ok::<_, std::convert::Infallible>(if d.is_allowed() {
+                d
+            } else {
+                d.with_reason(
+                    format!("role {role:?} may not {} {}", permission.action(), permission.resource()).to_lowercase(),
+                )
+            })
+        }
+    })
+    .build();
+    let tokens = BearerToken::new(|token: String| async move {
+        let user = match token.as_str() {
+            "alice-token" => Some("alice"),
+            "bob-token" => Some("bob"),
+            "carol-token" => Some("carol"),
+            _ => None,
+        };
+        Ok::<_, std::convert::Infallible>(user.map(Principal::new))
+    })
+    .with_realm("quickstart");
+
+    let state = AppState { roles, cache: cache.clone() };
+    let router = Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route("/documents/{id}", get(read_document).put(write_document).delete(delete_document))
+        .route("/admin/users/{user}/role", put(set_role))
+        .route("/admin/invalidate", post(invalidate))
+        .route("/admin/stats", get(stats))
+        .with_state(state)
+        .layer(CachedAuthorizationLayer::new(cache.clone(), tokens, routes()));
+    (router, cache)
+}
+
+async fn read_document(Path(id): Path<String>) -> Json<Value> {
+    Json(json!({ "id": id, "title": format!("Document {id}") }))
+}
+
+async fn write_document(Path(_id): Path<String>) -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
+async fn delete_document(Path(_id): Path<String>) -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
+fn problem(status: StatusCode, detail: &str) -> Response {
+    let body = json!({ "type": "about:blank", "title": status.canonical_reason(), "status": status.as_u16(), "detail": detail });
+    let mut res = (status, body.to_string()).into_response();
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    res
+}
+
+fn parse_json(body: &Bytes) -> Result<Value, Response> {
+    serde_json::from_slice(body).map_err(|_| problem(StatusCode::BAD_REQUEST, "body must be a JSON object"))
+}
+
+async fn set_role(State(state): State<AppState>, Path(user): Path<String>, body: Bytes) -> Response {
+    let body = match parse_json(&body) {
+        Ok(b) => b,
+        Err(res) => return res,
+    };
+    let Some(role) = body.get("role").and_then(Value::as_str).and_then(Role::parse) else {
+        return problem(StatusCode::BAD_REQUEST, "role must be one of viewer, editor, admin, none");
+    };
+    if !state.roles.set(&user, role) {
+        return problem(StatusCode::NOT_FOUND, "unknown user");
+    }
+    // The store changed first, then the cache forgets: the next request asks the store again.
+    if state.cache.invalidate(&Invalidation::principal(user)).await.is_err() {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "role changed, but the invalidation was not delivered");
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn invalidate(State(state): State<AppState>, body: Bytes) -> Response {
+    let body = match parse_json(&body) {
+        Ok(b) => b,
+        Err(res) => return res,
+    };
+    let invalidation = if let Some(p) = body.get("principal").and_then(Value::as_str) {
+        Invalidation::principal(p)
+    } else if let Some(r) = body.get("resource").and_then(Value::as_str) {
+        Invalidation::resource(r)
+    } else if body.get("all") == Some(&Value::Bool(true)) {
+        Invalidation::All
+    } else {
+        return problem(StatusCode::BAD_REQUEST, r#"expected {"principal":..}, {"resource":..} or {"all":true}"#);
+    };
+    match state.cache.invalidate(&invalidation).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(_) => problem(StatusCode::SERVICE_UNAVAILABLE, "invalidation not delivered"),
+    }
+}
+
+async fn stats(State(state): State<AppState>) -> Json<tower_authz_cache::StatsSnapshot> {
+    Json(state.cache.stats())
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut res = state.cache.stats().to_prometheus().into_response();
+    res.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    res
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    println!("shutting down");
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .init();
+    let port: u16 = match std::env::var("PORT") {
+        Ok(p) => p.parse().map_err(|_| format!("PORT={p:?} is not a port number (1-65535)"))?,
+        Err(_) => 3000,
+    };
+    println!("tiers: L1 (in-process memory)");
+    for var in ["REDIS_URL", "DATABASE_URL"] {
+        if std::env::var_os(var).is_some() {
+            println!("note: {var} is set, but this version has no L2/L3 tier yet; running L1 only");
+        }
+    }
+    let (router, _cache) = app(Roles::demo());
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let base = format!("http://{addr}");
+    println!("listening on {base}");
+    println!("try:");
+    println!("  curl -i {base}/health");
+    println!("  curl -i -H 'Authorization: Bearer bob-token' {base}/documents/1");
+    println!("  curl -i -X DELETE -H 'Authorization: Bearer bob-token' {base}/documents/1      # 403");
+    println!("  curl -i -X DELETE -H 'Authorization: Bearer alice-token' {base}/documents/1    # 204");
+    println!(
+        "  curl -i -X PUT -H 'Authorization: Bearer alice-token' -H 'content-type: application/json' -d '{{\"role\":\"none\"}}' {base}/admin/users/bob/role"
+    );
+    println!("  curl -s -H 'Authorization: Bearer alice-token' {base}/admin/stats");
+    axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await?;
+    Ok(())
+}

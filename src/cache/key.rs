@@ -23,9 +23,11 @@ impl CacheKey {
         }
     }
 
-    /// Approximate heap bytes owned by the key's strings.
+    /// Approximate heap bytes owned by the key's strings: the principal and resource strings
+    /// with their `Arc` header and allocator rounding; the action is usually shared with the
+    /// route table, so only its length is charged.
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.principal.len() + self.resource.len() + self.action.len()
+        self.principal.len() + self.resource.len() + self.action.len() + 2 * 32
     }
 }
 

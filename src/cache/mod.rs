@@ -43,7 +43,7 @@ use clock::{Clock, ms};
 use entry::Entry;
 use epoch::Epochs;
 use key::{CacheKey, ShortHash};
-use single_flight::{Join, SingleFlight};
+use single_flight::{CatchUnwind, Join, SingleFlight};
 
 /// How many times an answer is recomputed when invalidations keep landing while it is computed.
 const MAX_ATTEMPTS: usize = 3;
@@ -104,7 +104,7 @@ impl AuthzCache {
             self.inner.stats.l1_hit_latency.record(start.elapsed());
             return Ok(decision);
         }
-        let outcome = self.inner.clone().miss(key, principal, permission).await;
+        let outcome = self.inner.miss(key, principal, permission).await;
         self.inner.stats.miss_latency.record(start.elapsed());
         if let Err(e) = &outcome {
             Stats::incr(&self.inner.stats.undecided);
@@ -164,27 +164,35 @@ impl Inner {
         result
     }
 
-    async fn miss(self: Arc<Self>, key: CacheKey, principal: &Principal, permission: &Permission) -> Outcome {
-        let mut rx = match self.flights.join(&key) {
-            Join::Leader(leader, rx) => {
-                let inner = self.clone();
-                let (principal, permission) = (principal.clone(), permission.clone());
-                tokio::spawn(async move {
-                    let guard = PanicGuard(&inner.stats);
-                    let outcome = inner.compute(&key, principal, permission).await;
-                    std::mem::forget(guard);
-                    leader.finish(outcome);
-                });
-                rx
+    /// Past L1: join the flight for this key, or lead it.
+    ///
+    /// The leader computes inline, on its own task: no spawn, no cross-thread hop. If the
+    /// leading request is dropped mid-computation, its flight closes without an answer and
+    /// the followers race to lead a new one, so nobody is stranded. A panicking authorizer is
+    /// caught and becomes an error for every waiter.
+    async fn miss(&self, key: CacheKey, principal: &Principal, permission: &Permission) -> Outcome {
+        loop {
+            match self.flights.join(&key) {
+                Join::Leader(leader) => {
+                    let computation = self.compute(&key, principal.clone(), permission.clone());
+                    let outcome = CatchUnwind::new(computation).await.unwrap_or_else(|()| {
+                        Stats::incr(&self.stats.authorizer_errors);
+                        tracing::error!(target: "authz_cache::audit", "authorizer panicked: failing closed");
+                        Err(CheckError::new(CheckErrorKind::Panicked, None))
+                    });
+                    leader.finish(outcome.clone());
+                    return outcome;
+                }
+                Join::Follower(mut rx) => {
+                    Stats::incr(&self.stats.single_flight_joins);
+                    if let Ok(value) = rx.wait_for(Option::is_some).await {
+                        if let Some(outcome) = value.clone() {
+                            return outcome;
+                        }
+                    }
+                    // The leader went away without an answer: take over.
+                }
             }
-            Join::Follower(rx) => {
-                Stats::incr(&self.stats.single_flight_joins);
-                rx
-            }
-        };
-        match rx.wait_for(Option::is_some).await {
-            Ok(value) => value.clone().unwrap_or_else(|| Err(CheckError::new(CheckErrorKind::Panicked, None))),
-            Err(_) => Err(CheckError::new(CheckErrorKind::Panicked, None)),
         }
     }
 
@@ -253,16 +261,6 @@ impl Inner {
                 tracing::info!(target: "authz_cache::audit", scope = "all", "invalidated");
             }
         }
-    }
-}
-
-/// Counts a computation that unwound (the authorizer panicked) instead of finishing.
-struct PanicGuard<'a>(&'a Stats);
-
-impl Drop for PanicGuard<'_> {
-    fn drop(&mut self) {
-        Stats::incr(&self.0.authorizer_errors);
-        tracing::error!(target: "authz_cache::audit", "authorizer panicked: failing closed");
     }
 }
 
@@ -632,9 +630,11 @@ mod tests {
         }
         leader.abort();
         assert!(leader.await.unwrap_err().is_cancelled());
+        // The follower takes over the flight and asks again.
         gate.add_permits(1);
         assert!(follower.await.unwrap().unwrap().is_allowed());
-        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(cache.inner.flights.len(), 0);
     }
 
     #[tokio::test]

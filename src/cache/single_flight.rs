@@ -1,13 +1,18 @@
 //! One authorizer call per key at a time, per process.
 //!
-//! The first request to miss on a key becomes the leader: it registers the key and spawns the
-//! computation as its own task, so dropping the leading request strands nobody. Everyone,
-//! leader included, waits on a watch channel. If the task dies without an answer (a panic), the
-//! channel closes and every waiter gets an error.
+//! The first request to miss on a key becomes the leader: it registers the key and computes.
+//! Followers wait on a watch channel. If the leader is dropped before it answers, the channel
+//! closes without a value and the followers race to lead a new flight.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use pin_project::pin_project;
 use tokio::sync::watch;
 
 use crate::cache::key::CacheKey;
@@ -19,7 +24,7 @@ pub(crate) struct SingleFlight<V> {
 }
 
 pub(crate) enum Join<V> {
-    Leader(Leader<V>, watch::Receiver<Option<V>>),
+    Leader(Leader<V>),
     Follower(watch::Receiver<Option<V>>),
 }
 
@@ -41,8 +46,8 @@ impl<V: Clone> SingleFlight<V> {
             return Join::Follower(rx.clone());
         }
         let (tx, rx) = watch::channel(None);
-        map.insert(key.clone(), rx.clone());
-        Join::Leader(Leader { inflight: self.inflight.clone(), key: key.clone(), tx }, rx)
+        map.insert(key.clone(), rx);
+        Join::Leader(Leader { inflight: self.inflight.clone(), key: key.clone(), tx })
     }
 
     #[cfg(test)]
@@ -71,5 +76,33 @@ impl<V> Leader<V> {
 impl<V> Drop for Leader<V> {
     fn drop(&mut self) {
         self.remove();
+    }
+}
+
+/// Resolves to `Err(())` if polling the inner future panicked. The inner future is never polled
+/// again after a panic; the cache's own state stays consistent because nothing of it is held
+/// across the authorizer's await.
+#[pin_project]
+pub(crate) struct CatchUnwind<F> {
+    #[pin]
+    inner: F,
+}
+
+impl<F> CatchUnwind<F> {
+    pub(crate) fn new(inner: F) -> Self {
+        Self { inner }
+    }
+}
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.project().inner;
+        match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(_) => Poll::Ready(Err(())),
+        }
     }
 }
