@@ -127,8 +127,23 @@ pub fn app(roles: Roles) -> (Router, AuthzCache) {
     })
     .with_realm("quickstart");
 
-    let state = AppState { roles, cache: cache.clone() };
-    let router = Router::new()
+    let router = handlers(AppState { roles, cache: cache.clone() })
+        .layer(CachedAuthorizationLayer::new(cache.clone(), tokens, routes()));
+    (router, cache)
+}
+
+/// The same handlers with no authorization at all: only for measuring what the layer costs
+/// (`examples/overhead.rs`). Never serve this.
+pub fn unprotected_app(roles: Roles) -> Router {
+    let cache = AuthzCache::builder(|_: Principal, _: Permission| async {
+        Ok::<_, std::convert::Infallible>(Decision::deny())
+    })
+    .build();
+    handlers(AppState { roles, cache })
+}
+
+fn handlers(state: AppState) -> Router {
+    Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/documents/{id}", get(read_document).put(write_document).delete(delete_document))
@@ -136,8 +151,6 @@ pub fn app(roles: Roles) -> (Router, AuthzCache) {
         .route("/admin/invalidate", post(invalidate))
         .route("/admin/stats", get(stats))
         .with_state(state)
-        .layer(CachedAuthorizationLayer::new(cache.clone(), tokens, routes()));
-    (router, cache)
 }
 
 async fn read_document(Path(id): Path<String>) -> Json<Value> {

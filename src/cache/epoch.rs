@@ -49,10 +49,13 @@ impl ScopeMap {
         Self { len: AtomicUsize::new(0), map: RwLock::new(HashMap::new()), sweep_at: AtomicUsize::new(1024) }
     }
 
-    fn get(&self, h: u64) -> u64 {
+    /// The counter of the scope hashed by `hash`; the hash is only computed when the map is
+    /// not empty (the common case on a quiet system is no lock and no hashing at all).
+    fn get(&self, hash: impl FnOnce() -> u64) -> u64 {
         if self.len.load(Ordering::Acquire) == 0 {
             return 0;
         }
+        let h = hash();
         let map = self.map.read().unwrap_or_else(|e| e.into_inner());
         map.get(&h).map_or(0, |s| s.value)
     }
@@ -75,6 +78,7 @@ impl ScopeMap {
         self.len.store(0, Ordering::Release);
     }
 
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.len.load(Ordering::Acquire)
     }
@@ -110,9 +114,9 @@ impl Epochs {
     /// The epochs that currently cover `key`.
     pub(crate) fn stamp(&self, key: &CacheKey) -> EpochStamp {
         let global = self.global.load(Ordering::Acquire);
-        let principal = self.principals.get(self.hasher.hash_one(&*key.principal));
-        let resource = self.resources.get(self.hasher.hash_one(&*key.resource));
-        let entry = if self.entries.len() == 0 { 0 } else { self.entries.get(self.hasher.hash_one(key)) };
+        let principal = self.principals.get(|| self.hasher.hash_one(&*key.principal));
+        let resource = self.resources.get(|| self.hasher.hash_one(&*key.resource));
+        let entry = self.entries.get(|| self.hasher.hash_one(key));
         EpochStamp { global, principal, resource, entry }
     }
 
