@@ -49,7 +49,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("request");
 
     let bare = service_fn(handler);
-    g.bench_function("bare", |b| b.iter(|| rt.block_on(bare.clone().oneshot(black_box(request()))).unwrap()));
+    g.bench_function("bare", |b| b.iter(|| rt.block_on(bare.oneshot(black_box(request()))).unwrap()));
 
     let svc = layered(cache());
     rt.block_on(svc.clone().oneshot(request())).unwrap();
@@ -61,7 +61,8 @@ fn bench(c: &mut Criterion) {
     g.bench_function("layer_miss", |b| {
         b.iter(|| {
             let i = n.fetch_add(1, Ordering::Relaxed);
-            let req = Request::get("/documents/1").header("authorization", format!("Bearer user-{i}")).body(()).unwrap();
+            let req =
+                Request::get("/documents/1").header("authorization", format!("Bearer user-{i}")).body(()).unwrap();
             rt.block_on(svc.clone().oneshot(req)).unwrap()
         })
     });
@@ -71,7 +72,9 @@ fn bench(c: &mut Criterion) {
     let cache = cache();
     let (bob, read) = (Principal::new("bob"), Permission::new("documents:1", "read"));
     rt.block_on(cache.check(&bob, &read)).unwrap();
-    g.bench_function("check_l1_hit", |b| b.iter(|| rt.block_on(cache.check(black_box(&bob), black_box(&read))).unwrap()));
+    g.bench_function("check_l1_hit", |b| {
+        b.iter(|| rt.block_on(cache.check(black_box(&bob), black_box(&read))).unwrap())
+    });
     g.finish();
 }
 

@@ -127,8 +127,11 @@ pub fn app(roles: Roles) -> (Router, AuthzCache) {
     })
     .with_realm("quickstart");
 
-    let router = handlers(AppState { roles, cache: cache.clone() })
-        .layer(CachedAuthorizationLayer::new(cache.clone(), tokens, routes()));
+    let router = handlers(AppState { roles, cache: cache.clone() }).layer(CachedAuthorizationLayer::new(
+        cache.clone(),
+        tokens,
+        routes(),
+    ));
     (router, cache)
 }
 
@@ -172,14 +175,13 @@ fn problem(status: StatusCode, detail: &str) -> Response {
     res
 }
 
-fn parse_json(body: &Bytes) -> Result<Value, Response> {
-    serde_json::from_slice(body).map_err(|_| problem(StatusCode::BAD_REQUEST, "body must be a JSON object"))
+fn parse_json(body: &Bytes) -> Option<Value> {
+    serde_json::from_slice(body).ok()
 }
 
 async fn set_role(State(state): State<AppState>, Path(user): Path<String>, body: Bytes) -> Response {
-    let body = match parse_json(&body) {
-        Ok(b) => b,
-        Err(res) => return res,
+    let Some(body) = parse_json(&body) else {
+        return problem(StatusCode::BAD_REQUEST, "body must be JSON");
     };
     let Some(role) = body.get("role").and_then(Value::as_str).and_then(Role::parse) else {
         return problem(StatusCode::BAD_REQUEST, "role must be one of viewer, editor, admin, none");
@@ -195,9 +197,8 @@ async fn set_role(State(state): State<AppState>, Path(user): Path<String>, body:
 }
 
 async fn invalidate(State(state): State<AppState>, body: Bytes) -> Response {
-    let body = match parse_json(&body) {
-        Ok(b) => b,
-        Err(res) => return res,
+    let Some(body) = parse_json(&body) else {
+        return problem(StatusCode::BAD_REQUEST, "body must be JSON");
     };
     let invalidation = if let Some(p) = body.get("principal").and_then(Value::as_str) {
         Invalidation::principal(p)

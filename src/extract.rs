@@ -6,7 +6,7 @@
 //! async fn handler(principal: Principal) -> String {
 //!     format!("hello {}", principal.id())
 //! }
-//! # let _ = axum::routing::get(handler);
+//! let _: axum::Router = axum::Router::new().route("/me", axum::routing::get(handler));
 //! ```
 
 use axum_core::extract::FromRequestParts;

@@ -23,6 +23,7 @@
 //! }
 //! ```
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -144,7 +145,8 @@ enum Seg {
 #[derive(Clone, Debug)]
 enum Part {
     Literal(Box<str>),
-    Param(usize),
+    /// The value of the path segment at this index.
+    Segment(usize),
 }
 
 #[derive(Clone, Debug)]
@@ -195,7 +197,15 @@ impl RouteTable {
     #[must_use]
     pub fn route(mut self, method: Method, path: &str, resource: &str, action: &str) -> Self {
         let (segments, names) = parse_path_template(path);
-        let resource = parse_resource_template(resource, &names);
+        let positions: Vec<usize> =
+            segments.iter().enumerate().filter(|(_, s)| matches!(s, Seg::Param)).map(|(i, _)| i).collect();
+        let resource = parse_resource_template(resource, &names)
+            .into_iter()
+            .map(|p| match p {
+                Part::Segment(param) => Part::Segment(positions[param]),
+                lit => lit,
+            })
+            .collect();
         self.routes.push(Route {
             method: Some(method),
             segments,
@@ -229,17 +239,19 @@ impl RouteTable {
     }
 
     fn lookup(&self, method: &Method, path: &str) -> Access {
-        let Some(segments) = split_path(path) else {
+        let mut buf: [Cow<'_, str>; MAX_SEGMENTS] = std::array::from_fn(|_| Cow::Borrowed(""));
+        let Some(n) = split_path(path, &mut buf) else {
             return Access::Unmapped;
         };
+        let segments = &buf[..n];
         let mut best: Option<(&Route, u64)> = None;
         for route in &self.routes {
-            if !method_matches(route.method.as_ref(), method) || route.segments.len() != segments.len() {
+            if !method_matches(route.method.as_ref(), method) || route.segments.len() != n {
                 continue;
             }
             let mut score = 0u64;
             let mut ok = true;
-            for (i, (seg, value)) in route.segments.iter().zip(&segments).enumerate() {
+            for (i, (seg, value)) in route.segments.iter().zip(segments).enumerate() {
                 match seg {
                     Seg::Literal(lit) => {
                         if **lit != **value {
@@ -266,24 +278,25 @@ impl RouteTable {
         match &route.target {
             Target::Public => Access::Public,
             Target::Permission { resource, action } => {
-                let params: Vec<&str> = route
-                    .segments
-                    .iter()
-                    .zip(&segments)
-                    .filter(|(s, _)| matches!(s, Seg::Param))
-                    .map(|(_, v)| &**v)
-                    .collect();
-                let mut out = String::new();
-                for part in resource.iter() {
-                    match part {
-                        Part::Literal(l) => out.push_str(l),
-                        Part::Param(i) => out.push_str(params[*i]),
+                let resource = RESOURCE_BUF.with_borrow_mut(|out| {
+                    out.clear();
+                    for part in resource.iter() {
+                        match part {
+                            Part::Literal(l) => out.push_str(l),
+                            Part::Segment(i) => out.push_str(&segments[*i]),
+                        }
                     }
-                }
-                Access::Requires(Permission { resource: out.into(), action: action.clone() })
+                    Arc::<str>::from(out.as_str())
+                });
+                Access::Requires(Permission { resource, action: action.clone() })
             }
         }
     }
+}
+
+thread_local! {
+    /// Scratch space for building resource names: one allocation per request (the `Arc<str>`).
+    static RESOURCE_BUF: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
 impl MapPermission for RouteTable {
@@ -299,30 +312,31 @@ fn method_matches(route: Option<&Method>, method: &Method) -> bool {
     }
 }
 
-/// Splits and decodes a request path; `None` when it must match nothing.
-fn split_path(path: &str) -> Option<Vec<std::borrow::Cow<'_, str>>> {
+/// Splits and decodes a request path into `out`; `None` when it must match nothing.
+fn split_path<'a>(path: &'a str, out: &mut [Cow<'a, str>; MAX_SEGMENTS]) -> Option<usize> {
     if path.len() > MAX_PATH_LEN {
         return None;
     }
     let rest = path.strip_prefix('/')?;
     if rest.is_empty() {
-        return Some(Vec::new());
+        return Some(0);
     }
-    let mut out = Vec::new();
+    let mut n = 0;
     for raw in rest.split('/') {
-        if out.len() == MAX_SEGMENTS {
+        if n == MAX_SEGMENTS {
             return None;
         }
         let seg = percent_decode(raw)?;
         if seg.is_empty() || seg == "." || seg == ".." || seg.chars().any(|c| c == '/' || c == '\\' || c.is_control()) {
             return None;
         }
-        out.push(seg);
+        out[n] = seg;
+        n += 1;
     }
-    Some(out)
+    Some(n)
 }
 
-fn percent_decode(raw: &str) -> Option<std::borrow::Cow<'_, str>> {
+fn percent_decode(raw: &str) -> Option<Cow<'_, str>> {
     if !raw.contains('%') {
         return Some(raw.into());
     }
@@ -370,7 +384,7 @@ fn parse_path_template(path: &str) -> (Box<[Seg]>, Vec<String>) {
     (segments.into(), names)
 }
 
-fn parse_resource_template(template: &str, names: &[String]) -> Box<[Part]> {
+fn parse_resource_template(template: &str, names: &[String]) -> Vec<Part> {
     let mut parts = Vec::new();
     let mut rest = template;
     while let Some(open) = rest.find('{') {
@@ -385,14 +399,14 @@ fn parse_resource_template(template: &str, names: &[String]) -> Box<[Part]> {
             .iter()
             .position(|n| n == name)
             .unwrap_or_else(|| panic!("resource template {template:?} uses {{{name}}}, which the path does not have"));
-        parts.push(Part::Param(idx));
+        parts.push(Part::Segment(idx));
         rest = &rest[close + 1..];
     }
     assert!(!rest.contains('}'), "resource template {template:?} has a stray '}}'");
     if !rest.is_empty() {
         parts.push(Part::Literal(rest.into()));
     }
-    parts.into()
+    parts
 }
 
 #[cfg(test)]

@@ -415,7 +415,8 @@ mod tests {
         let r = bearer();
         assert_eq!(r.resolve(&parts(&[("authorization", b"Bearer good")])).await.unwrap().id(), "bob");
         assert_eq!(r.resolve(&parts(&[("authorization", b"bearer  good")])).await.unwrap().id(), "bob");
-        let cases: &[(&[(&str, &[u8])], ResolveErrorKind)] = &[
+        type Headers<'a> = &'a [(&'a str, &'a [u8])];
+        let cases: &[(Headers<'_>, ResolveErrorKind)] = &[
             (&[], ResolveErrorKind::Missing),
             (&[("authorization", b"Bearer nope")], ResolveErrorKind::Invalid),
             (&[("authorization", b"Basic Ym9iOmI=")], ResolveErrorKind::Invalid),
