@@ -133,6 +133,8 @@ pub struct TierSnapshot {
     pub expired: u64,
     /// Misses where an entry was present but invalidated by an epoch bump.
     pub stale: u64,
+    /// Misses because L1 was not trusted (the backplane was silent past `max_staleness`).
+    pub untrusted: u64,
     /// Entries currently held (approximate).
     pub entries: u64,
     /// Weighted size currently held, in bytes (approximate).
@@ -141,12 +143,50 @@ pub struct TierSnapshot {
     pub max_bytes: u64,
 }
 
+/// Counters of a remote tier and its guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RemoteTierSnapshot {
+    /// Reads answered with a valid, authentic entry.
+    pub hits: u64,
+    /// Reads that found nothing valid.
+    pub misses: u64,
+    /// Misses where the entry had expired.
+    pub expired: u64,
+    /// Misses where the entry predates an invalidation.
+    pub stale: u64,
+    /// Entries (or epochs) that failed verification: forged, corrupted, truncated, from an
+    /// unknown envelope version or another secret. Each one is also an audit event.
+    pub rejected: u64,
+    /// Reads that failed (error, timeout, or skipped while the breaker was open).
+    pub errors: u64,
+    /// Background writes done.
+    pub writes: u64,
+    /// Background writes that failed.
+    pub write_errors: u64,
+    /// Background writes dropped because the queue was full.
+    pub write_drops: u64,
+    /// The circuit breaker's state.
+    pub breaker: crate::BreakerState,
+    /// Times the breaker opened.
+    pub breaker_opens: u64,
+    /// Calls that failed with an error.
+    pub call_errors: u64,
+    /// Calls that timed out.
+    pub call_timeouts: u64,
+    /// Calls refused at no cost because the breaker was open.
+    pub calls_skipped: u64,
+}
+
 /// Per-tier counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct TiersSnapshot {
     /// The in-process tier.
     pub l1: TierSnapshot,
+    /// Redis, when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l2: Option<RemoteTierSnapshot>,
 }
 
 /// Invalidations applied, by scope.
@@ -193,6 +233,10 @@ pub struct StatsSnapshot {
     pub invalidations: InvalidationsSnapshot,
     /// Latency by path.
     pub latency: LatenciesSnapshot,
+    /// The invalidation backplane, when configured.
+    #[cfg(feature = "redis")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backplane: Option<crate::BackplaneSnapshot>,
 }
 
 impl StatsSnapshot {
@@ -206,8 +250,42 @@ impl StatsSnapshot {
             }
         };
         let l1 = &self.tiers.l1;
-        counter("authz_cache_hits_total", "Reads answered by a tier.", &[("{tier=\"l1\"}", l1.hits)]);
-        counter("authz_cache_misses_total", "Reads a tier could not answer.", &[("{tier=\"l1\"}", l1.misses)]);
+        let l2 = self.tiers.l2;
+        let with_l2 = |l1v: u64, l2v: Option<u64>| -> Vec<(&'static str, u64)> {
+            let mut rows = vec![("{tier=\"l1\"}", l1v)];
+            if let Some(v) = l2v {
+                rows.push(("{tier=\"l2\"}", v));
+            }
+            rows
+        };
+        counter("authz_cache_hits_total", "Reads answered by a tier.", &with_l2(l1.hits, l2.map(|t| t.hits)));
+        counter(
+            "authz_cache_misses_total",
+            "Reads a tier could not answer.",
+            &with_l2(l1.misses, l2.map(|t| t.misses)),
+        );
+        if let Some(t) = l2 {
+            counter(
+                "authz_cache_rejected_entries_total",
+                "Shared entries that failed verification.",
+                &[("{tier=\"l2\"}", t.rejected)],
+            );
+            counter(
+                "authz_cache_tier_errors_total",
+                "Remote tier reads that failed or were skipped.",
+                &[("{tier=\"l2\"}", t.errors)],
+            );
+            counter(
+                "authz_cache_write_drops_total",
+                "Background writes dropped on a full queue.",
+                &[("{tier=\"l2\"}", t.write_drops)],
+            );
+            counter(
+                "authz_cache_breaker_opens_total",
+                "Times a tier's circuit breaker opened.",
+                &[("{tier=\"l2\"}", t.breaker_opens)],
+            );
+        }
         counter("authz_cache_authorizer_calls_total", "Calls made to the authorizer.", &[("", self.authorizer_calls)]);
         counter(
             "authz_cache_authorizer_errors_total",
@@ -236,6 +314,14 @@ impl StatsSnapshot {
         };
         gauge("authz_cache_entries", "Entries held by a tier.", l1.entries);
         gauge("authz_cache_size_bytes", "Weighted size held by a tier, in bytes.", l1.bytes);
+        if let Some(t) = l2 {
+            let open = u64::from(t.breaker != crate::BreakerState::Closed);
+            let _ = writeln!(
+                out,
+                "# HELP authz_cache_breaker_open Whether a tier's circuit breaker is open or half-open.\n\
+                 # TYPE authz_cache_breaker_open gauge\nauthz_cache_breaker_open{{tier=\"l2\"}} {open}"
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP authz_cache_check_duration_seconds Latency of a cache check, by path.\n\
@@ -258,6 +344,16 @@ pub(crate) struct Stats {
     pub(crate) l1_misses: AtomicU64,
     pub(crate) l1_expired: AtomicU64,
     pub(crate) l1_stale: AtomicU64,
+    pub(crate) l1_untrusted: AtomicU64,
+    pub(crate) l2_hits: AtomicU64,
+    pub(crate) l2_misses: AtomicU64,
+    pub(crate) l2_expired: AtomicU64,
+    pub(crate) l2_stale: AtomicU64,
+    pub(crate) l2_rejected: AtomicU64,
+    pub(crate) l2_errors: AtomicU64,
+    pub(crate) l2_writes: AtomicU64,
+    pub(crate) l2_write_errors: AtomicU64,
+    pub(crate) l2_write_drops: AtomicU64,
     pub(crate) authorizer_calls: AtomicU64,
     pub(crate) authorizer_errors: AtomicU64,
     pub(crate) single_flight_joins: AtomicU64,
@@ -278,6 +374,16 @@ impl Stats {
             l1_misses: AtomicU64::new(0),
             l1_expired: AtomicU64::new(0),
             l1_stale: AtomicU64::new(0),
+            l1_untrusted: AtomicU64::new(0),
+            l2_hits: AtomicU64::new(0),
+            l2_misses: AtomicU64::new(0),
+            l2_expired: AtomicU64::new(0),
+            l2_stale: AtomicU64::new(0),
+            l2_rejected: AtomicU64::new(0),
+            l2_errors: AtomicU64::new(0),
+            l2_writes: AtomicU64::new(0),
+            l2_write_errors: AtomicU64::new(0),
+            l2_write_drops: AtomicU64::new(0),
             authorizer_calls: AtomicU64::new(0),
             authorizer_errors: AtomicU64::new(0),
             single_flight_joins: AtomicU64::new(0),
@@ -305,10 +411,12 @@ impl Stats {
                     misses: self.l1_misses.load(Relaxed),
                     expired: self.l1_expired.load(Relaxed),
                     stale: self.l1_stale.load(Relaxed),
+                    untrusted: self.l1_untrusted.load(Relaxed),
                     entries,
                     bytes,
                     max_bytes,
                 },
+                l2: None,
             },
             authorizer_calls: self.authorizer_calls.load(Relaxed),
             authorizer_errors: self.authorizer_errors.load(Relaxed),
@@ -322,6 +430,29 @@ impl Stats {
                 all: self.inv_all.load(Relaxed),
             },
             latency: LatenciesSnapshot { l1_hit: self.l1_hit_latency.snapshot(), miss: self.miss_latency.snapshot() },
+            #[cfg(feature = "redis")]
+            backplane: None,
+        }
+    }
+
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn l2_snapshot(&self, guard: &crate::cache::guard::Guard) -> RemoteTierSnapshot {
+        let (opens, errors, timeouts, skipped) = guard.counters();
+        RemoteTierSnapshot {
+            hits: self.l2_hits.load(Relaxed),
+            misses: self.l2_misses.load(Relaxed),
+            expired: self.l2_expired.load(Relaxed),
+            stale: self.l2_stale.load(Relaxed),
+            rejected: self.l2_rejected.load(Relaxed),
+            errors: self.l2_errors.load(Relaxed),
+            writes: self.l2_writes.load(Relaxed),
+            write_errors: self.l2_write_errors.load(Relaxed),
+            write_drops: self.l2_write_drops.load(Relaxed),
+            breaker: guard.state(),
+            breaker_opens: opens,
+            call_errors: errors,
+            call_timeouts: timeouts,
+            calls_skipped: skipped,
         }
     }
 }

@@ -5,19 +5,27 @@
 //! an entry whose counters differ from the current ones is a miss. Invalidating is bumping a
 //! counter.
 //!
-//! Counter values come from one strictly increasing source, so a value, once replaced, never
-//! comes back. A scope that has never been bumped (or was forgotten) reads as 0. A scope whose
-//! last bump is older than `forget_after` (longest ttl + authorizer timeout + margin) is
-//! forgotten: every entry stamped before that bump has expired by then, so reading 0 again can
-//! only turn entries into misses. Scope maps are keyed by a keyed 64-bit hash: a collision makes
-//! two scopes share a counter, which again can only cause extra misses.
+//! Counter values are strictly increasing and never reused: each new value is
+//! `max(last value + 1, now in µs)`, in this process and in the shared store (where a Lua script
+//! does the same), so values from different processes, and from before a restart of the shared
+//! store, still order correctly. Values received from other processes are merged with `max`.
+//!
+//! A scope that has never been bumped (or was forgotten) reads as 0. A scope whose last bump is
+//! older than `forget_after` (longest ttl + authorizer timeout + margin) is forgotten: every
+//! entry stamped before that bump has expired by then, so reading 0 again can only turn entries
+//! into misses. Scope maps are keyed by a keyed 64-bit hash shared by every process (see
+//! `key.rs`): a collision makes two scopes share a counter, which can only cause extra misses.
+//!
+//! A fifth, process-local counter, `local`, covers everything in this process's L1: it is
+//! bumped when this process may have missed invalidations (its backplane was silent for too
+//! long), which drops every L1 entry and every computation in flight at once.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::cache::key::CacheKey;
+use crate::cache::key::{CacheKey, Keys, Scope};
 
 /// Scope maps larger than this are dropped wholesale after a global bump, which keeps memory
 /// bounded even under an invalidation flood (at the price of one global miss wave).
@@ -27,6 +35,27 @@ const HARD_CAP: usize = 1 << 20;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub(crate) struct EpochStamp {
     pub(crate) global: u64,
+    pub(crate) principal: u64,
+    pub(crate) resource: u64,
+    pub(crate) entry: u64,
+    /// Process-local; never leaves the process.
+    pub(crate) local: u64,
+}
+
+impl EpochStamp {
+    /// The part shared with other processes.
+    pub(crate) fn shared(&self) -> [u64; 4] {
+        [self.global, self.principal, self.resource, self.entry]
+    }
+
+    pub(crate) fn from_shared(v: [u64; 4]) -> Self {
+        Self { global: v[0], principal: v[1], resource: v[2], entry: v[3], local: 0 }
+    }
+}
+
+/// The scope hashes of one key.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ScopeHashes {
     pub(crate) principal: u64,
     pub(crate) resource: u64,
     pub(crate) entry: u64,
@@ -60,10 +89,13 @@ impl ScopeMap {
         map.get(&h).map_or(0, |s| s.value)
     }
 
-    /// Sets `h` to `value`; returns the map's size afterwards.
-    fn set(&self, h: u64, value: u64, now_ms: u64, forget_after_ms: u64) -> usize {
+    /// Raises `h` to at least `value`; returns the map's size afterwards.
+    fn raise(&self, h: u64, value: u64, now_ms: u64, forget_after_ms: u64) -> usize {
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
-        map.insert(h, Slot { value, bumped_at_ms: now_ms });
+        let slot = map.entry(h).or_insert(Slot { value: 0, bumped_at_ms: now_ms });
+        if value > slot.value {
+            *slot = Slot { value, bumped_at_ms: now_ms };
+        }
         if map.len() >= self.sweep_at.load(Ordering::Relaxed) {
             map.retain(|_, s| now_ms.saturating_sub(s.bumped_at_ms) < forget_after_ms);
             self.sweep_at.store((map.len() * 2).max(1024), Ordering::Relaxed);
@@ -87,60 +119,112 @@ impl ScopeMap {
 pub(crate) struct Epochs {
     source: AtomicU64,
     global: AtomicU64,
+    local: AtomicU64,
     principals: ScopeMap,
     resources: ScopeMap,
     entries: ScopeMap,
-    hasher: RandomState,
+    keys: Keys,
     forget_after_ms: u64,
 }
 
+/// Microseconds since the Unix epoch: the floor of every new epoch value.
+pub(crate) fn now_us() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
 impl Epochs {
-    pub(crate) fn new(forget_after_ms: u64) -> Self {
+    pub(crate) fn new(keys: Keys, forget_after_ms: u64) -> Self {
         Self {
             source: AtomicU64::new(0),
             global: AtomicU64::new(0),
+            local: AtomicU64::new(0),
             principals: ScopeMap::new(),
             resources: ScopeMap::new(),
             entries: ScopeMap::new(),
-            hasher: RandomState::new(),
+            keys,
             forget_after_ms,
         }
     }
 
+    pub(crate) fn forget_after_ms(&self) -> u64 {
+        self.forget_after_ms
+    }
+
+    /// A new value, larger than every value seen so far.
     fn next(&self) -> u64 {
-        self.source.fetch_add(1, Ordering::SeqCst) + 1
+        let floor = now_us();
+        let mut cur = self.source.load(Ordering::SeqCst);
+        loop {
+            let v = (cur + 1).max(floor);
+            match self.source.compare_exchange_weak(cur, v, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return v,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    fn map(&self, scope: Scope) -> &ScopeMap {
+        match scope {
+            Scope::Principal => &self.principals,
+            Scope::Resource => &self.resources,
+            Scope::Entry => &self.entries,
+        }
+    }
+
+    pub(crate) fn hashes(&self, key: &CacheKey) -> ScopeHashes {
+        ScopeHashes {
+            principal: self.keys.scope_hash(Scope::Principal, &key.principal),
+            resource: self.keys.scope_hash(Scope::Resource, &key.resource),
+            entry: self.keys.entry_hash(key),
+        }
+    }
+
+    pub(crate) fn scope_hash(&self, scope: Scope, value: &str) -> u64 {
+        self.keys.scope_hash(scope, value)
     }
 
     /// The epochs that currently cover `key`.
     pub(crate) fn stamp(&self, key: &CacheKey) -> EpochStamp {
         let global = self.global.load(Ordering::Acquire);
-        let principal = self.principals.get(|| self.hasher.hash_one(&*key.principal));
-        let resource = self.resources.get(|| self.hasher.hash_one(&*key.resource));
-        let entry = self.entries.get(|| self.hasher.hash_one(key));
-        EpochStamp { global, principal, resource, entry }
+        let local = self.local.load(Ordering::Acquire);
+        let principal = self.principals.get(|| self.keys.scope_hash(Scope::Principal, &key.principal));
+        let resource = self.resources.get(|| self.keys.scope_hash(Scope::Resource, &key.resource));
+        let entry = self.entries.get(|| self.keys.entry_hash(key));
+        EpochStamp { global, principal, resource, entry, local }
     }
 
-    pub(crate) fn bump_all(&self) {
+    /// Bumps the global epoch; returns the new value.
+    pub(crate) fn bump_all(&self) -> u64 {
         let v = self.next();
-        self.global.store(v, Ordering::Release);
+        self.global.fetch_max(v, Ordering::AcqRel);
+        v
     }
 
-    pub(crate) fn bump_principal(&self, id: &str, now_ms: u64) {
+    /// Bumps one scope; returns the new value.
+    pub(crate) fn bump(&self, scope: Scope, hash: u64, now_ms: u64) -> u64 {
         let v = self.next();
-        let n = self.principals.set(self.hasher.hash_one(id), v, now_ms, self.forget_after_ms);
+        self.merge(scope, hash, v, now_ms);
+        v
+    }
+
+    /// Raises a scope to a value from elsewhere (another process, the shared store).
+    pub(crate) fn merge(&self, scope: Scope, hash: u64, value: u64, now_ms: u64) {
+        if value == 0 {
+            return;
+        }
+        self.source.fetch_max(value, Ordering::SeqCst);
+        let n = self.map(scope).raise(hash, value, now_ms, self.forget_after_ms);
         self.cap(n);
     }
 
-    pub(crate) fn bump_resource(&self, resource: &str, now_ms: u64) {
-        let v = self.next();
-        let n = self.resources.set(self.hasher.hash_one(resource), v, now_ms, self.forget_after_ms);
-        self.cap(n);
+    pub(crate) fn merge_global(&self, value: u64) {
+        self.source.fetch_max(value, Ordering::SeqCst);
+        self.global.fetch_max(value, Ordering::AcqRel);
     }
 
-    pub(crate) fn bump_entry(&self, key: &CacheKey, now_ms: u64) {
-        let v = self.next();
-        let n = self.entries.set(self.hasher.hash_one(key), v, now_ms, self.forget_after_ms);
-        self.cap(n);
+    /// Drops trust in everything this process cached or is computing.
+    pub(crate) fn bump_local(&self) {
+        self.local.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Past the hard cap, a global bump invalidates everything, after which no per-scope counter
@@ -170,21 +254,32 @@ mod tests {
         CacheKey { principal: Arc::from(p), resource: Arc::from(r), action: Arc::from("read") }
     }
 
+    fn epochs(forget_after_ms: u64) -> Epochs {
+        Epochs::new(Keys::random(), forget_after_ms)
+    }
+
+    fn bump_principal(e: &Epochs, id: &str, now: u64) {
+        e.bump(Scope::Principal, e.scope_hash(Scope::Principal, id), now);
+    }
+
     #[test]
     fn a_stamp_taken_before_a_bump_never_matches_after_it() {
-        let e = Epochs::new(1000);
+        let e = epochs(1000);
         let k = key("bob", "doc:1");
         let other = key("alice", "doc:2");
         let before = e.stamp(&k);
-        e.bump_principal("bob", 0);
+        bump_principal(&e, "bob", 0);
         assert_ne!(e.stamp(&k), before);
         assert_eq!(e.stamp(&other), EpochStamp::default(), "other scopes untouched");
         let s = e.stamp(&k);
-        e.bump_resource("doc:1", 0);
+        e.bump(Scope::Resource, e.scope_hash(Scope::Resource, "doc:1"), 0);
         assert_ne!(e.stamp(&k), s);
         let s = e.stamp(&k);
-        e.bump_entry(&k, 0);
+        e.bump(Scope::Entry, e.hashes(&k).entry, 0);
         assert_ne!(e.stamp(&k), s);
+        let s = e.stamp(&k);
+        e.bump_local();
+        assert_ne!(e.stamp(&k), s, "the local generation covers everything");
         let s = e.stamp(&k);
         let o = e.stamp(&other);
         e.bump_all();
@@ -195,29 +290,42 @@ mod tests {
     #[test]
     fn forgotten_scopes_never_bring_an_old_stamp_back() {
         // forget_after = 10 ms; sweeps start at 1024 scopes.
-        let e = Epochs::new(10);
+        let e = epochs(10);
         let k = key("bob", "doc:1");
-        e.bump_principal("bob", 0);
+        bump_principal(&e, "bob", 0);
         let stamped_after_first_bump = e.stamp(&k);
         // Age every slot out, then force a sweep with many other bumps.
         for i in 0..2048 {
-            e.bump_principal(&format!("user{i}"), 100);
+            bump_principal(&e, &format!("user{i}"), 100);
         }
         assert_eq!(e.tracked_scopes(), 2048, "bob, bumped long ago, was forgotten");
         assert_eq!(e.stamp(&k).principal, 0, "bob was forgotten");
-        e.bump_principal("bob", 200);
+        bump_principal(&e, "bob", 200);
         assert_ne!(e.stamp(&k), stamped_after_first_bump, "a new bump never reuses a value");
     }
 
     #[test]
     fn the_hard_cap_turns_into_a_global_bump() {
-        let e = Epochs::new(u64::MAX);
+        let e = epochs(u64::MAX);
         let k = key("bob", "doc:1");
         let s = e.stamp(&k);
         for i in 0..=HARD_CAP {
-            e.bump_resource(&i.to_string(), 0);
+            e.bump(Scope::Resource, e.scope_hash(Scope::Resource, &i.to_string()), 0);
         }
         assert_eq!(e.tracked_scopes(), 0);
         assert_ne!(e.stamp(&k).global, s.global);
+    }
+
+    #[test]
+    fn merged_values_only_ever_raise_and_new_values_exceed_them() {
+        let e = epochs(u64::MAX);
+        let k = key("bob", "doc:1");
+        let h = e.hashes(&k).principal;
+        let far_future = now_us() + 10_000_000_000;
+        e.merge(Scope::Principal, h, far_future, 0);
+        assert_eq!(e.stamp(&k).principal, far_future);
+        e.merge(Scope::Principal, h, 5, 0);
+        assert_eq!(e.stamp(&k).principal, far_future, "an older value never lowers a scope");
+        assert!(e.bump(Scope::Resource, 1, 0) > far_future, "local values go past merged ones");
     }
 }

@@ -1,12 +1,25 @@
-//! Cache keys, and the short hashes that stand for principals in logs.
+//! Cache keys, keyed hashes, and the short hashes that stand for principals in logs.
+//!
+//! Three derived keys come from the shared secret (HMAC-SHA256(secret, label)):
+//! - `key`: the shared-tier key id, HMAC-SHA256 of the length-prefixed (principal, resource,
+//!   action) tuple, so no principal id, token or resource id appears in Redis or Postgres keys;
+//! - `mac`: the MAC of shared-tier values (see `entry.rs`);
+//! - `scope`: SipHash-2-4 keys for epoch scopes, shared by every process so that backplane
+//!   messages and epoch keys name the same scope everywhere, without naming the principal.
 
 use std::fmt;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::{Arc, OnceLock};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use siphasher::sip::SipHasher24;
 
 use crate::{Permission, Principal};
 
-/// The L1 key: the full tuple, compared exactly (no hash collisions can mix two principals).
+pub(crate) type HmacSha256 = Hmac<Sha256>;
+
+/// The L1 key: the full tuple, compared exactly (no hash collision can mix two principals).
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub(crate) struct CacheKey {
     pub(crate) principal: Arc<str>,
@@ -29,6 +42,14 @@ impl CacheKey {
     pub(crate) fn heap_bytes(&self) -> usize {
         self.principal.len() + self.resource.len() + self.action.len() + 2 * 32
     }
+
+    /// The tuple, length-prefixed so that the encoding is injective.
+    fn encode_into(&self, mut write: impl FnMut(&[u8])) {
+        for part in [&self.principal, &self.resource, &self.action] {
+            write(&(part.len() as u64).to_be_bytes());
+            write(part.as_bytes());
+        }
+    }
 }
 
 impl fmt::Debug for CacheKey {
@@ -37,7 +58,115 @@ impl fmt::Debug for CacheKey {
     }
 }
 
-/// A short, per-process keyed hash shown in logs instead of a principal id.
+/// Which epoch scope a hash names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scope {
+    Principal,
+    Resource,
+    Entry,
+}
+
+impl Scope {
+    pub(crate) fn tag(self) -> &'static str {
+        match self {
+            Scope::Principal => "p",
+            Scope::Resource => "r",
+            Scope::Entry => "k",
+        }
+    }
+
+    pub(crate) fn from_tag(tag: &str) -> Option<Self> {
+        Some(match tag {
+            "p" => Scope::Principal,
+            "r" => Scope::Resource,
+            "k" => Scope::Entry,
+            _ => return None,
+        })
+    }
+}
+
+/// The keys derived from the shared secret.
+#[derive(Clone)]
+pub(crate) struct Keys {
+    key: HmacSha256,
+    mac: HmacSha256,
+    scope: (u64, u64),
+}
+
+impl Keys {
+    /// Derives the keys from a shared secret.
+    pub(crate) fn derive(secret: &[u8]) -> Self {
+        let derive = |label: &[u8]| -> [u8; 32] {
+            let mut m = HmacSha256::new_from_slice(secret).expect("hmac accepts any key length");
+            m.update(label);
+            m.finalize().into_bytes().into()
+        };
+        let scope = derive(b"tower-authz-cache scope v1");
+        let k = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+        Self {
+            key: HmacSha256::new_from_slice(&derive(b"tower-authz-cache key v1")).expect("any length"),
+            mac: HmacSha256::new_from_slice(&derive(b"tower-authz-cache mac v1")).expect("any length"),
+            scope: (k(&scope[..8]), k(&scope[8..16])),
+        }
+    }
+
+    /// Keys for a process that shares nothing: a random secret.
+    pub(crate) fn random() -> Self {
+        let mut secret = [0u8; 32];
+        for chunk in secret.chunks_mut(8) {
+            chunk.copy_from_slice(&RandomState::new().hash_one(0u8).to_le_bytes());
+        }
+        Self::derive(&secret)
+    }
+
+    /// The shared-tier id of a key: 32 bytes of HMAC-SHA256.
+    pub(crate) fn key_id(&self, key: &CacheKey) -> [u8; 32] {
+        let mut m = self.key.clone();
+        key.encode_into(|b| m.update(b));
+        m.finalize().into_bytes().into()
+    }
+
+    /// A MAC over `parts`, under the value key.
+    pub(crate) fn mac(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut m = self.mac.clone();
+        for p in parts {
+            m.update(p);
+        }
+        m.finalize().into_bytes().into()
+    }
+
+    /// Checks a MAC in constant time.
+    pub(crate) fn verify(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
+        let mut m = self.mac.clone();
+        for p in parts {
+            m.update(p);
+        }
+        m.verify_slice(tag).is_ok()
+    }
+
+    fn sip(&self) -> SipHasher24 {
+        SipHasher24::new_with_keys(self.scope.0, self.scope.1)
+    }
+
+    /// The scope hash of a principal id or a resource.
+    pub(crate) fn scope_hash(&self, scope: Scope, value: &str) -> u64 {
+        let mut h = self.sip();
+        h.write(scope.tag().as_bytes());
+        value.hash(&mut h);
+        h.finish()
+    }
+
+    /// The scope hash of one entry.
+    pub(crate) fn entry_hash(&self, key: &CacheKey) -> u64 {
+        let mut h = self.sip();
+        h.write(Scope::Entry.tag().as_bytes());
+        key.encode_into(|b| h.write(b));
+        h.finish()
+    }
+}
+
+/// A short keyed hash shown in logs instead of a principal id. Keyed per process unless a
+/// shared secret is configured, in which case every process shows the same hash.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ShortHash(u32);
 
@@ -57,5 +186,33 @@ impl fmt::Debug for ShortHash {
 impl fmt::Display for ShortHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:08x}", self.0)
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(p: &str, r: &str, a: &str) -> CacheKey {
+        CacheKey { principal: p.into(), resource: r.into(), action: a.into() }
+    }
+
+    #[test]
+    fn key_ids_are_injective_on_the_tuple_and_depend_on_the_secret() {
+        let k = Keys::derive(b"0123456789abcdef0123456789abcdef");
+        assert_ne!(k.key_id(&key("ab", "c", "d")), k.key_id(&key("a", "bc", "d")));
+        assert_ne!(k.key_id(&key("a:b", "c", "d")), k.key_id(&key("a", "b:c", "d")));
+        assert_eq!(k.key_id(&key("a", "b", "c")), k.key_id(&key("a", "b", "c")));
+        let other = Keys::derive(b"another secret, another keyspace");
+        assert_ne!(k.key_id(&key("a", "b", "c")), other.key_id(&key("a", "b", "c")));
+        assert_ne!(k.scope_hash(Scope::Principal, "bob"), k.scope_hash(Scope::Resource, "bob"));
+        assert_eq!(
+            k.scope_hash(Scope::Principal, "bob"),
+            Keys::derive(b"0123456789abcdef0123456789abcdef").scope_hash(Scope::Principal, "bob")
+        );
     }
 }

@@ -26,6 +26,7 @@
 pub(crate) mod clock;
 pub(crate) mod entry;
 pub(crate) mod epoch;
+pub(crate) mod guard;
 pub(crate) mod key;
 pub(crate) mod single_flight;
 
@@ -42,7 +43,7 @@ use crate::{Authorizer, BoxError, Decision, Permission, Principal};
 use clock::{Clock, ms};
 use entry::Entry;
 use epoch::Epochs;
-use key::{CacheKey, ShortHash};
+use key::{CacheKey, Keys, Scope, ShortHash};
 use single_flight::{CatchUnwind, Join, SingleFlight};
 
 /// One L1 hit in this many has its latency recorded.
@@ -71,14 +72,25 @@ pub struct AuthzCache {
 
 struct Inner {
     l1: MemoryTier,
-    epochs: Epochs,
+    epochs: Arc<Epochs>,
+    keys: Keys,
     flights: SingleFlight<Outcome>,
     authorizer: Box<dyn DynAuthorizer>,
-    stats: Stats,
+    stats: Arc<Stats>,
     clock: Clock,
     allow_ttl_ms: u64,
     deny_ttl_ms: u64,
     authorizer_timeout: Duration,
+    #[cfg(feature = "redis")]
+    l2: Option<L2>,
+}
+
+/// L2 and what runs for it.
+#[cfg(feature = "redis")]
+struct L2 {
+    redis: Arc<crate::tier::redis::RedisShared>,
+    writes: tokio::sync::mpsc::Sender<crate::tier::redis::Write>,
+    backplane: crate::invalidation::backplane::Backplane,
 }
 
 impl fmt::Debug for AuthzCache {
@@ -101,6 +113,9 @@ impl AuthzCache {
             deny_ttl: Duration::from_secs(10),
             authorizer_timeout: Duration::from_secs(5),
             clock: Clock::System,
+            max_staleness: Duration::from_secs(1),
+            #[cfg(feature = "redis")]
+            l2: None,
         }
     }
 
@@ -114,7 +129,7 @@ impl AuthzCache {
         // in `HIT_SAMPLE`; misses always, from the L1 miss on.
         let start = sample_hit().then(Instant::now);
         let key = CacheKey::new(principal, permission);
-        if let Some(decision) = self.inner.lookup_l1(&key, true) {
+        if let Some(decision) = self.inner.lookup_l1(&key, true, true) {
             if let Some(start) = start {
                 self.inner.stats.l1_hit_latency.record(start.elapsed());
             }
@@ -141,13 +156,22 @@ impl AuthzCache {
 
     /// A copy of the counters.
     pub fn stats(&self) -> StatsSnapshot {
-        self.inner.stats.snapshot(self.inner.l1.usage())
+        #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
+        let mut snapshot = self.inner.stats.snapshot(self.inner.l1.usage());
+        #[cfg(feature = "redis")]
+        if let Some(l2) = &self.inner.l2 {
+            snapshot.tiers.l2 = Some(self.inner.stats.l2_snapshot(&l2.redis.guard));
+            snapshot.backplane = Some(l2.backplane.state.snapshot());
+        }
+        snapshot
     }
 
-    /// Applies an invalidation to this process: every cached decision it covers, including
-    /// any being computed right now, is a miss from the moment this returns.
-    pub(crate) fn apply_invalidation(&self, invalidation: &Invalidation) {
-        self.inner.apply_invalidation(invalidation);
+    /// Applies an invalidation: first to the shared tier (which publishes it to every other
+    /// instance), then to this process. Every cached decision it covers, including any being
+    /// computed right now, is a miss in this process from the moment this returns; in other
+    /// instances, as soon as the backplane delivers it (or their L2 reads see the shared epoch).
+    pub(crate) async fn apply_invalidation(&self, invalidation: &Invalidation) -> Result<(), ()> {
+        self.inner.apply_invalidation(invalidation).await
     }
 
     #[cfg(test)]
@@ -157,8 +181,24 @@ impl AuthzCache {
 }
 
 impl Inner {
+    /// Whether L1 may be read: always without a backplane; with one, only while it is heard.
+    fn l1_trusted(&self) -> bool {
+        #[cfg(feature = "redis")]
+        if let Some(l2) = &self.l2 {
+            return l2.backplane.state.trusted();
+        }
+        true
+    }
+
     /// A valid L1 entry's decision. `count` says whether to update hit/miss counters.
-    fn lookup_l1(&self, key: &CacheKey, count: bool) -> Option<Decision> {
+    fn lookup_l1(&self, key: &CacheKey, count: bool, check_trust: bool) -> Option<Decision> {
+        if check_trust && !self.l1_trusted() {
+            if count {
+                Stats::incr(&self.stats.l1_untrusted);
+                Stats::incr(&self.stats.l1_misses);
+            }
+            return None;
+        }
         let found = self.l1.get(key);
         let result = match &found {
             None => None,
@@ -181,6 +221,83 @@ impl Inner {
             Stats::incr(if result.is_some() { &self.stats.l1_hits } else { &self.stats.l1_misses });
         }
         result
+    }
+
+    /// L2: the entry and the shared epochs in one round trip. The shared epochs are merged
+    /// into this process's first, so the stamp of a fill that follows includes them. Returns
+    /// a valid entry's decision, promoted to L1 with its deadline unchanged.
+    #[cfg(feature = "redis")]
+    async fn lookup_l2(&self, key: &CacheKey) -> Option<Decision> {
+        let l2 = self.l2.as_ref()?;
+        let hashes = self.epochs.hashes(key);
+        let key_id = self.keys.key_id(key);
+        let read = match l2.redis.read(&key_id, &hashes).await {
+            Ok(read) => read,
+            Err(e) => {
+                Stats::incr(&self.stats.l2_errors);
+                tracing::debug!(target: "authz_cache", error = %e, "l2 read failed: miss");
+                return None;
+            }
+        };
+        let Some([g, p, r, k]) = read.epochs else {
+            Stats::incr(&self.stats.l2_rejected);
+            tracing::warn!(target: "authz_cache::audit", "l2 epoch value unreadable: not trusting l2 for this key");
+            return None;
+        };
+        let now = self.clock.now_ms();
+        self.epochs.merge_global(g);
+        self.epochs.merge(Scope::Principal, hashes.principal, p, now);
+        self.epochs.merge(Scope::Resource, hashes.resource, r, now);
+        self.epochs.merge(Scope::Entry, hashes.entry, k, now);
+        let Some(bytes) = read.value else {
+            Stats::incr(&self.stats.l2_misses);
+            return None;
+        };
+        let mut entry = match Entry::decode(&bytes, &self.keys, &key_id) {
+            Ok(entry) => entry,
+            Err(e) => {
+                Stats::incr(&self.stats.l2_rejected);
+                Stats::incr(&self.stats.l2_misses);
+                tracing::warn!(
+                    target: "authz_cache::audit",
+                    principal = %ShortHash::of(&key.principal),
+                    error = %e,
+                    "security: l2 entry failed verification, treated as a miss"
+                );
+                return None;
+            }
+        };
+        let current = self.epochs.stamp(key);
+        if now >= entry.valid_until_ms {
+            Stats::incr(&self.stats.l2_expired);
+            Stats::incr(&self.stats.l2_misses);
+            return None;
+        }
+        if entry.stamp.shared() != current.shared() {
+            Stats::incr(&self.stats.l2_stale);
+            Stats::incr(&self.stats.l2_misses);
+            return None;
+        }
+        Stats::incr(&self.stats.l2_hits);
+        entry.stamp.local = current.local;
+        let decision = entry.decision();
+        self.l1.insert(key.clone(), entry);
+        Some(decision)
+    }
+
+    /// Queues the shared copy of a fresh entry; a full queue drops it (counted).
+    #[cfg(feature = "redis")]
+    fn write_behind(&self, key: &CacheKey, entry: &Entry) {
+        let Some(l2) = &self.l2 else { return };
+        let key_id = self.keys.key_id(key);
+        let write = crate::tier::redis::Write {
+            key: l2.redis.data_key(&key_id),
+            value: entry.encode(&self.keys, &key_id),
+            valid_until_ms: entry.valid_until_ms,
+        };
+        if l2.writes.try_send(write).is_err() {
+            Stats::incr(&self.stats.l2_write_drops);
+        }
     }
 
     /// Past L1: join the flight for this key, or lead it.
@@ -217,7 +334,11 @@ impl Inner {
 
     async fn compute(&self, key: &CacheKey, principal: Principal, permission: Permission) -> Outcome {
         // Another flight may have filled L1 between our miss and our registration.
-        if let Some(decision) = self.lookup_l1(key, false) {
+        if let Some(decision) = self.lookup_l1(key, false, true) {
+            return Ok(decision);
+        }
+        #[cfg(feature = "redis")]
+        if let Some(decision) = self.lookup_l2(key).await {
             return Ok(decision);
         }
         for _ in 0..MAX_ATTEMPTS {
@@ -246,40 +367,83 @@ impl Inner {
             let ttl = decision.ttl_hint().map_or(configured, |hint| ms(hint).min(configured));
             if ttl > 0 {
                 let valid_until_ms = self.clock.now_ms().saturating_add(ttl);
-                self.l1.insert(key.clone(), Entry::new(&decision, valid_until_ms, stamp));
+                let entry = Entry::new(&decision, valid_until_ms, stamp);
+                #[cfg(feature = "redis")]
+                self.write_behind(key, &entry);
+                self.l1.insert(key.clone(), entry);
             }
             return Ok(decision);
         }
         Err(CheckError::new(CheckErrorKind::Unstable, None))
     }
 
-    fn apply_invalidation(&self, invalidation: &Invalidation) {
+    async fn apply_invalidation(&self, invalidation: &Invalidation) -> Result<(), ()> {
         let now = self.clock.now_ms();
-        match invalidation {
+        let (target, counter) = match invalidation {
             Invalidation::Principal(id) => {
-                self.epochs.bump_principal(id, now);
-                Stats::incr(&self.stats.inv_principal);
-                tracing::info!(target: "authz_cache::audit", scope = "principal", principal = %ShortHash::of(id), "invalidated");
+                (Some((Scope::Principal, self.epochs.scope_hash(Scope::Principal, id))), &self.stats.inv_principal)
             }
             Invalidation::Resource(resource) => {
-                self.epochs.bump_resource(resource, now);
-                Stats::incr(&self.stats.inv_resource);
-                tracing::info!(target: "authz_cache::audit", scope = "resource", resource = %resource, "invalidated");
+                (Some((Scope::Resource, self.epochs.scope_hash(Scope::Resource, resource))), &self.stats.inv_resource)
             }
             Invalidation::Entry { principal, permission } => {
                 let key = CacheKey::new(&Principal::new(principal.as_str()), permission);
-                self.epochs.bump_entry(&key, now);
                 self.l1.remove(&key);
-                Stats::incr(&self.stats.inv_entry);
-                tracing::info!(target: "authz_cache::audit", scope = "entry", principal = %ShortHash::of(principal), permission = %permission, "invalidated");
+                (Some((Scope::Entry, self.epochs.hashes(&key).entry)), &self.stats.inv_entry)
             }
             Invalidation::All => {
-                self.epochs.bump_all();
                 self.l1.clear();
-                Stats::incr(&self.stats.inv_all);
-                tracing::info!(target: "authz_cache::audit", scope = "all", "invalidated");
+                (None, &self.stats.inv_all)
+            }
+        };
+        Stats::incr(counter);
+        // Shared first: the value the shared store assigns is the one every instance (and every
+        // L2 entry stamped from now on) agrees on. If it cannot be reached, bump locally: this
+        // process is still covered, and the caller learns the others may not be.
+        #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
+        let mut delivered = true;
+        #[cfg(feature = "redis")]
+        if let Some(l2) = &self.l2 {
+            match l2.redis.bump(target, epoch::now_us(), self.epochs.forget_after_ms()).await {
+                Ok(value) => {
+                    match target {
+                        None => self.epochs.merge_global(value),
+                        Some((scope, hash)) => self.epochs.merge(scope, hash, value, now),
+                    }
+                    audit_invalidation(invalidation, true);
+                    return Ok(());
+                }
+                Err(e) => {
+                    delivered = false;
+                    tracing::warn!(target: "authz_cache::audit", error = %e, "invalidation not delivered to other instances; applied locally");
+                }
             }
         }
+        match target {
+            None => {
+                self.epochs.bump_all();
+            }
+            Some((scope, hash)) => {
+                self.epochs.bump(scope, hash, now);
+            }
+        }
+        audit_invalidation(invalidation, delivered);
+        if delivered { Ok(()) } else { Err(()) }
+    }
+}
+
+fn audit_invalidation(invalidation: &Invalidation, shared: bool) {
+    match invalidation {
+        Invalidation::Principal(id) => {
+            tracing::info!(target: "authz_cache::audit", scope = "principal", principal = %ShortHash::of(id), shared, "invalidated");
+        }
+        Invalidation::Resource(resource) => {
+            tracing::info!(target: "authz_cache::audit", scope = "resource", resource = %resource, shared, "invalidated");
+        }
+        Invalidation::Entry { principal, permission } => {
+            tracing::info!(target: "authz_cache::audit", scope = "entry", principal = %ShortHash::of(principal), permission = %permission, shared, "invalidated");
+        }
+        Invalidation::All => tracing::info!(target: "authz_cache::audit", scope = "all", shared, "invalidated"),
     }
 }
 
@@ -293,6 +457,10 @@ pub struct AuthzCacheBuilder {
     deny_ttl: Duration,
     authorizer_timeout: Duration,
     clock: Clock,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    max_staleness: Duration,
+    #[cfg(feature = "redis")]
+    l2: Option<crate::tier::redis::RedisTier>,
 }
 
 impl fmt::Debug for AuthzCacheBuilder {
@@ -331,6 +499,21 @@ impl AuthzCacheBuilder {
         self
     }
 
+    /// With a backplane: how long this process may go without hearing it before it stops
+    /// trusting L1 (default 1 s). Also the bound on how long another instance's invalidation
+    /// can go unseen here when the backplane is cut.
+    pub fn max_staleness(mut self, max_staleness: Duration) -> Self {
+        self.max_staleness = max_staleness;
+        self
+    }
+
+    /// Adds L2 on Redis and the Redis backplane (feature `redis`).
+    #[cfg(feature = "redis")]
+    pub fn l2(mut self, tier: crate::tier::redis::RedisTier) -> Self {
+        self.l2 = Some(tier);
+        self
+    }
+
     #[cfg(test)]
     pub(crate) fn clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
@@ -338,23 +521,50 @@ impl AuthzCacheBuilder {
     }
 
     /// Builds the cache.
+    ///
+    /// # Panics
+    ///
+    /// With an L2, outside a Tokio runtime: the backplane and the write-behind queue are tasks.
     pub fn build(self) -> AuthzCache {
         let longest_ttl = self.allow_ttl.max(self.deny_ttl);
         // An entry stamped before a bump expires at most `longest_ttl` after the authorizer
         // answered, which is at most `authorizer_timeout` after the stamp: past that, the bump's
         // scope can be forgotten (see epoch.rs).
         let forget_after_ms = ms(longest_ttl).saturating_add(ms(self.authorizer_timeout)).saturating_add(1000);
+        #[cfg(feature = "redis")]
+        let keys = match &self.l2 {
+            Some(tier) => Keys::derive(&tier.shared.secret),
+            None => Keys::random(),
+        };
+        #[cfg(not(feature = "redis"))]
+        let keys = Keys::random();
+        let epochs = Arc::new(Epochs::new(keys.clone(), forget_after_ms));
+        let stats = Arc::new(Stats::new());
+        #[cfg(feature = "redis")]
+        let l2 = self.l2.map(|tier| L2 {
+            writes: crate::tier::redis::spawn_writers(tier.shared.clone(), stats.clone(), self.clock.clone()),
+            backplane: crate::invalidation::backplane::start(
+                tier.shared.clone(),
+                epochs.clone(),
+                self.clock.clone(),
+                self.max_staleness,
+            ),
+            redis: tier.shared,
+        });
         AuthzCache {
             inner: Arc::new(Inner {
                 l1: MemoryTier::new(self.l1_max_bytes, longest_ttl.max(Duration::from_millis(1))),
-                epochs: Epochs::new(forget_after_ms),
+                epochs,
+                keys,
                 flights: SingleFlight::new(),
                 authorizer: self.authorizer,
-                stats: Stats::new(),
+                stats,
                 clock: self.clock,
                 allow_ttl_ms: ms(self.allow_ttl),
                 deny_ttl_ms: ms(self.deny_ttl),
                 authorizer_timeout: self.authorizer_timeout,
+                #[cfg(feature = "redis")]
+                l2,
             }),
         }
     }

@@ -20,6 +20,9 @@
 //! # });
 //! ```
 
+#[cfg(feature = "redis")]
+pub(crate) mod backplane;
+
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -65,8 +68,9 @@ impl Invalidation {
     }
 }
 
-/// An invalidation could not be carried out everywhere it had to go. It has always been applied
-/// to this process before this error is returned.
+/// An invalidation could not be delivered to the other instances (the shared tier was
+/// unreachable). It has been applied to this process before this error is returned; retry it
+/// to reach the others.
 #[derive(Debug)]
 pub struct InvalidationError {
     _private: (),
@@ -83,9 +87,12 @@ impl std::error::Error for InvalidationError {}
 impl AuthzCache {
     /// Applies an invalidation. When this returns, no decision it covers is served by this
     /// cache, including decisions whose computation was already under way.
+    ///
+    /// With L2, the invalidation also goes to the shared epochs and the backplane, so every
+    /// instance stops serving what it covers; if Redis cannot be reached it is applied to this
+    /// process only and an [`InvalidationError`] says so.
     pub async fn invalidate(&self, invalidation: &Invalidation) -> Result<(), InvalidationError> {
-        self.apply_invalidation(invalidation);
-        Ok(())
+        self.apply_invalidation(invalidation).await.map_err(|()| InvalidationError { _private: () })
     }
 
     /// A tower service that applies invalidations to this cache.

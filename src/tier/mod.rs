@@ -1,3 +1,5 @@
 //! Cache tiers. L1 ([`memory`]) lives in-process; remote tiers plug in behind the same read path.
 
 pub(crate) mod memory;
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
