@@ -165,23 +165,29 @@ impl Guard {
 
     fn failure(&self, permit: Permit) {
         let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
-        let trip = matches!(permit, Permit::Probe) || failures >= self.config.failure_threshold;
-        if trip && self.state.swap(OPEN, Ordering::AcqRel) != OPEN {
-            self.opened_at_ms.store(mono_ms(), Ordering::Release);
-            self.opens.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                target: "authz_cache::audit",
-                tier = self.name,
-                state = "open",
-                failures,
-                open_for_ms = self.config.open_for.as_millis() as u64,
-                "circuit breaker"
-            );
-        } else if trip {
-            self.opened_at_ms.store(mono_ms(), Ordering::Release);
-        }
-        if let Permit::Probe = permit {
-            self.probing.store(false, Ordering::Release);
+        match permit {
+            Permit::Probe => {
+                // The probe failed: open again for another period (not a new opening).
+                self.opened_at_ms.store(mono_ms(), Ordering::Release);
+                self.state.store(OPEN, Ordering::Release);
+                self.probing.store(false, Ordering::Release);
+                tracing::debug!(target: "authz_cache::audit", tier = self.name, "circuit breaker probe failed");
+            }
+            Permit::Normal if failures >= self.config.failure_threshold => {
+                if self.state.compare_exchange(CLOSED, OPEN, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    self.opened_at_ms.store(mono_ms(), Ordering::Release);
+                    self.opens.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        target: "authz_cache::audit",
+                        tier = self.name,
+                        state = "open",
+                        failures,
+                        open_for_ms = self.config.open_for.as_millis() as u64,
+                        "circuit breaker"
+                    );
+                }
+            }
+            Permit::Normal => {}
         }
     }
 

@@ -243,13 +243,16 @@ if v < floor then
   redis.call('SET', KEYS[1], ARGV[1])
   v = floor
 end
+-- Lua 5.1 prints numbers past 14 digits in exponent form: format the integer explicitly
+-- (exact up to 2^53, about 285 years of microseconds).
+local s = string.format('%.0f', v)
 if ARGV[2] == '0' then
-  redis.call('SET', KEYS[2], v)
+  redis.call('SET', KEYS[2], s)
 else
-  redis.call('SET', KEYS[2], v, 'PX', ARGV[2])
+  redis.call('SET', KEYS[2], s, 'PX', ARGV[2])
 end
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. v)
-return v
+redis.call('PUBLISH', ARGV[3], ARGV[4] .. s)
+return s
 ";
 
 pub(crate) type RedisError = GuardError<redis::RedisError>;

@@ -50,3 +50,14 @@ pub fn request(method: &str, path: &str, token: Option<&str>, body: &str) -> Req
     }
     b.body(axum::body::Body::from(body.to_owned())).unwrap()
 }
+
+pub mod proxy;
+#[cfg(feature = "redis")]
+pub mod redis;
+
+/// p50 and p99 of a sample, in microseconds.
+pub fn percentiles(samples: &mut [std::time::Duration]) -> (f64, f64) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1];
+    (at(0.50).as_secs_f64() * 1e6, at(0.99).as_secs_f64() * 1e6)
+}
