@@ -5,8 +5,15 @@
 //! ```
 //!
 //! Users are alice (admin), bob (viewer) and carol (editor); their tokens are `<name>-token`.
-//! Roles live in memory; changing one through `PUT /admin/users/{user}/role` invalidates that
-//! user's cached decisions, so the change shows on the very next request.
+//! Changing a role through `PUT /admin/users/{user}/role` invalidates that user's cached
+//! decisions, so the change shows on the very next request.
+//!
+//! Without services, roles live in memory and the cache is L1 only. With `REDIS_URL` set, the
+//! cache adds L2 on Redis and the Redis backplane, and the roles live in Redis too (hash
+//! `{namespace}-demo-roles`, seeded once), so several instances share them: a role change on
+//! one instance shows on the very next request on every instance. `AUTHZ_CACHE_NAMESPACE`
+//! (default `quickstart`) and `AUTHZ_CACHE_SECRET` (at least 16 bytes; a fixed demo secret
+//! otherwise) configure the shared tier.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,7 +27,8 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 use tower_authz_cache::{
-    AuthzCache, BearerToken, CachedAuthorizationLayer, Decision, Invalidation, Permission, Principal, RouteTable,
+    AuthzCache, AuthzCacheBuilder, BearerToken, CachedAuthorizationLayer, Decision, Invalidation, Permission,
+    Principal, RouteTable,
 };
 
 /// The demo's roles.
@@ -43,6 +51,15 @@ impl Role {
         })
     }
 
+    fn name(self) -> &'static str {
+        match self {
+            Role::None => "none",
+            Role::Viewer => "viewer",
+            Role::Editor => "editor",
+            Role::Admin => "admin",
+        }
+    }
+
     fn allows(self, permission: &Permission) -> bool {
         let documents = permission.resource().starts_with("documents:");
         match (self, permission.action()) {
@@ -55,28 +72,74 @@ impl Role {
     }
 }
 
-/// The in-memory role store: the authorizer's source of truth.
+const DEMO_USERS: [(&str, Role); 3] = [("alice", Role::Admin), ("bob", Role::Viewer), ("carol", Role::Editor)];
+
+/// The role store: the authorizer's source of truth.
 #[derive(Clone)]
-pub struct Roles(Arc<RwLock<HashMap<String, Role>>>);
+pub enum Roles {
+    /// In this process only.
+    Memory(Arc<RwLock<HashMap<String, Role>>>),
+    /// In a Redis hash, shared by every instance.
+    #[cfg(feature = "redis")]
+    Redis { conn: redis::aio::MultiplexedConnection, key: String },
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Roles {
+    /// The demo users, in memory.
     pub fn demo() -> Self {
-        let roles = [("alice", Role::Admin), ("bob", Role::Viewer), ("carol", Role::Editor)];
-        Roles(Arc::new(RwLock::new(roles.into_iter().map(|(u, r)| (u.to_owned(), r)).collect())))
+        Roles::Memory(Arc::new(RwLock::new(DEMO_USERS.into_iter().map(|(u, r)| (u.to_owned(), r)).collect())))
     }
 
-    fn get(&self, user: &str) -> Option<Role> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).get(user).copied()
+    /// The demo users in the Redis hash `key`, seeded where absent.
+    #[cfg(feature = "redis")]
+    pub async fn redis(url: &str, key: String) -> Result<Self, BoxError> {
+        let client = redis::Client::open(url)?;
+        let mut conn = tokio::time::timeout(STORE_TIMEOUT * 4, client.get_multiplexed_async_connection())
+            .await
+            .map_err(|_| format!("cannot reach redis at {url}"))??;
+        for (user, role) in DEMO_USERS {
+            let _: i64 = redis::cmd("HSETNX").arg(&key).arg(user).arg(role.name()).query_async(&mut conn).await?;
+        }
+        Ok(Roles::Redis { conn, key })
     }
 
-    fn set(&self, user: &str, role: Role) -> bool {
-        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
-        match map.get_mut(user) {
-            Some(r) => {
-                *r = role;
-                true
+    async fn get(&self, user: &str) -> Result<Option<Role>, BoxError> {
+        match self {
+            Roles::Memory(map) => Ok(map.read().unwrap_or_else(|e| e.into_inner()).get(user).copied()),
+            #[cfg(feature = "redis")]
+            Roles::Redis { conn, key } => {
+                let mut conn = conn.clone();
+                let mut cmd = redis::cmd("HGET");
+                let q = cmd.arg(key).arg(user).query_async::<Option<String>>(&mut conn);
+                let name = tokio::time::timeout(STORE_TIMEOUT, q).await.map_err(|_| "role store timed out")??;
+                Ok(name.as_deref().and_then(Role::parse))
             }
-            None => false,
+        }
+    }
+
+    async fn set(&self, user: &str, role: Role) -> Result<bool, BoxError> {
+        match self {
+            Roles::Memory(map) => {
+                let mut map = map.write().unwrap_or_else(|e| e.into_inner());
+                Ok(map.get_mut(user).map(|r| *r = role).is_some())
+            }
+            #[cfg(feature = "redis")]
+            Roles::Redis { conn, key } => {
+                let mut conn = conn.clone();
+                let mut cmd = redis::cmd("HEXISTS");
+                let exists = cmd.arg(key).arg(user).query_async::<bool>(&mut conn);
+                if !tokio::time::timeout(STORE_TIMEOUT, exists).await.map_err(|_| "role store timed out")?? {
+                    return Ok(false);
+                }
+                let mut cmd = redis::cmd("HSET");
+                let set = cmd.arg(key).arg(user).arg(role.name()).query_async::<i64>(&mut conn);
+                tokio::time::timeout(STORE_TIMEOUT, set).await.map_err(|_| "role store timed out")??;
+                Ok(true)
+            }
         }
     }
 }
@@ -101,21 +164,26 @@ fn routes() -> RouteTable {
 
 /// Builds the demo app over `roles`. Returns the router and its cache.
 pub fn app(roles: Roles) -> (Router, AuthzCache) {
+    app_with(roles, |builder| builder)
+}
+
+/// Builds the demo app over `roles`, with extra cache configuration (tiers).
+pub fn app_with(roles: Roles, configure: impl FnOnce(AuthzCacheBuilder) -> AuthzCacheBuilder) -> (Router, AuthzCache) {
     let store = roles.clone();
-    let cache = AuthzCache::builder(move |principal: Principal, permission: Permission| {
-        let role = store.get(principal.id()).unwrap_or(Role::None);
+    let authorizer = move |principal: Principal, permission: Permission| {
+        let store = store.clone();
         async move {
+            // A store that cannot be read is an error: the request gets 503, never a guess.
+            let role = store.get(principal.id()).await?.unwrap_or(Role::None);
             let d = Decision::from_bool(role.allows(&permission));
-            Ok::<_, std::convert::Infallible>(if d.is_allowed() {
+            Ok::<_, BoxError>(if d.is_allowed() {
                 d
             } else {
-                d.with_reason(
-                    format!("role {role:?} may not {} {}", permission.action(), permission.resource()).to_lowercase(),
-                )
+                d.with_reason(format!("role {} may not {} this document", role.name(), permission.action()))
             })
         }
-    })
-    .build();
+    };
+    let cache = configure(AuthzCache::builder(authorizer)).build();
     let tokens = BearerToken::new(|token: String| async move {
         let user = match token.as_str() {
             "alice-token" => Some("alice"),
@@ -186,8 +254,10 @@ async fn set_role(State(state): State<AppState>, Path(user): Path<String>, body:
     let Some(role) = body.get("role").and_then(Value::as_str).and_then(Role::parse) else {
         return problem(StatusCode::BAD_REQUEST, "role must be one of viewer, editor, admin, none");
     };
-    if !state.roles.set(&user, role) {
-        return problem(StatusCode::NOT_FOUND, "unknown user");
+    match state.roles.set(&user, role).await {
+        Ok(true) => {}
+        Ok(false) => return problem(StatusCode::NOT_FOUND, "unknown user"),
+        Err(_) => return problem(StatusCode::SERVICE_UNAVAILABLE, "role store unavailable"),
     }
     // The store changed first, then the cache forgets: the next request asks the store again.
     if state.cache.invalidate(&Invalidation::principal(user)).await.is_err() {
@@ -254,13 +324,42 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(p) => p.parse().map_err(|_| format!("PORT={p:?} is not a port number (1-65535)"))?,
         Err(_) => 3000,
     };
-    println!("tiers: L1 (in-process memory)");
-    for var in ["REDIS_URL", "DATABASE_URL"] {
-        if std::env::var_os(var).is_some() {
-            println!("note: {var} is set, but this version has no L2/L3 tier yet; running L1 only");
+    let (router, _cache) = match std::env::var("REDIS_URL") {
+        #[cfg(feature = "redis")]
+        Ok(url) => {
+            let namespace = std::env::var("AUTHZ_CACHE_NAMESPACE").unwrap_or_else(|_| "quickstart".to_owned());
+            let secret = match std::env::var("AUTHZ_CACHE_SECRET") {
+                Ok(s) => s,
+                Err(_) => {
+                    println!(
+                        "note: AUTHZ_CACHE_SECRET is not set; using the demo's fixed secret (never in production)"
+                    );
+                    "quickstart demo secret, not for production".to_owned()
+                }
+            };
+            let tier = tower_authz_cache::RedisTier::builder(url.as_str(), secret.as_bytes())
+                .namespace(namespace.as_str())
+                .build()
+                .map_err(|e| format!("REDIS_URL / AUTHZ_CACHE_NAMESPACE / AUTHZ_CACHE_SECRET: {e}"))?;
+            let roles = Roles::redis(&url, format!("{namespace}-demo-roles")).await.map_err(|e| e.to_string())?;
+            println!("tiers: L1 (in-process memory), L2 (redis {url}, namespace {namespace}), redis backplane");
+            println!("roles: in redis hash {namespace}-demo-roles (shared by every instance)");
+            app_with(roles, |builder| builder.l2(tier))
         }
+        #[cfg(not(feature = "redis"))]
+        Ok(_) => {
+            println!("note: REDIS_URL is set but this build has no `redis` feature; running L1 only");
+            println!("tiers: L1 (in-process memory)");
+            app(Roles::demo())
+        }
+        Err(_) => {
+            println!("tiers: L1 (in-process memory)");
+            app(Roles::demo())
+        }
+    };
+    if std::env::var_os("DATABASE_URL").is_some() {
+        println!("note: DATABASE_URL is set, but this version has no L3 tier yet");
     }
-    let (router, _cache) = app(Roles::demo());
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let base = format!("http://{addr}");

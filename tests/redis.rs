@@ -307,6 +307,8 @@ async fn forged_or_corrupted_values_in_redis_are_never_served_as_allows() {
         assert!(!decision.is_allowed(), "{what}: served as an allow");
         assert_eq!(reader_policy.calls(), 1, "{what}: the authorizer decided");
         assert_eq!(l2(&reader).rejected, 1, "{what}: counted as a rejected entry (case {i})");
+        // The reader writes its fresh deny back; let that land before the next case overwrites it.
+        wait_for("the reader's write", Duration::from_secs(2), || l2(&reader).writes >= 1).await;
     }
 }
 

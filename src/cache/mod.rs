@@ -475,7 +475,8 @@ impl fmt::Debug for AuthzCacheBuilder {
 }
 
 impl AuthzCacheBuilder {
-    /// Bound of L1 in bytes (keys, entries and the cache's own per-entry overhead).
+    /// Bound of L1 in bytes (keys, entries and the cache's own per-entry overhead). Zero
+    /// disables L1: every check goes to L2 or the authorizer.
     pub fn l1_max_bytes(mut self, bytes: u64) -> Self {
         self.l1_max_bytes = bytes;
         self
@@ -921,5 +922,23 @@ mod tests {
         let l1 = cache.stats().tiers.l1;
         assert!(l1.bytes <= 1 << 20, "{l1:?}");
         assert!(l1.entries < 20_000 && l1.entries > 1000, "{l1:?}");
+    }
+
+    #[tokio::test]
+    async fn a_zero_byte_l1_caches_nothing() {
+        let sw = Switch::default();
+        sw.allow.store(true, Ordering::SeqCst);
+        let s = sw.clone();
+        let cache = AuthzCache::builder(move |_: Principal, _: Permission| {
+            s.calls.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, BoxError>(Decision::allow()) }
+        })
+        .l1_max_bytes(0)
+        .build();
+        for _ in 0..3 {
+            cache.check(&bob(), &read(1)).await.unwrap();
+        }
+        assert_eq!(sw.calls(), 3);
+        assert_eq!(cache.stats().tiers.l1.entries, 0);
     }
 }

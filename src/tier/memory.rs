@@ -36,7 +36,9 @@ impl MemoryTier {
     }
 
     pub(crate) fn insert(&self, key: CacheKey, entry: Entry) {
-        self.cache.insert(key, entry);
+        if self.max_bytes > 0 {
+            self.cache.insert(key, entry);
+        }
     }
 
     pub(crate) fn remove(&self, key: &CacheKey) {
