@@ -29,7 +29,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     tokio::select! {
         r = axum::serve(a, bare) => r?,
-        r = axum::serve(b, layered) => r?,
+        r = axum::serve(b, axum::ServiceExt::into_make_service(layered)) => r?,
         _ = ctrl_c => {}
     }
     Ok(())

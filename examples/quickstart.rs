@@ -20,12 +20,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use axum::body::Bytes;
+use axum::extract::Request;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Json, Router, ServiceExt as _};
 use serde_json::{Value, json};
+use std::convert::Infallible;
+use tower::{Service, ServiceBuilder};
 use tower_authz_cache::{
     AuthzCache, AuthzCacheBuilder, BearerToken, CachedAuthorizationLayer, Decision, Invalidation, Permission,
     Principal, RouteTable,
@@ -86,6 +89,7 @@ pub enum Roles {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+#[cfg(feature = "redis")]
 const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Roles {
@@ -162,13 +166,27 @@ fn routes() -> RouteTable {
         .route(Method::GET, "/admin/stats", "admin", "manage")
 }
 
-/// Builds the demo app over `roles`. Returns the router and its cache.
-pub fn app(roles: Roles) -> (Router, AuthzCache) {
+/// The demo app: the router behind the authorization layer.
+pub trait App:
+    Service<Request, Response = Response, Error = Infallible, Future: Send> + Clone + Send + Sync + 'static
+{
+}
+
+impl<S> App for S where
+    S: Service<Request, Response = Response, Error = Infallible, Future: Send> + Clone + Send + Sync + 'static
+{
+}
+
+/// Builds the demo app over `roles`. Returns the app and its cache.
+pub fn app(roles: Roles) -> (impl App, AuthzCache) {
     app_with(roles, |builder| builder)
 }
 
 /// Builds the demo app over `roles`, with extra cache configuration (tiers).
-pub fn app_with(roles: Roles, configure: impl FnOnce(AuthzCacheBuilder) -> AuthzCacheBuilder) -> (Router, AuthzCache) {
+pub fn app_with(
+    roles: Roles,
+    configure: impl FnOnce(AuthzCacheBuilder) -> AuthzCacheBuilder,
+) -> (impl App, AuthzCache) {
     let store = roles.clone();
     let authorizer = move |principal: Principal, permission: Permission| {
         let store = store.clone();
@@ -184,23 +202,29 @@ pub fn app_with(roles: Roles, configure: impl FnOnce(AuthzCacheBuilder) -> Authz
         }
     };
     let cache = configure(AuthzCache::builder(authorizer)).build();
-    let tokens = BearerToken::new(|token: String| async move {
-        let user = match token.as_str() {
-            "alice-token" => Some("alice"),
-            "bob-token" => Some("bob"),
-            "carol-token" => Some("carol"),
-            _ => None,
-        };
-        Ok::<_, std::convert::Infallible>(user.map(Principal::new))
+    // A real app resolves tokens against its session store; the demo's store is a fixed map,
+    // built once, whose principals are cheap to clone.
+    let sessions: Arc<HashMap<&'static str, Principal>> = Arc::new(
+        [("alice-token", "alice"), ("bob-token", "bob"), ("carol-token", "carol")]
+            .into_iter()
+            .map(|(token, user)| (token, Principal::new(user)))
+            .collect(),
+    );
+    let tokens = BearerToken::new(move |token: String| {
+        let principal = sessions.get(token.as_str()).cloned();
+        async move { Ok::<_, Infallible>(principal) }
     })
     .with_realm("quickstart");
 
-    let router = handlers(AppState { roles, cache: cache.clone() }).layer(CachedAuthorizationLayer::new(
-        cache.clone(),
-        tokens,
-        routes(),
-    ));
-    (router, cache)
+    // The layer wraps the whole router, so every request is authorized once, before routing:
+    // a path no rule covers gets 403 from the route table (which says nothing about which paths
+    // exist), and no per-route copy of the middleware is cloned for each request.
+    // `Router::layer(...)` works too.
+    let app = ServiceBuilder::new()
+        .map_response(IntoResponse::into_response)
+        .layer(CachedAuthorizationLayer::new(cache.clone(), tokens, routes()))
+        .service(handlers(AppState { roles, cache: cache.clone() }));
+    (app, cache)
 }
 
 /// The same handlers with no authorization at all: only for measuring what the layer costs
@@ -324,7 +348,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(p) => p.parse().map_err(|_| format!("PORT={p:?} is not a port number (1-65535)"))?,
         Err(_) => 3000,
     };
-    let (router, _cache) = match std::env::var("REDIS_URL") {
+    type Configure = Box<dyn FnOnce(AuthzCacheBuilder) -> AuthzCacheBuilder>;
+    let (roles, configure) = match std::env::var("REDIS_URL") {
         #[cfg(feature = "redis")]
         Ok(url) => {
             let namespace = std::env::var("AUTHZ_CACHE_NAMESPACE").unwrap_or_else(|_| "quickstart".to_owned());
@@ -344,19 +369,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             let roles = Roles::redis(&url, format!("{namespace}-demo-roles")).await.map_err(|e| e.to_string())?;
             println!("tiers: L1 (in-process memory), L2 (redis {url}, namespace {namespace}), redis backplane");
             println!("roles: in redis hash {namespace}-demo-roles (shared by every instance)");
-            app_with(roles, |builder| builder.l2(tier))
+            (roles, Box::new(move |builder: AuthzCacheBuilder| builder.l2(tier)) as Configure)
         }
         #[cfg(not(feature = "redis"))]
         Ok(_) => {
             println!("note: REDIS_URL is set but this build has no `redis` feature; running L1 only");
             println!("tiers: L1 (in-process memory)");
-            app(Roles::demo())
+            (Roles::demo(), Box::new(|builder| builder) as Configure)
         }
         Err(_) => {
             println!("tiers: L1 (in-process memory)");
-            app(Roles::demo())
+            (Roles::demo(), Box::new(|builder| builder) as Configure)
         }
     };
+    let (router, _cache) = app_with(roles, configure);
     if std::env::var_os("DATABASE_URL").is_some() {
         println!("note: DATABASE_URL is set, but this version has no L3 tier yet");
     }
@@ -373,6 +399,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  curl -i -X PUT -H 'Authorization: Bearer alice-token' -H 'content-type: application/json' -d '{{\"role\":\"none\"}}' {base}/admin/users/bob/role"
     );
     println!("  curl -s -H 'Authorization: Bearer alice-token' {base}/admin/stats");
-    axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(listener, router.into_make_service()).with_graceful_shutdown(shutdown_signal()).await?;
     Ok(())
 }

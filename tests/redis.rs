@@ -367,3 +367,42 @@ async fn redis_down_and_connection_resets_fail_no_request_and_the_backplane_reco
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_costs_a_breaker_not_a_request() {
+    let proxy = FaultProxy::start(support::redis::addr()).await;
+    let ns = Namespace::new("slow");
+    let policy = Policy::default();
+    let c = build(tier(&ns, &proxy.url("redis")), &policy, Duration::from_secs(1));
+    wait_trusted(&c).await;
+    // Twice the 50 ms call timeout.
+    proxy.set_mode(Mode::Slow(Duration::from_millis(100)));
+    for i in 0..50u32 {
+        let d = c.check(&Principal::new(format!("s{i}")), &read(1)).await.expect("decided by the authorizer");
+        assert!(d.is_allowed());
+    }
+    let s = l2(&c);
+    println!("slow redis: {s:?}");
+    assert_eq!(s.breaker_opens, 1, "{s:?}");
+    assert!(s.call_timeouts >= 5, "{s:?}");
+    assert_eq!(policy.calls(), 50);
+}
+
+/// On a current-thread runtime the writers only run when a request yields; once the breaker is
+/// open no request yields (Redis is skipped, the authorizer answers at once), so the queue
+/// fills and every further write is dropped and counted, while requests go on.
+#[tokio::test]
+async fn a_full_write_queue_drops_and_counts_and_never_blocks() {
+    let ns = Namespace::new("queue");
+    let policy = Policy::default();
+    // Nothing listens on port 1: every Redis call fails at once.
+    let c = build(tier(&ns, "redis://127.0.0.1:1").write_queue(4), &policy, Duration::from_secs(1));
+    for i in 0..100u32 {
+        assert!(c.check(&Principal::new(format!("q{i}")), &read(1)).await.unwrap().is_allowed());
+    }
+    let s = l2(&c);
+    println!("write queue of 4, redis unreachable: {} of 100 writes dropped", s.write_drops);
+    assert_eq!(s.breaker, BreakerState::Open);
+    assert!(s.write_drops >= 90, "{s:?}");
+    assert_eq!(policy.calls(), 100);
+}

@@ -388,15 +388,24 @@ impl Inner {
             }
             Invalidation::Entry { principal, permission } => {
                 let key = CacheKey::new(&Principal::new(principal.as_str()), permission);
-                self.l1.remove(&key);
                 (Some((Scope::Entry, self.epochs.hashes(&key).entry)), &self.stats.inv_entry)
             }
-            Invalidation::All => {
-                self.l1.clear();
-                (None, &self.stats.inv_all)
-            }
+            Invalidation::All => (None, &self.stats.inv_all),
         };
         Stats::incr(counter);
+        let outcome = self.bump_epochs(invalidation, target, now).await;
+        // Space reclamation, after the epochs made the entries stale (see MemoryTier::remove).
+        match invalidation {
+            Invalidation::Entry { principal, permission } => {
+                self.l1.remove(&CacheKey::new(&Principal::new(principal.as_str()), permission));
+            }
+            Invalidation::All => self.l1.clear(),
+            _ => {}
+        }
+        outcome
+    }
+
+    async fn bump_epochs(&self, invalidation: &Invalidation, target: Option<(Scope, u64)>, now: u64) -> Result<(), ()> {
         // Shared first: the value the shared store assigns is the one every instance (and every
         // L2 entry stamped from now on) agrees on. If it cannot be reached, bump locally: this
         // process is still covered, and the caller learns the others may not be.
@@ -940,5 +949,52 @@ mod tests {
         }
         assert_eq!(sw.calls(), 3);
         assert_eq!(cache.stats().tiers.l1.entries, 0);
+    }
+
+    /// Another thread's front holds a copy of the entry: it must be as dead as the original
+    /// after every kind of invalidation and after expiry.
+    #[test]
+    fn copies_in_another_threads_front_die_with_the_entry() {
+        let clock = Clock::manual();
+        let sw = Switch::default();
+        sw.allow.store(true, Ordering::SeqCst);
+        let cache = sw.cache(clock.clone());
+        let rt = || tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (to_worker, worker_rx) = std::sync::mpsc::channel::<()>();
+        let (to_main, main_rx) = std::sync::mpsc::channel::<usize>();
+        let worker_cache = cache.clone();
+        let worker_sw = sw.clone();
+        let worker = std::thread::spawn(move || {
+            let rt = rt();
+            // Each round: check twice (the second is a front hit), report calls, wait.
+            while worker_rx.recv().is_ok() {
+                rt.block_on(async {
+                    worker_cache.check(&bob(), &read(1)).await.unwrap();
+                    worker_cache.check(&bob(), &read(1)).await.unwrap();
+                });
+                to_main.send(worker_sw.calls()).unwrap();
+            }
+        });
+        let main_rt = rt();
+        let round = |change: &dyn Fn()| {
+            to_worker.send(()).unwrap();
+            let before = main_rx.recv().unwrap();
+            change();
+            to_worker.send(()).unwrap();
+            let after = main_rx.recv().unwrap();
+            after - before
+        };
+        assert_eq!(round(&|| {}), 0, "nothing changed: front hits, no call");
+        for inv in [
+            Invalidation::principal("bob"),
+            Invalidation::resource("documents:1"),
+            Invalidation::entry("bob", read(1)),
+            Invalidation::All,
+        ] {
+            assert_eq!(round(&|| main_rt.block_on(cache.invalidate(&inv)).unwrap()), 1, "{inv:?}");
+        }
+        assert_eq!(round(&|| clock.advance(Duration::from_secs(60))), 1, "expiry");
+        drop(to_worker);
+        worker.join().unwrap();
     }
 }

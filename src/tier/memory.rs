@@ -1,4 +1,12 @@
-//! L1: the in-process tier on mini-moka, bounded in bytes.
+//! L1: the in-process tier on mini-moka, bounded in bytes, with a small per-thread front.
+//!
+//! A mini-moka read costs about 0.25 µs (a clock read, hashing, a read-log entry). Each thread
+//! keeps a direct-mapped front of the last entries it read or wrote ([`FRONT_SLOTS`] slots), so a
+//! hot key costs a short hash and a string compare. The front holds copies of L1 entries; every
+//! read of either is checked by the caller against the entry's deadline and epochs, so a copy is
+//! exactly as safe as the original: L1 entries are only removed when they expired or an epoch
+//! bump already made them stale. The front adds at most `FRONT_SLOTS` entries per thread to
+//! the L1 bound.
 
 use std::time::Duration;
 
@@ -13,9 +21,40 @@ use crate::cache::key::CacheKey;
 /// (release build, glibc malloc); rounded up.
 pub(crate) const ENTRY_OVERHEAD: usize = 448;
 
+/// Slots in each thread's front.
+pub(crate) const FRONT_SLOTS: usize = 256;
+
 pub(crate) struct MemoryTier {
     cache: Cache<CacheKey, Entry>,
     max_bytes: u64,
+    id: u64,
+}
+
+struct FrontSlot {
+    tier: u64,
+    key: CacheKey,
+    entry: Entry,
+}
+
+thread_local! {
+    static FRONT: std::cell::RefCell<Vec<Option<FrontSlot>>> =
+        std::cell::RefCell::new((0..FRONT_SLOTS).map(|_| None).collect());
+}
+
+/// FNV-1a over the tuple: cheap, and a collision only costs a trip to mini-moka.
+fn front_index(key: &CacheKey) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in [&key.principal, &key.resource, &key.action] {
+        for b in part.bytes().chain(std::iter::once(0xff)) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    (h ^ (h >> 32)) as usize % FRONT_SLOTS
+}
+
+fn same_key(a: &CacheKey, b: &CacheKey) -> bool {
+    let eq = |x: &std::sync::Arc<str>, y: &std::sync::Arc<str>| std::sync::Arc::ptr_eq(x, y) || x == y;
+    eq(&a.principal, &b.principal) && eq(&a.resource, &b.resource) && eq(&a.action, &b.action)
 }
 
 impl MemoryTier {
@@ -28,20 +67,47 @@ impl MemoryTier {
             })
             .time_to_live(ttl)
             .build();
-        Self { cache, max_bytes }
+        static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Self { cache, max_bytes, id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) }
     }
 
     pub(crate) fn get(&self, key: &CacheKey) -> Option<Entry> {
-        self.cache.get(key)
+        if self.max_bytes == 0 {
+            return None;
+        }
+        let idx = front_index(key);
+        let front = FRONT.with_borrow(|f| match &f[idx] {
+            Some(slot) if slot.tier == self.id && same_key(&slot.key, key) => Some(slot.entry.clone()),
+            _ => None,
+        });
+        if front.is_some() {
+            return front;
+        }
+        let entry = self.cache.get(key)?;
+        self.remember(idx, key.clone(), entry.clone());
+        Some(entry)
+    }
+
+    fn remember(&self, idx: usize, key: CacheKey, entry: Entry) {
+        FRONT.with_borrow_mut(|f| f[idx] = Some(FrontSlot { tier: self.id, key, entry }));
     }
 
     pub(crate) fn insert(&self, key: CacheKey, entry: Entry) {
         if self.max_bytes > 0 {
+            self.remember(front_index(&key), key.clone(), entry.clone());
             self.cache.insert(key, entry);
         }
     }
 
+    /// Removes an entry. Only ever called for entries that expired or that an epoch bump
+    /// already made stale, so copies in other threads' fronts are already unusable.
     pub(crate) fn remove(&self, key: &CacheKey) {
+        let idx = front_index(key);
+        FRONT.with_borrow_mut(|f| {
+            if f[idx].as_ref().is_some_and(|s| s.tier == self.id && same_key(&s.key, key)) {
+                f[idx] = None;
+            }
+        });
         self.cache.invalidate(key);
     }
 
