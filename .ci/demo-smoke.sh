@@ -35,6 +35,17 @@ check "problem+json" "application/problem+json" "$(curl -s -o /dev/null -w '%{co
 check "invalidate all" 204 "$(code -X POST -H 'Authorization: Bearer alice-token' -d '{"all":true}' "$B/admin/invalidate")"
 check "metrics" 200 "$(code "$B/metrics")"
 
+# Bad configuration: one line naming the variable, a non-zero exit, nothing served.
+for bad in "L1_CACHE_SIZE_MB=abc" "L1_CACHE_SIZE_MB=-5" "REDIS_URL=foo" "AUTHZ_CACHE_MODE=staging"; do
+  var=${bad%%=*}
+  set +e
+  err=$(env "$bad" PORT=$((PORT + 1)) timeout 10 ./target/debug/examples/quickstart 2>&1 >/dev/null)
+  status=$?
+  set -e
+  check "$bad exits non-zero" 1 "$([ $status -ne 0 ] && [ $status -ne 124 ] && echo 1 || echo 0)"
+  check "$bad: one line naming $var" 1 "$([ "$(echo "$err" | wc -l)" -eq 1 ] && echo "$err" | grep -q "$var" && echo 1 || echo 0)"
+done
+
 kill -TERM $pid
 status=0; wait $pid || status=$?
 check "clean exit on SIGTERM" 0 "$status"

@@ -29,9 +29,11 @@ use axum::{Json, Router, ServiceExt as _};
 use serde_json::{Value, json};
 use std::convert::Infallible;
 use tower::{Service, ServiceBuilder};
+#[cfg(feature = "redis")]
+use tower_authz_cache::Secret;
 use tower_authz_cache::{
-    AuthzCache, AuthzCacheBuilder, BearerToken, CachedAuthorizationLayer, Decision, Invalidation, Permission,
-    Principal, RouteTable,
+    AuthzCache, BearerToken, CacheConfig, CachedAuthorizationLayer, Decision, Invalidation, Permission, Principal,
+    RouteTable,
 };
 
 /// The demo's roles.
@@ -158,6 +160,7 @@ fn routes() -> RouteTable {
     RouteTable::new()
         .public("/health")
         .public_route(Method::GET, "/metrics")
+        .public_route(Method::GET, "/ready")
         .route(Method::GET, "/documents/{id}", "documents:{id}", "read")
         .route(Method::PUT, "/documents/{id}", "documents:{id}", "write")
         .route(Method::DELETE, "/documents/{id}", "documents:{id}", "delete")
@@ -177,19 +180,16 @@ impl<S> App for S where
 {
 }
 
-/// Builds the demo app over `roles`. Returns the app and its cache.
+/// Builds the demo app over `roles`, L1 only. Returns the app and its cache.
 pub fn app(roles: Roles) -> (impl App, AuthzCache) {
-    app_with(roles, |builder| builder)
+    let cache = AuthzCache::builder(authorizer(roles.clone())).build();
+    (app_from(roles, cache.clone()), cache)
 }
 
-/// Builds the demo app over `roles`, with extra cache configuration (tiers).
-pub fn app_with(
-    roles: Roles,
-    configure: impl FnOnce(AuthzCacheBuilder) -> AuthzCacheBuilder,
-) -> (impl App, AuthzCache) {
-    let store = roles.clone();
-    let authorizer = move |principal: Principal, permission: Permission| {
-        let store = store.clone();
+/// The demo's authorizer: the role store is the source of truth.
+pub fn authorizer(roles: Roles) -> impl tower_authz_cache::Authorizer {
+    move |principal: Principal, permission: Permission| {
+        let store = roles.clone();
         async move {
             // A store that cannot be read is an error: the request gets 503, never a guess.
             let role = store.get(principal.id()).await?.unwrap_or(Role::None);
@@ -200,8 +200,11 @@ pub fn app_with(
                 d.with_reason(format!("role {} may not {} this document", role.name(), permission.action()))
             })
         }
-    };
-    let cache = configure(AuthzCache::builder(authorizer)).build();
+    }
+}
+
+/// Builds the demo app over `roles` and a cache built on [`authorizer`].
+pub fn app_from(roles: Roles, cache: AuthzCache) -> impl App {
     // A real app resolves tokens against its session store; the demo's store is a fixed map,
     // built once, whose principals are cheap to clone.
     let sessions: Arc<HashMap<&'static str, Principal>> = Arc::new(
@@ -220,11 +223,10 @@ pub fn app_with(
     // a path no rule covers gets 403 from the route table (which says nothing about which paths
     // exist), and no per-route copy of the middleware is cloned for each request.
     // `Router::layer(...)` works too.
-    let app = ServiceBuilder::new()
+    ServiceBuilder::new()
         .map_response(IntoResponse::into_response)
         .layer(CachedAuthorizationLayer::new(cache.clone(), tokens, routes()))
-        .service(handlers(AppState { roles, cache: cache.clone() }));
-    (app, cache)
+        .service(handlers(AppState { roles, cache }))
 }
 
 /// The same handlers with no authorization at all: only for measuring what the layer costs
@@ -241,6 +243,7 @@ fn handlers(state: AppState) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
+        .route("/ready", get(ready))
         .route("/documents/{id}", get(read_document).put(write_document).delete(delete_document))
         .route("/admin/users/{user}/role", put(set_role))
         .route("/admin/invalidate", post(invalidate))
@@ -313,6 +316,13 @@ async fn stats(State(state): State<AppState>) -> Json<tower_authz_cache::StatsSn
     Json(state.cache.stats())
 }
 
+/// Readiness: 503 when the cache can decide nothing (its authorizer is down).
+async fn ready(State(state): State<AppState>) -> Response {
+    let health = state.cache.health();
+    let status = if health.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(health)).into_response()
+}
+
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut res = state.cache.stats().to_prometheus().into_response();
     res.headers_mut()
@@ -339,53 +349,65 @@ async fn shutdown_signal() {
     println!("shutting down");
 }
 
+/// The demo's fixed secret, used only when AUTHZ_CACHE_SECRET is unset outside production, so that
+/// several demo instances share L2.
+const DEMO_SECRET: &str = "quickstart demo secret, not for production";
+
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .init();
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn run() -> Result<(), String> {
     let port: u16 = match std::env::var("PORT") {
-        Ok(p) => p.parse().map_err(|_| format!("PORT={p:?} is not a port number (1-65535)"))?,
+        Ok(p) => p.parse().map_err(|_| format!("PORT={p:?}: expected a port number from 1 to 65535"))?,
         Err(_) => 3000,
     };
-    type Configure = Box<dyn FnOnce(AuthzCacheBuilder) -> AuthzCacheBuilder>;
-    let (roles, configure) = match std::env::var("REDIS_URL") {
+    // Every setting comes from the environment (AUTHZ_CACHE_MODE, L1_CACHE_SIZE_MB, REDIS_URL, ...);
+    // a bad value stops the demo here with one line naming the variable.
+    let mut config = CacheConfig::from_env().map_err(|e| e.to_string())?;
+    if std::env::var_os("AUTHZ_CACHE_NAMESPACE").is_none() {
+        config = config.with_redis_namespace("quickstart");
+    }
+    let roles = match config.redis_url().map(str::to_owned) {
         #[cfg(feature = "redis")]
-        Ok(url) => {
-            let namespace = std::env::var("AUTHZ_CACHE_NAMESPACE").unwrap_or_else(|_| "quickstart".to_owned());
-            let secret = match std::env::var("AUTHZ_CACHE_SECRET") {
-                Ok(s) => s,
-                Err(_) => {
-                    println!(
-                        "note: AUTHZ_CACHE_SECRET is not set; using the demo's fixed secret (never in production)"
-                    );
-                    "quickstart demo secret, not for production".to_owned()
-                }
-            };
-            let tier = tower_authz_cache::RedisTier::builder(url.as_str(), secret.as_bytes())
-                .namespace(namespace.as_str())
-                .build()
-                .map_err(|e| format!("REDIS_URL / AUTHZ_CACHE_NAMESPACE / AUTHZ_CACHE_SECRET: {e}"))?;
-            let roles = Roles::redis(&url, format!("{namespace}-demo-roles")).await.map_err(|e| e.to_string())?;
-            println!("tiers: L1 (in-process memory), L2 (redis {url}, namespace {namespace}), redis backplane");
-            println!("roles: in redis hash {namespace}-demo-roles (shared by every instance)");
-            (roles, Box::new(move |builder: AuthzCacheBuilder| builder.l2(tier)) as Configure)
+        Some(url) => {
+            if config.secret().is_none() {
+                println!("note: AUTHZ_CACHE_SECRET is not set; using the demo's fixed secret (never in production)");
+                config = config.with_secret(Some(Secret::new(DEMO_SECRET)));
+            }
+            let key = format!("{}-demo-roles", config.redis_namespace());
+            let roles = Roles::redis(&url, key.clone()).await.map_err(|e| format!("REDIS_URL: {e}"))?;
+            println!(
+                "tiers: L1 (in-process memory, {} MiB), L2 (redis {}, namespace {}), redis backplane",
+                config.l1_max_bytes() >> 20,
+                url,
+                config.redis_namespace()
+            );
+            println!("roles: in redis hash {key} (shared by every instance)");
+            roles
         }
-        #[cfg(not(feature = "redis"))]
-        Ok(_) => {
-            println!("note: REDIS_URL is set but this build has no `redis` feature; running L1 only");
-            println!("tiers: L1 (in-process memory)");
-            (Roles::demo(), Box::new(|builder| builder) as Configure)
-        }
-        Err(_) => {
-            println!("tiers: L1 (in-process memory)");
-            (Roles::demo(), Box::new(|builder| builder) as Configure)
+        _ => {
+            println!("tiers: L1 (in-process memory, {} MiB)", config.l1_max_bytes() >> 20);
+            Roles::demo()
         }
     };
-    let (router, _cache) = app_with(roles, configure);
-    if std::env::var_os("DATABASE_URL").is_some() {
+    if config.database_url().is_some() {
         println!("note: DATABASE_URL is set, but this version has no L3 tier yet");
     }
+    println!("mode: {}", config.mode());
+    let cache = config.apply(AuthzCache::builder(authorizer(roles.clone()))).map_err(|e| e.to_string())?.build();
+    let app = app_from(roles, cache);
+
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let base = format!("http://{addr}");
@@ -399,6 +421,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  curl -i -X PUT -H 'Authorization: Bearer alice-token' -H 'content-type: application/json' -d '{{\"role\":\"none\"}}' {base}/admin/users/bob/role"
     );
     println!("  curl -s -H 'Authorization: Bearer alice-token' {base}/admin/stats");
-    axum::serve(listener, router.into_make_service()).with_graceful_shutdown(shutdown_signal()).await?;
-    Ok(())
+    axum::serve(listener, app.into_make_service())
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| format!("server error: {e}"))
 }

@@ -61,8 +61,10 @@
 #![cfg_attr(not(feature = "redis"), allow(dead_code))]
 
 mod cache;
+mod config;
 mod core;
 mod future;
+mod health;
 mod invalidation;
 mod layer;
 mod response;
@@ -75,6 +77,7 @@ mod extract;
 
 pub use crate::cache::guard::BreakerState;
 pub use crate::cache::{AuthzCache, AuthzCacheBuilder, CheckError, CheckErrorKind};
+pub use crate::config::{CacheConfig, ConfigError, Mode, Secret};
 pub use crate::core::authorizer::Authorizer;
 pub use crate::core::decision::Decision;
 pub use crate::core::permission::{Access, MapPermission, Permission, RouteTable};
@@ -82,6 +85,7 @@ pub use crate::core::principal::{
     BearerToken, Principal, ResolveError, ResolveErrorKind, ResolvePrincipal, TrustedHeader,
 };
 pub use crate::future::ResponseFuture;
+pub use crate::health::{AUTHORIZER_DOWN_AFTER, Health, HealthStatus, PartHealth, TiersHealth};
 #[cfg(feature = "redis")]
 pub use crate::invalidation::backplane::BackplaneSnapshot;
 pub use crate::invalidation::{Invalidation, InvalidationError, InvalidationFuture, InvalidationService};

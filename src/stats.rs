@@ -356,6 +356,8 @@ pub(crate) struct Stats {
     pub(crate) l2_write_drops: AtomicU64,
     pub(crate) authorizer_calls: AtomicU64,
     pub(crate) authorizer_errors: AtomicU64,
+    /// Authorizer failures since its last success.
+    pub(crate) authorizer_failing: AtomicU64,
     pub(crate) single_flight_joins: AtomicU64,
     pub(crate) invalidation_races: AtomicU64,
     pub(crate) undecided: AtomicU64,
@@ -386,6 +388,7 @@ impl Stats {
             l2_write_drops: AtomicU64::new(0),
             authorizer_calls: AtomicU64::new(0),
             authorizer_errors: AtomicU64::new(0),
+            authorizer_failing: AtomicU64::new(0),
             single_flight_joins: AtomicU64::new(0),
             invalidation_races: AtomicU64::new(0),
             undecided: AtomicU64::new(0),
@@ -400,6 +403,21 @@ impl Stats {
 
     pub(crate) fn incr(counter: &AtomicU64) {
         counter.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn authorizer_failed(&self) {
+        self.authorizer_errors.fetch_add(1, Relaxed);
+        self.authorizer_failing.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn authorizer_succeeded(&self) {
+        if self.authorizer_failing.load(Relaxed) != 0 {
+            self.authorizer_failing.store(0, Relaxed);
+        }
+    }
+
+    pub(crate) fn authorizer_failing(&self) -> u64 {
+        self.authorizer_failing.load(Relaxed)
     }
 
     pub(crate) fn snapshot(&self, l1: (u64, u64, u64)) -> StatsSnapshot {

@@ -110,3 +110,13 @@ async fn metrics_are_public_prometheus_text() {
     let (res, _) = send(&mut app, request("POST", "/metrics", None, "")).await;
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn ready_reports_health_as_json() {
+    let (mut app, _cache) = quickstart::app(quickstart::Roles::demo());
+    let (res, body) = send(&mut app, get("/ready", None)).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "up");
+    assert_eq!(health["tiers"]["l1"]["status"], "up");
+}

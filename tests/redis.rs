@@ -186,10 +186,16 @@ async fn redis_black_hole_mid_stream_fails_no_request_and_the_breaker_recovers()
     assert_eq!(during.breaker, BreakerState::Open);
     assert!(during.call_timeouts >= 5, "{during:?}");
     assert!(during.calls_skipped > 100, "requests skipped redis at no cost while open: {during:?}");
+    let health = c.health();
+    assert_eq!(health.tiers.l2.unwrap().status, tower_authz_cache::HealthStatus::Down);
+    assert_eq!(health.status, tower_authz_cache::HealthStatus::Degraded);
+    assert!(health.is_ready(), "the authorizer still decides: ready");
 
     proxy.set_mode(Mode::Pass);
     let writes_before = l2(&witness).hits;
     wait_for("the breaker to close", Duration::from_secs(5), || l2(&c).breaker == BreakerState::Closed).await;
+    wait_for("health to recover", Duration::from_secs(5), || c.health().status == tower_authz_cache::HealthStatus::Up)
+        .await;
     // c writes again: a fresh decision on c becomes an l2 hit on the witness.
     let fresh = Principal::new("after-the-outage");
     c.check(&fresh, &read(9)).await.unwrap();

@@ -154,6 +154,12 @@ impl AuthzCache {
         outcome
     }
 
+    /// The health of each part of the cache; see [`Health`](crate::Health).
+    pub fn health(&self) -> crate::Health {
+        let stats = self.stats();
+        crate::health::Health::assess(&stats, self.inner.stats.authorizer_failing())
+    }
+
     /// A copy of the counters.
     pub fn stats(&self) -> StatsSnapshot {
         #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
@@ -312,7 +318,7 @@ impl Inner {
                 Join::Leader(leader) => {
                     let computation = self.compute(&key, principal.clone(), permission.clone());
                     let outcome = CatchUnwind::new(computation).await.unwrap_or_else(|()| {
-                        Stats::incr(&self.stats.authorizer_errors);
+                        self.stats.authorizer_failed();
                         tracing::error!(target: "authz_cache::audit", "authorizer panicked: failing closed");
                         Err(CheckError::new(CheckErrorKind::Panicked, None))
                     });
@@ -347,13 +353,16 @@ impl Inner {
             Stats::incr(&self.stats.authorizer_calls);
             let call = self.authorizer.authorize_owned(principal.clone(), permission.clone());
             let decision = match tokio::time::timeout(self.authorizer_timeout, call).await {
-                Ok(Ok(decision)) => decision,
+                Ok(Ok(decision)) => {
+                    self.stats.authorizer_succeeded();
+                    decision
+                }
                 Ok(Err(e)) => {
-                    Stats::incr(&self.stats.authorizer_errors);
+                    self.stats.authorizer_failed();
                     return Err(CheckError::new(CheckErrorKind::Authorizer, Some(e)));
                 }
                 Err(_) => {
-                    Stats::incr(&self.stats.authorizer_errors);
+                    self.stats.authorizer_failed();
                     return Err(CheckError::new(CheckErrorKind::Timeout, None));
                 }
             };
