@@ -323,8 +323,23 @@ async fn ready(State(state): State<AppState>) -> Response {
     (status, Json(health)).into_response()
 }
 
+/// With the `metrics` feature, the Prometheus recorder `run` installed; without it, the crate's
+/// own rendering of the same families.
+#[cfg(feature = "metrics")]
+static PROMETHEUS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> = std::sync::OnceLock::new();
+
 async fn metrics(State(state): State<AppState>) -> Response {
-    let mut res = state.cache.stats().to_prometheus().into_response();
+    #[cfg(feature = "metrics")]
+    let text = match PROMETHEUS.get() {
+        Some(handle) => {
+            state.cache.export_metrics();
+            handle.render()
+        }
+        None => state.cache.stats().to_prometheus(),
+    };
+    #[cfg(not(feature = "metrics"))]
+    let text = state.cache.stats().to_prometheus();
+    let mut res = text.into_response();
     res.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     res
@@ -405,6 +420,14 @@ async fn run() -> Result<(), String> {
         println!("note: DATABASE_URL is set, but this version has no L3 tier yet");
     }
     println!("mode: {}", config.mode());
+    #[cfg(feature = "metrics")]
+    match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+        Ok(handle) => {
+            let _ = PROMETHEUS.set(handle);
+            println!("metrics: through the `metrics` facade (Prometheus exporter) at /metrics");
+        }
+        Err(e) => println!("note: no metrics recorder ({e}); /metrics renders the cache's own counters"),
+    }
     let cache = config.apply(AuthzCache::builder(authorizer(roles.clone()))).map_err(|e| e.to_string())?.build();
     let app = app_from(roles, cache);
 

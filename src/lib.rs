@@ -50,7 +50,9 @@
 //! # Features
 //!
 //! - `axum`: [`Principal`] is an axum extractor.
-//! - `redis`: L2 on Redis ([`RedisTier`]) and the Redis invalidation backplane.
+//! - `redis` (default): L2 on Redis ([`RedisTier`]) and the Redis invalidation backplane.
+//! - `metrics`: [`AuthzCache::export_metrics`] publishes the metric families through the
+//!   `metrics` facade.
 //! - `full`: everything.
 
 #![deny(unreachable_pub, missing_docs)]
@@ -63,6 +65,7 @@
 mod cache;
 mod config;
 mod core;
+mod exposition;
 mod future;
 mod health;
 mod invalidation;

@@ -22,7 +22,6 @@
 //! # });
 //! ```
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -37,6 +36,7 @@ const BUCKETS: usize = (64 - SUB_BITS as usize + 1) * SUB;
 pub(crate) struct Histogram {
     buckets: Box<[AtomicU64]>,
     count: AtomicU64,
+    sum_ns: AtomicU64,
     max: AtomicU64,
 }
 
@@ -45,6 +45,7 @@ impl Histogram {
         Self {
             buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             count: AtomicU64::new(0),
+            sum_ns: AtomicU64::new(0),
             max: AtomicU64::new(0),
         }
     }
@@ -74,6 +75,7 @@ impl Histogram {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         self.buckets[Self::index(ns)].fetch_add(1, Relaxed);
         self.count.fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(ns, Relaxed);
         self.max.fetch_max(ns, Relaxed);
     }
 
@@ -101,6 +103,7 @@ impl Histogram {
             p95_us: quantile(0.95),
             p99_us: quantile(0.99),
             max_us: max as f64 / 1000.0,
+            sum_us: self.sum_ns.load(Relaxed) as f64 / 1000.0,
         }
     }
 }
@@ -119,6 +122,8 @@ pub struct LatencySnapshot {
     pub p99_us: f64,
     /// Largest sample.
     pub max_us: f64,
+    /// Sum of the samples.
+    pub sum_us: f64,
 }
 
 /// Counters of one tier.
@@ -240,101 +245,11 @@ pub struct StatsSnapshot {
 }
 
 impl StatsSnapshot {
-    /// Renders the snapshot in the Prometheus text exposition format (version 0.0.4).
+    /// Renders the snapshot in the Prometheus text exposition format (version 0.0.4). The
+    /// families are listed in the crate's metrics table; the `metrics` feature exports the same
+    /// families through the `metrics` facade.
     pub fn to_prometheus(&self) -> String {
-        let mut out = String::new();
-        let mut counter = |name: &str, help: &str, rows: &[(&str, u64)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (labels, v) in rows {
-                let _ = writeln!(out, "{name}{labels} {v}");
-            }
-        };
-        let l1 = &self.tiers.l1;
-        let l2 = self.tiers.l2;
-        let with_l2 = |l1v: u64, l2v: Option<u64>| -> Vec<(&'static str, u64)> {
-            let mut rows = vec![("{tier=\"l1\"}", l1v)];
-            if let Some(v) = l2v {
-                rows.push(("{tier=\"l2\"}", v));
-            }
-            rows
-        };
-        counter("authz_cache_hits_total", "Reads answered by a tier.", &with_l2(l1.hits, l2.map(|t| t.hits)));
-        counter(
-            "authz_cache_misses_total",
-            "Reads a tier could not answer.",
-            &with_l2(l1.misses, l2.map(|t| t.misses)),
-        );
-        if let Some(t) = l2 {
-            counter(
-                "authz_cache_rejected_entries_total",
-                "Shared entries that failed verification.",
-                &[("{tier=\"l2\"}", t.rejected)],
-            );
-            counter(
-                "authz_cache_tier_errors_total",
-                "Remote tier reads that failed or were skipped.",
-                &[("{tier=\"l2\"}", t.errors)],
-            );
-            counter(
-                "authz_cache_write_drops_total",
-                "Background writes dropped on a full queue.",
-                &[("{tier=\"l2\"}", t.write_drops)],
-            );
-            counter(
-                "authz_cache_breaker_opens_total",
-                "Times a tier's circuit breaker opened.",
-                &[("{tier=\"l2\"}", t.breaker_opens)],
-            );
-        }
-        counter("authz_cache_authorizer_calls_total", "Calls made to the authorizer.", &[("", self.authorizer_calls)]);
-        counter(
-            "authz_cache_authorizer_errors_total",
-            "Authorizer calls that failed, timed out or panicked.",
-            &[("", self.authorizer_errors)],
-        );
-        counter(
-            "authz_cache_single_flight_joins_total",
-            "Requests that waited for another request's authorizer call.",
-            &[("", self.single_flight_joins)],
-        );
-        counter("authz_cache_undecided_total", "Checks that could not be decided.", &[("", self.undecided)]);
-        let inv = &self.invalidations;
-        counter(
-            "authz_cache_invalidations_total",
-            "Invalidations applied, by scope.",
-            &[
-                ("{scope=\"principal\"}", inv.principal),
-                ("{scope=\"resource\"}", inv.resource),
-                ("{scope=\"entry\"}", inv.entry),
-                ("{scope=\"all\"}", inv.all),
-            ],
-        );
-        let mut gauge = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{tier=\"l1\"}} {v}");
-        };
-        gauge("authz_cache_entries", "Entries held by a tier.", l1.entries);
-        gauge("authz_cache_size_bytes", "Weighted size held by a tier, in bytes.", l1.bytes);
-        if let Some(t) = l2 {
-            let open = u64::from(t.breaker != crate::BreakerState::Closed);
-            let _ = writeln!(
-                out,
-                "# HELP authz_cache_breaker_open Whether a tier's circuit breaker is open or half-open.\n\
-                 # TYPE authz_cache_breaker_open gauge\nauthz_cache_breaker_open{{tier=\"l2\"}} {open}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP authz_cache_check_duration_seconds Latency of a cache check, by path.\n\
-             # TYPE authz_cache_check_duration_seconds summary"
-        );
-        for (path, l) in [("l1_hit", &self.latency.l1_hit), ("miss", &self.latency.miss)] {
-            for (q, v) in [("0.5", l.p50_us), ("0.95", l.p95_us), ("0.99", l.p99_us)] {
-                let _ =
-                    writeln!(out, "authz_cache_check_duration_seconds{{path=\"{path}\",quantile=\"{q}\"}} {}", v / 1e6);
-            }
-            let _ = writeln!(out, "authz_cache_check_duration_seconds_count{{path=\"{path}\"}} {}", l.count);
-        }
-        out
+        crate::exposition::render(self)
     }
 }
 

@@ -131,7 +131,10 @@ impl AuthzCache {
         let key = CacheKey::new(principal, permission);
         if let Some(decision) = self.inner.lookup_l1(&key, true, true) {
             if let Some(start) = start {
-                self.inner.stats.l1_hit_latency.record(start.elapsed());
+                let elapsed = start.elapsed();
+                self.inner.stats.l1_hit_latency.record(elapsed);
+                #[cfg(feature = "metrics")]
+                crate::exposition::record_check("l1_hit", elapsed);
             }
             return Ok(decision);
         }
@@ -139,7 +142,10 @@ impl AuthzCache {
         // Boxed: the miss path's state (flight, timeout, authorizer future) is large, and
         // keeping it out of this future keeps the hit path free of big moves.
         let outcome = Box::pin(self.inner.miss(key, principal, permission)).await;
-        self.inner.stats.miss_latency.record(start.elapsed());
+        let elapsed = start.elapsed();
+        self.inner.stats.miss_latency.record(elapsed);
+        #[cfg(feature = "metrics")]
+        crate::exposition::record_check("miss", elapsed);
         if let Err(e) = &outcome {
             Stats::incr(&self.inner.stats.undecided);
             tracing::warn!(
@@ -158,6 +164,14 @@ impl AuthzCache {
     pub fn health(&self) -> crate::Health {
         let stats = self.stats();
         crate::health::Health::assess(&stats, self.inner.stats.authorizer_failing())
+    }
+
+    /// Publishes the current counters and gauges through the `metrics` facade (feature
+    /// `metrics`): counters as absolute values, gauges set. Call it before each scrape, or let
+    /// the monitor call it every interval. Check latencies are recorded as they happen.
+    #[cfg(feature = "metrics")]
+    pub fn export_metrics(&self) {
+        crate::exposition::export(&self.stats());
     }
 
     /// A copy of the counters.
