@@ -42,7 +42,8 @@ impl Entry {
     pub(crate) fn new(decision: &Decision, valid_until_ms: u64, stamp: EpochStamp) -> Self {
         Self {
             allowed: decision.is_allowed(),
-            reason: decision.reason().map(|r| Arc::from(truncate(r, MAX_REASON))),
+            // An empty reason is no reason: the envelope cannot tell them apart.
+            reason: decision.reason().filter(|r| !r.is_empty()).map(|r| Arc::from(truncate(r, MAX_REASON))),
             valid_until_ms,
             stamp,
         }

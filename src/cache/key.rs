@@ -165,15 +165,31 @@ impl Keys {
     }
 }
 
-/// A short keyed hash shown in logs instead of a principal id. Keyed per process unless a
-/// shared secret is configured, in which case every process shows the same hash.
+/// A short keyed hash shown in logs instead of a principal id. Keyed per process, unless a
+/// cache with a shared secret was built first: then every instance sharing the secret shows the
+/// same hash for the same principal, so their logs can be correlated.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ShortHash(u32);
 
+static LOG_KEY: OnceLock<(u64, u64)> = OnceLock::new();
+
 impl ShortHash {
     pub(crate) fn of(s: &str) -> Self {
-        static KEY: OnceLock<RandomState> = OnceLock::new();
-        Self(KEY.get_or_init(RandomState::new).hash_one(s) as u32)
+        let (k0, k1) = *LOG_KEY.get_or_init(|| {
+            let r = RandomState::new();
+            (r.hash_one(0u8), r.hash_one(1u8))
+        });
+        let mut h = SipHasher24::new_with_keys(k0, k1);
+        h.write(b"log");
+        s.hash(&mut h);
+        Self(h.finish() as u32)
+    }
+}
+
+impl Keys {
+    /// Keys the log hashes with this secret, if nothing was logged yet.
+    pub(crate) fn use_for_logs(&self) {
+        let _ = LOG_KEY.set((self.scope.0 ^ 0x6c6f_6773, self.scope.1));
     }
 }
 

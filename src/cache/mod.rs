@@ -28,6 +28,8 @@ pub(crate) mod entry;
 pub(crate) mod epoch;
 pub(crate) mod guard;
 pub(crate) mod key;
+#[cfg(test)]
+mod properties;
 pub(crate) mod single_flight;
 
 use std::fmt;
@@ -566,7 +568,11 @@ impl AuthzCacheBuilder {
         let forget_after_ms = ms(longest_ttl).saturating_add(ms(self.authorizer_timeout)).saturating_add(1000);
         #[cfg(feature = "redis")]
         let keys = match &self.l2 {
-            Some(tier) => Keys::derive(&tier.shared.secret),
+            Some(tier) => {
+                let keys = Keys::derive(&tier.shared.secret);
+                keys.use_for_logs();
+                keys
+            }
             None => Keys::random(),
         };
         #[cfg(not(feature = "redis"))]
