@@ -32,8 +32,8 @@ use tower::{Service, ServiceBuilder};
 #[cfg(feature = "redis")]
 use tower_authz_cache::Secret;
 use tower_authz_cache::{
-    AuthzCache, BearerToken, CacheConfig, CachedAuthorizationLayer, Decision, Invalidation, Permission, Principal,
-    RouteTable,
+    AuthzCache, BearerToken, CacheConfig, CachedAuthorizationLayer, Decision, Invalidation, Monitor, Permission,
+    Principal, RouteTable,
 };
 
 /// The demo's roles.
@@ -429,6 +429,9 @@ async fn run() -> Result<(), String> {
         Err(e) => println!("note: no metrics recorder ({e}); /metrics renders the cache's own counters"),
     }
     let cache = config.apply(AuthzCache::builder(authorizer(roles.clone()))).map_err(|e| e.to_string())?.build();
+    // Hit rate and latency against CACHE_HIT_RATE_TARGET / AUTHORIZATION_RESPONSE_TIME_TARGET every
+    // CACHE_MONITORING_INTERVAL; alerts are `warn!` events on target authz_cache::monitor.
+    let _monitor = Monitor::builder(cache.clone()).from_config(&config).build().spawn();
     let app = app_from(roles, cache);
 
     let addr = SocketAddr::from(([127, 0, 0, 1], port));

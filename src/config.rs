@@ -173,9 +173,9 @@ impl fmt::Display for Secret {
 ///
 /// `Debug` prints URLs with their password replaced by `***` and the secret as `<redacted>`.
 ///
-/// The hit-rate and response-time targets, the monitoring interval and the alerts flag are
-/// carried for your monitoring (compare them with [`AuthzCache::stats`](crate::AuthzCache::stats));
-/// the cache itself does not act on them.
+/// The hit-rate and response-time targets, the monitoring interval and the alerts flag drive
+/// the [`Monitor`](crate::Monitor) (`Monitor::builder(cache).from_config(&config)`); the cache
+/// itself does not act on them.
 #[derive(Clone)]
 pub struct CacheConfig {
     mode: Mode,

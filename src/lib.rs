@@ -70,6 +70,7 @@ mod future;
 mod health;
 mod invalidation;
 mod layer;
+mod monitor;
 mod response;
 mod service;
 mod stats;
@@ -93,6 +94,7 @@ pub use crate::health::{AUTHORIZER_DOWN_AFTER, Health, HealthStatus, PartHealth,
 pub use crate::invalidation::backplane::BackplaneSnapshot;
 pub use crate::invalidation::{Invalidation, InvalidationError, InvalidationFuture, InvalidationService};
 pub use crate::layer::CachedAuthorizationLayer;
+pub use crate::monitor::{Alert, AlertKind, Monitor, MonitorBuilder, MonitorHandle, Report, TierWindow, Trend};
 pub use crate::response::{Rejection, RejectionKind, ResponseBody};
 pub use crate::service::CachedAuthorization;
 pub use crate::stats::{
