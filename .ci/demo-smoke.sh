@@ -35,6 +35,12 @@ check "problem+json" "application/problem+json" "$(curl -s -o /dev/null -w '%{co
 check "invalidate all" 204 "$(code -X POST -H 'Authorization: Bearer alice-token' -d '{"all":true}' "$B/admin/invalidate")"
 check "metrics" 200 "$(code "$B/metrics")"
 
+# The CLI against the running demo.
+cargo build -q --all-features --bin authz-cache
+check "authz-cache health" 0 "$(./target/debug/authz-cache health --url "$B" >/dev/null 2>&1; echo $?)"
+check "authz-cache stats" 1 "$(./target/debug/authz-cache stats --url "$B" --token alice-token 2>/dev/null | grep -c authorizer_calls)"
+check "authz-cache stats without a token" 1 "$(./target/debug/authz-cache stats --url "$B" >/dev/null 2>&1; echo $?)"
+
 # Bad configuration: one line naming the variable, a non-zero exit, nothing served.
 for bad in "L1_CACHE_SIZE_MB=abc" "L1_CACHE_SIZE_MB=-5" "REDIS_URL=foo" "AUTHZ_CACHE_MODE=staging"; do
   var=${bad%%=*}

@@ -855,8 +855,9 @@ mod tests {
                 tokio::spawn(async move { cache.check(&bob(), &read(1)).await })
             })
             .collect();
-        // Let every task reach the flight before the answer comes.
-        while cache.stats().tiers.l1.misses < 1000 {
+        // Let every task reach the flight before the answer comes: the leader holds it (the
+        // gate is closed), so every other task joins as a follower.
+        while cache.stats().single_flight_joins < 999 {
             tokio::task::yield_now().await;
         }
         gate.add_permits(1);
