@@ -193,8 +193,10 @@ async fn redis_black_hole_mid_stream_fails_no_request_and_the_breaker_recovers()
 
     proxy.set_mode(Mode::Pass);
     let writes_before = l2(&witness).hits;
-    wait_for("the breaker to close", Duration::from_secs(5), || l2(&c).breaker == BreakerState::Closed).await;
-    wait_for("health to recover", Duration::from_secs(5), || c.health().status == tower_authz_cache::HealthStatus::Up)
+    // Recovery: the breaker's next probe after open_for, then the backplane's reconnect, whose
+    // backoff may have grown to 2 s during the outage.
+    wait_for("the breaker to close", Duration::from_secs(10), || l2(&c).breaker == BreakerState::Closed).await;
+    wait_for("health to recover", Duration::from_secs(10), || c.health().status == tower_authz_cache::HealthStatus::Up)
         .await;
     // c writes again: a fresh decision on c becomes an l2 hit on the witness.
     let fresh = Principal::new("after-the-outage");
