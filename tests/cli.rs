@@ -77,11 +77,7 @@ async fn invalidate_reaches_a_running_instance_through_redis() {
     })
     .l2(RedisTier::builder(support::redis::url(), SECRET).namespace(&ns.0).build().unwrap())
     .build();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !cache.stats().backplane.is_some_and(|b| b.l1_trusted) {
-        assert!(std::time::Instant::now() < deadline, "backplane never heard");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    support::redis::wait_trusted(&cache).await;
     let (bob, read) = (Principal::new("bob"), Permission::new("documents:1", "read"));
     cache.check(&bob, &read).await.unwrap();
     cache.check(&bob, &read).await.unwrap();

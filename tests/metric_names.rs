@@ -6,7 +6,6 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use support::redis::{Namespace, SECRET};
 use tower_authz_cache::{AuthzCache, BoxError, Decision, Invalidation, Permission, Principal, RedisTier};
@@ -54,11 +53,7 @@ async fn busy_cache(ns: &Namespace) -> AuthzCache {
     })
     .l2(RedisTier::builder(support::redis::url(), SECRET).namespace(&ns.0).build().unwrap())
     .build();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !cache.stats().backplane.is_some_and(|b| b.l1_trusted) {
-        assert!(std::time::Instant::now() < deadline, "backplane never heard");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    support::redis::wait_trusted(&cache).await;
     for who in ["alice", "bob", "mallory", "alice", "bob"] {
         cache.check(&Principal::new(who), &Permission::new("documents:1", "read")).await.unwrap();
     }

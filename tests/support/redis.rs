@@ -83,3 +83,12 @@ impl Drop for Namespace {
         }
     }
 }
+
+/// Waits until the cache's backplane has been heard (L1 trusted); fails after 5 s.
+pub async fn wait_trusted(cache: &tower_authz_cache::AuthzCache) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !cache.stats().backplane.is_some_and(|b| b.l1_trusted) {
+        assert!(std::time::Instant::now() < deadline, "the backplane was never heard within 5 s");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
