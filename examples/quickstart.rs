@@ -21,7 +21,7 @@ use std::sync::{Arc, RwLock};
 
 use axum::body::Bytes;
 use axum::extract::Request;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -274,7 +274,12 @@ fn parse_json(body: &Bytes) -> Option<Value> {
     serde_json::from_slice(body).ok()
 }
 
-async fn set_role(State(state): State<AppState>, Path(user): Path<String>, body: Bytes) -> Response {
+async fn set_role(
+    State(state): State<AppState>,
+    Extension(admin): Extension<Principal>,
+    Path(user): Path<String>,
+    body: Bytes,
+) -> Response {
     let Some(body) = parse_json(&body) else {
         return problem(StatusCode::BAD_REQUEST, "body must be JSON");
     };
@@ -287,13 +292,13 @@ async fn set_role(State(state): State<AppState>, Path(user): Path<String>, body:
         Err(_) => return problem(StatusCode::SERVICE_UNAVAILABLE, "role store unavailable"),
     }
     // The store changed first, then the cache forgets: the next request asks the store again.
-    if state.cache.invalidate(&Invalidation::principal(user)).await.is_err() {
+    if state.cache.invalidate_as(&Invalidation::principal(user), &admin).await.is_err() {
         return problem(StatusCode::SERVICE_UNAVAILABLE, "role changed, but the invalidation was not delivered");
     }
     StatusCode::NO_CONTENT.into_response()
 }
 
-async fn invalidate(State(state): State<AppState>, body: Bytes) -> Response {
+async fn invalidate(State(state): State<AppState>, Extension(admin): Extension<Principal>, body: Bytes) -> Response {
     let Some(body) = parse_json(&body) else {
         return problem(StatusCode::BAD_REQUEST, "body must be JSON");
     };
@@ -306,7 +311,7 @@ async fn invalidate(State(state): State<AppState>, body: Bytes) -> Response {
     } else {
         return problem(StatusCode::BAD_REQUEST, r#"expected {"principal":..}, {"resource":..} or {"all":true}"#);
     };
-    match state.cache.invalidate(&invalidation).await {
+    match state.cache.invalidate_as(&invalidation, &admin).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(_) => problem(StatusCode::SERVICE_UNAVAILABLE, "invalidation not delivered"),
     }

@@ -16,6 +16,8 @@
 //! | `authz_cache_backplane_connected`, `authz_cache_backplane_l1_trusted` | gauge | |
 //! | `authz_cache_backplane_silence_seconds` | gauge | |
 //! | `authz_cache_check_duration_seconds` | summary | `path` (`l1_hit`, `miss`) |
+//! | `authz_cache_tier_read_duration_seconds` | summary | `tier="l2"` |
+//! | `authz_cache_authorizer_duration_seconds` | summary | |
 //!
 //! [`StatsSnapshot::to_prometheus`]: crate::StatsSnapshot::to_prometheus
 
@@ -41,8 +43,10 @@ const L1: &[(&str, &str)] = &[("tier", "l1")];
 const L2: &[(&str, &str)] = &[("tier", "l2")];
 const NONE: &[(&str, &str)] = &[];
 
-/// The latency summary's name.
+/// The latency summaries' names.
 pub(crate) const CHECK_DURATION: &str = "authz_cache_check_duration_seconds";
+pub(crate) const TIER_READ_DURATION: &str = "authz_cache_tier_read_duration_seconds";
+pub(crate) const AUTHORIZER_DURATION: &str = "authz_cache_authorizer_duration_seconds";
 
 fn breaker_value(state: BreakerState) -> f64 {
     match state {
@@ -182,16 +186,29 @@ pub(crate) fn render(s: &StatsSnapshot) -> String {
             let _ = writeln!(out, "{name}{labels} {}", r.value);
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP {CHECK_DURATION} Latency of a cache check, by path (L1 hits sampled 1 in 8).\n# TYPE {CHECK_DURATION} summary"
-    );
-    for (path, l) in [("l1_hit", &s.latency.l1_hit), ("miss", &s.latency.miss)] {
-        for (q, v) in [("0.5", l.p50_us), ("0.95", l.p95_us), ("0.99", l.p99_us)] {
-            let _ = writeln!(out, "{CHECK_DURATION}{{path=\"{path}\",quantile=\"{q}\"}} {}", v / 1e6);
+    let lat = &s.latency;
+    let mut summaries: Vec<(&str, &str, Vec<(&str, &crate::LatencySnapshot)>)> = vec![
+        (
+            CHECK_DURATION,
+            "Latency of a cache check, by path (L1 hits sampled 1 in 8).",
+            vec![("path=\"l1_hit\"", &lat.l1_hit), ("path=\"miss\"", &lat.miss)],
+        ),
+        (AUTHORIZER_DURATION, "Latency of one authorizer call.", vec![("", &lat.authorizer)]),
+    ];
+    if s.tiers.l2.is_some() {
+        summaries.push((TIER_READ_DURATION, "Latency of one remote tier read.", vec![("tier=\"l2\"", &lat.l2_read)]));
+    }
+    for (name, help, series) in summaries {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
+        for (labels, l) in series {
+            let sep = if labels.is_empty() { "" } else { "," };
+            for (q, v) in [("0.5", l.p50_us), ("0.95", l.p95_us), ("0.99", l.p99_us)] {
+                let _ = writeln!(out, "{name}{{{labels}{sep}quantile=\"{q}\"}} {}", v / 1e6);
+            }
+            let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+            let _ = writeln!(out, "{name}_sum{braces} {}", l.sum_us / 1e6);
+            let _ = writeln!(out, "{name}_count{braces} {}", l.count);
         }
-        let _ = writeln!(out, "{CHECK_DURATION}_sum{{path=\"{path}\"}} {}", l.sum_us / 1e6);
-        let _ = writeln!(out, "{CHECK_DURATION}_count{{path=\"{path}\"}} {}", l.count);
     }
     out
 }
@@ -209,6 +226,16 @@ pub(crate) fn export(s: &StatsSnapshot) {
             }
         }
         ::metrics::describe_histogram!(CHECK_DURATION, ::metrics::Unit::Seconds, "Latency of a cache check, by path.");
+        ::metrics::describe_histogram!(
+            TIER_READ_DURATION,
+            ::metrics::Unit::Seconds,
+            "Latency of one remote tier read."
+        );
+        ::metrics::describe_histogram!(
+            AUTHORIZER_DURATION,
+            ::metrics::Unit::Seconds,
+            "Latency of one authorizer call."
+        );
     });
     for r in rows {
         let labels: Vec<::metrics::Label> = r.labels.iter().map(|(k, v)| ::metrics::Label::new(*k, *v)).collect();
@@ -219,10 +246,11 @@ pub(crate) fn export(s: &StatsSnapshot) {
     }
 }
 
-/// Records one check latency through the `metrics` facade.
+/// Records one latency sample through the `metrics` facade.
 #[cfg(feature = "metrics")]
-pub(crate) fn record_check(path: &'static str, d: std::time::Duration) {
-    ::metrics::histogram!(CHECK_DURATION, "path" => path).record(d.as_secs_f64());
+pub(crate) fn record(name: &'static str, labels: &[(&'static str, &'static str)], d: std::time::Duration) {
+    let labels: Vec<::metrics::Label> = labels.iter().map(|(k, v)| ::metrics::Label::new(*k, *v)).collect();
+    ::metrics::histogram!(name, labels).record(d.as_secs_f64());
 }
 
 #[cfg(test)]

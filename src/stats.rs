@@ -216,6 +216,10 @@ pub struct LatenciesSnapshot {
     pub l1_hit: LatencySnapshot,
     /// Went past L1 (single flight, authorizer).
     pub miss: LatencySnapshot,
+    /// One L2 read (a Redis round trip), when L2 is configured and its breaker let it through.
+    pub l2_read: LatencySnapshot,
+    /// One authorizer call (timeouts included).
+    pub authorizer: LatencySnapshot,
 }
 
 /// A point-in-time copy of the cache's counters. Counters are cumulative.
@@ -282,6 +286,8 @@ pub(crate) struct Stats {
     pub(crate) inv_all: AtomicU64,
     pub(crate) l1_hit_latency: Histogram,
     pub(crate) miss_latency: Histogram,
+    pub(crate) l2_read_latency: Histogram,
+    pub(crate) authorizer_latency: Histogram,
 }
 
 impl Stats {
@@ -313,6 +319,8 @@ impl Stats {
             inv_all: AtomicU64::new(0),
             l1_hit_latency: Histogram::new(),
             miss_latency: Histogram::new(),
+            l2_read_latency: Histogram::new(),
+            authorizer_latency: Histogram::new(),
         }
     }
 
@@ -362,7 +370,12 @@ impl Stats {
                 entry: self.inv_entry.load(Relaxed),
                 all: self.inv_all.load(Relaxed),
             },
-            latency: LatenciesSnapshot { l1_hit: self.l1_hit_latency.snapshot(), miss: self.miss_latency.snapshot() },
+            latency: LatenciesSnapshot {
+                l1_hit: self.l1_hit_latency.snapshot(),
+                miss: self.miss_latency.snapshot(),
+                l2_read: self.l2_read_latency.snapshot(),
+                authorizer: self.authorizer_latency.snapshot(),
+            },
             #[cfg(feature = "redis")]
             backplane: None,
         }

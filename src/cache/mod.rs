@@ -136,7 +136,7 @@ impl AuthzCache {
                 let elapsed = start.elapsed();
                 self.inner.stats.l1_hit_latency.record(elapsed);
                 #[cfg(feature = "metrics")]
-                crate::exposition::record_check("l1_hit", elapsed);
+                crate::exposition::record(crate::exposition::CHECK_DURATION, &[("path", "l1_hit")], elapsed);
             }
             return Ok(decision);
         }
@@ -147,7 +147,7 @@ impl AuthzCache {
         let elapsed = start.elapsed();
         self.inner.stats.miss_latency.record(elapsed);
         #[cfg(feature = "metrics")]
-        crate::exposition::record_check("miss", elapsed);
+        crate::exposition::record(crate::exposition::CHECK_DURATION, &[("path", "miss")], elapsed);
         if let Err(e) = &outcome {
             Stats::incr(&self.inner.stats.undecided);
             tracing::warn!(
@@ -192,8 +192,8 @@ impl AuthzCache {
     /// instance), then to this process. Every cached decision it covers, including any being
     /// computed right now, is a miss in this process from the moment this returns; in other
     /// instances, as soon as the backplane delivers it (or their L2 reads see the shared epoch).
-    pub(crate) async fn apply_invalidation(&self, invalidation: &Invalidation) -> Result<(), ()> {
-        self.inner.apply_invalidation(invalidation).await
+    pub(crate) async fn apply_invalidation(&self, invalidation: &Invalidation, by: Option<&str>) -> Result<(), ()> {
+        self.inner.apply_invalidation(invalidation, by).await
     }
 
     #[cfg(test)]
@@ -253,7 +253,15 @@ impl Inner {
         let l2 = self.l2.as_ref()?;
         let hashes = self.epochs.hashes(key);
         let key_id = self.keys.key_id(key);
-        let read = match l2.redis.read(&key_id, &hashes).await {
+        let started = Instant::now();
+        let read = l2.redis.read(&key_id, &hashes).await;
+        if !matches!(read, Err(crate::cache::guard::GuardError::Open)) {
+            let elapsed = started.elapsed();
+            self.stats.l2_read_latency.record(elapsed);
+            #[cfg(feature = "metrics")]
+            crate::exposition::record(crate::exposition::TIER_READ_DURATION, &[("tier", "l2")], elapsed);
+        }
+        let read = match read {
             Ok(read) => read,
             Err(e) => {
                 Stats::incr(&self.stats.l2_errors);
@@ -368,7 +376,13 @@ impl Inner {
             let stamp = self.epochs.stamp(key);
             Stats::incr(&self.stats.authorizer_calls);
             let call = self.authorizer.authorize_owned(principal.clone(), permission.clone());
-            let decision = match tokio::time::timeout(self.authorizer_timeout, call).await {
+            let started = Instant::now();
+            let answer = tokio::time::timeout(self.authorizer_timeout, call).await;
+            let elapsed = started.elapsed();
+            self.stats.authorizer_latency.record(elapsed);
+            #[cfg(feature = "metrics")]
+            crate::exposition::record(crate::exposition::AUTHORIZER_DURATION, &[], elapsed);
+            let decision = match answer {
                 Ok(Ok(decision)) => {
                     self.stats.authorizer_succeeded();
                     decision
@@ -402,7 +416,7 @@ impl Inner {
         Err(CheckError::new(CheckErrorKind::Unstable, None))
     }
 
-    async fn apply_invalidation(&self, invalidation: &Invalidation) -> Result<(), ()> {
+    async fn apply_invalidation(&self, invalidation: &Invalidation, by: Option<&str>) -> Result<(), ()> {
         let now = self.clock.now_ms();
         let (target, counter) = match invalidation {
             Invalidation::Principal(id) => {
@@ -418,7 +432,7 @@ impl Inner {
             Invalidation::All => (None, &self.stats.inv_all),
         };
         Stats::incr(counter);
-        let outcome = self.bump_epochs(invalidation, target, now).await;
+        let outcome = self.bump_epochs(invalidation, target, now, by).await;
         // Space reclamation, after the epochs made the entries stale (see MemoryTier::remove).
         match invalidation {
             Invalidation::Entry { principal, permission } => {
@@ -430,7 +444,13 @@ impl Inner {
         outcome
     }
 
-    async fn bump_epochs(&self, invalidation: &Invalidation, target: Option<(Scope, u64)>, now: u64) -> Result<(), ()> {
+    async fn bump_epochs(
+        &self,
+        invalidation: &Invalidation,
+        target: Option<(Scope, u64)>,
+        now: u64,
+        by: Option<&str>,
+    ) -> Result<(), ()> {
         // Shared first: the value the shared store assigns is the one every instance (and every
         // L2 entry stamped from now on) agrees on. If it cannot be reached, bump locally: this
         // process is still covered, and the caller learns the others may not be.
@@ -444,7 +464,7 @@ impl Inner {
                         None => self.epochs.merge_global(value),
                         Some((scope, hash)) => self.epochs.merge(scope, hash, value, now),
                     }
-                    audit_invalidation(invalidation, true);
+                    audit_invalidation(invalidation, true, by);
                     return Ok(());
                 }
                 Err(e) => {
@@ -461,23 +481,28 @@ impl Inner {
                 self.epochs.bump(scope, hash, now);
             }
         }
-        audit_invalidation(invalidation, delivered);
+        audit_invalidation(invalidation, delivered, by);
         if delivered { Ok(()) } else { Err(()) }
     }
 }
 
-fn audit_invalidation(invalidation: &Invalidation, shared: bool) {
+/// The audit event of an invalidation: its scope and target, whether it reached the shared tier,
+/// and who asked (a short keyed hash, like every principal in logs).
+fn audit_invalidation(invalidation: &Invalidation, shared: bool, by: Option<&str>) {
+    let by = by.map(|p| ShortHash::of(p).to_string()).unwrap_or_else(|| "-".to_owned());
     match invalidation {
         Invalidation::Principal(id) => {
-            tracing::info!(target: "authz_cache::audit", scope = "principal", principal = %ShortHash::of(id), shared, "invalidated");
+            tracing::info!(target: "authz_cache::audit", scope = "principal", principal = %ShortHash::of(id), shared, by = %by, "invalidated");
         }
         Invalidation::Resource(resource) => {
-            tracing::info!(target: "authz_cache::audit", scope = "resource", resource = %resource, shared, "invalidated");
+            tracing::info!(target: "authz_cache::audit", scope = "resource", resource = %resource, shared, by = %by, "invalidated");
         }
         Invalidation::Entry { principal, permission } => {
-            tracing::info!(target: "authz_cache::audit", scope = "entry", principal = %ShortHash::of(principal), permission = %permission, shared, "invalidated");
+            tracing::info!(target: "authz_cache::audit", scope = "entry", principal = %ShortHash::of(principal), permission = %permission, shared, by = %by, "invalidated");
         }
-        Invalidation::All => tracing::info!(target: "authz_cache::audit", scope = "all", shared, "invalidated"),
+        Invalidation::All => {
+            tracing::info!(target: "authz_cache::audit", scope = "all", shared, by = %by, "invalidated")
+        }
     }
 }
 

@@ -30,7 +30,7 @@ use std::task::{Context, Poll};
 
 use tower::Service;
 
-use crate::{AuthzCache, Permission};
+use crate::{AuthzCache, Permission, Principal};
 
 /// What to forget.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,7 +92,19 @@ impl AuthzCache {
     /// instance stops serving what it covers; if Redis cannot be reached it is applied to this
     /// process only and an [`InvalidationError`] says so.
     pub async fn invalidate(&self, invalidation: &Invalidation) -> Result<(), InvalidationError> {
-        self.apply_invalidation(invalidation).await.map_err(|()| InvalidationError { _private: () })
+        self.apply_invalidation(invalidation, None).await.map_err(|()| InvalidationError { _private: () })
+    }
+
+    /// [`invalidate`](AuthzCache::invalidate), recording who asked in the audit event (as a
+    /// short keyed hash of their id, like every principal in logs).
+    pub async fn invalidate_as(
+        &self,
+        invalidation: &Invalidation,
+        requested_by: &Principal,
+    ) -> Result<(), InvalidationError> {
+        self.apply_invalidation(invalidation, Some(requested_by.id()))
+            .await
+            .map_err(|()| InvalidationError { _private: () })
     }
 
     /// A tower service that applies invalidations to this cache.
