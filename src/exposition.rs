@@ -165,6 +165,9 @@ pub(crate) fn rows(s: &StatsSnapshot) -> Vec<Row> {
     rows
 }
 
+/// A summary family: name, help, and (labels, latency) per series.
+type Summary<'a> = (&'static str, &'static str, Vec<(&'static str, &'a crate::LatencySnapshot)>);
+
 /// Renders a snapshot in the Prometheus text exposition format (version 0.0.4).
 pub(crate) fn render(s: &StatsSnapshot) -> String {
     let mut out = String::new();
@@ -187,7 +190,7 @@ pub(crate) fn render(s: &StatsSnapshot) -> String {
         }
     }
     let lat = &s.latency;
-    let mut summaries: Vec<(&str, &str, Vec<(&str, &crate::LatencySnapshot)>)> = vec![
+    let mut summaries: Vec<Summary<'_>> = vec![
         (
             CHECK_DURATION,
             "Latency of a cache check, by path (L1 hits sampled 1 in 8).",
