@@ -419,3 +419,35 @@ async fn a_full_write_queue_drops_and_counts_and_never_blocks() {
     assert!(s.write_drops >= 90, "{s:?}");
     assert_eq!(policy.calls(), 100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_distinct_principals_leaves_only_expiring_keys() {
+    let url = support::redis::url();
+    support::redis::addr();
+    let ns = Namespace::new("flood");
+    let policy = Policy::default();
+    let c = build(tier(&ns, &url), &policy, Duration::from_secs(1));
+    wait_trusted(&c).await;
+    for i in 0..2000u32 {
+        let who = Principal::new(format!("flood-{i}"));
+        c.check(&who, &read(i % 7)).await.unwrap();
+        if i % 100 == 0 {
+            c.invalidate(&Invalidation::principal(who.id())).await.unwrap();
+        }
+    }
+    wait_for("the write-behind", Duration::from_secs(5), || l2(&c).writes >= 1990).await;
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let keys = ns.keys();
+    assert!(keys.len() >= 2000, "{}", keys.len());
+    let mut persistent = Vec::new();
+    for k in &keys {
+        let ttl: i64 = redis::cmd("PTTL").arg(k).query(&mut conn).unwrap();
+        if ttl < 0 {
+            persistent.push(k.clone());
+        }
+    }
+    // Only the epoch sequence and the global epoch (a few bytes each) live without an expiry.
+    assert!(persistent.iter().all(|k| k.ends_with(":e:seq") || k.ends_with(":e:g")), "{persistent:?}");
+    assert!(persistent.len() <= 2);
+}
