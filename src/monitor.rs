@@ -235,13 +235,19 @@ pub struct Report {
 /// unless alerts are disabled; reports list them either way.
 pub struct Monitor {
     cache: AuthzCache,
+    settings: Settings,
+    callbacks: Vec<Callback>,
+    state: Mutex<State>,
+}
+
+/// The targets and pacing a monitor runs with.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
     hit_rate_target_percent: f64,
     response_time_target: Duration,
     interval: Duration,
     windows: usize,
     alerts_enabled: bool,
-    callbacks: Vec<Callback>,
-    state: Mutex<State>,
 }
 
 /// What a tick remembers for the next.
@@ -254,11 +260,7 @@ struct State {
 impl fmt::Debug for Monitor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Monitor")
-            .field("hit_rate_target_percent", &self.hit_rate_target_percent)
-            .field("response_time_target", &self.response_time_target)
-            .field("interval", &self.interval)
-            .field("windows", &self.windows)
-            .field("alerts_enabled", &self.alerts_enabled)
+            .field("settings", &self.settings)
             .field("callbacks", &self.callbacks.len())
             .finish_non_exhaustive()
     }
@@ -270,11 +272,13 @@ impl Monitor {
     pub fn builder(cache: AuthzCache) -> MonitorBuilder {
         MonitorBuilder {
             cache,
-            hit_rate_target_percent: 95.0,
-            response_time_target: Duration::from_millis(5),
-            interval: Duration::from_secs(60),
-            windows: 6,
-            alerts_enabled: true,
+            settings: Settings {
+                hit_rate_target_percent: 95.0,
+                response_time_target: Duration::from_millis(5),
+                interval: Duration::from_secs(60),
+                windows: 6,
+                alerts_enabled: true,
+            },
             callbacks: Vec::new(),
         }
     }
@@ -308,7 +312,7 @@ impl Monitor {
             state.previous = *snapshot;
             report
         };
-        if self.alerts_enabled {
+        if self.settings.alerts_enabled {
             for alert in &report.alerts {
                 tracing::warn!(
                     target: "authz_cache::monitor",
@@ -350,17 +354,18 @@ impl Monitor {
         let hit_rate_percent = percent(answered, checks);
         if let Some(rate) = hit_rate_percent {
             history.push_back(rate);
-            while history.len() > self.windows {
+            while history.len() > self.settings.windows {
                 history.pop_front();
             }
         }
         let history: Vec<f64> = history.iter().copied().collect();
-        let target_us = self.response_time_target.as_secs_f64() * 1e6;
+        let target_us = self.settings.response_time_target.as_secs_f64() * 1e6;
         let authorizer_calls = d(now.authorizer_calls, prev.authorizer_calls);
         let authorizer_errors = d(now.authorizer_errors, prev.authorizer_errors);
 
         let mut alerts = Vec::new();
-        if let Some(rate) = hit_rate_percent.filter(|rate| checks >= MIN_CHECKS && *rate < self.hit_rate_target_percent)
+        if let Some(rate) =
+            hit_rate_percent.filter(|rate| checks >= MIN_CHECKS && *rate < self.settings.hit_rate_target_percent)
         {
             let full = l1_now.max_bytes > 0 && l1_now.bytes * 100 >= l1_now.max_bytes * L1_FULL_PERCENT;
             let recommendation = if full {
@@ -372,7 +377,7 @@ impl Monitor {
             };
             let message = format!(
                 "hit rate {rate:.1}% over {checks} checks, target {:.1}% ({} l1 misses, {} expired, {} invalidated)",
-                self.hit_rate_target_percent, l1.misses, l1.expired, l1.stale
+                self.settings.hit_rate_target_percent, l1.misses, l1.expired, l1.stale
             );
             alerts.push(Alert::new(AlertKind::HitRateBelowTarget, message, recommendation));
         }
@@ -420,7 +425,7 @@ impl Monitor {
         Report {
             checks,
             hit_rate_percent,
-            hit_rate_target_percent: self.hit_rate_target_percent,
+            hit_rate_target_percent: self.settings.hit_rate_target_percent,
             l1,
             l2,
             authorizer_calls,
@@ -447,7 +452,7 @@ impl Monitor {
     pub fn spawn(self) -> MonitorHandle {
         let last = Arc::new(Mutex::new(None));
         let out = last.clone();
-        let period = self.interval;
+        let period = self.settings.interval;
         let task = tokio::spawn(async move {
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -473,22 +478,14 @@ fn percent(part: u64, whole: u64) -> Option<f64> {
 #[must_use]
 pub struct MonitorBuilder {
     cache: AuthzCache,
-    hit_rate_target_percent: f64,
-    response_time_target: Duration,
-    interval: Duration,
-    windows: usize,
-    alerts_enabled: bool,
+    settings: Settings,
     callbacks: Vec<Callback>,
 }
 
 impl fmt::Debug for MonitorBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MonitorBuilder")
-            .field("hit_rate_target_percent", &self.hit_rate_target_percent)
-            .field("response_time_target", &self.response_time_target)
-            .field("interval", &self.interval)
-            .field("windows", &self.windows)
-            .field("alerts_enabled", &self.alerts_enabled)
+            .field("settings", &self.settings)
             .field("callbacks", &self.callbacks.len())
             .finish_non_exhaustive()
     }
@@ -498,32 +495,32 @@ impl MonitorBuilder {
     /// The overall hit rate, in percent, below which a window raises an alert
     /// (`CACHE_HIT_RATE_TARGET`).
     pub fn hit_rate_target_percent(mut self, percent: f64) -> Self {
-        self.hit_rate_target_percent = percent;
+        self.settings.hit_rate_target_percent = percent;
         self
     }
 
     /// The p95 latency above which a path raises an alert (`AUTHORIZATION_RESPONSE_TIME_TARGET`).
     pub fn response_time_target(mut self, target: Duration) -> Self {
-        self.response_time_target = target;
+        self.settings.response_time_target = target;
         self
     }
 
     /// How often [`Monitor::spawn`]'s task ticks (`CACHE_MONITORING_INTERVAL`); at least 1 ms.
     pub fn interval(mut self, interval: Duration) -> Self {
-        self.interval = interval.max(Duration::from_millis(1));
+        self.settings.interval = interval.max(Duration::from_millis(1));
         self
     }
 
     /// How many windows the trend looks at; at least 1 (which makes every trend stable).
     pub fn windows(mut self, windows: usize) -> Self {
-        self.windows = windows.max(1);
+        self.settings.windows = windows.max(1);
         self
     }
 
     /// Whether alerts are logged and given to the callbacks. When disabled, reports still list
     /// them.
     pub fn alerts_enabled(mut self, enabled: bool) -> Self {
-        self.alerts_enabled = enabled;
+        self.settings.alerts_enabled = enabled;
         self
     }
 
@@ -547,11 +544,7 @@ impl MonitorBuilder {
     pub fn build(self) -> Monitor {
         Monitor {
             cache: self.cache,
-            hit_rate_target_percent: self.hit_rate_target_percent,
-            response_time_target: self.response_time_target,
-            interval: self.interval,
-            windows: self.windows,
-            alerts_enabled: self.alerts_enabled,
+            settings: self.settings,
             callbacks: self.callbacks,
             state: Mutex::new(State::default()),
         }
@@ -716,7 +709,7 @@ mod tests {
         let clock = Clock::manual();
         let cache = cache(&clock, &Arc::default());
         let (monitor, _) = monitor(&cache, true);
-        let monitor = Monitor { windows: 4, ..monitor };
+        let monitor = Monitor { settings: Settings { windows: 4, ..monitor.settings }, ..monitor };
         // Hit rates: 0, 50, 75, 90: improving.
         let mut report = None;
         for rounds in [1, 2, 4, 10] {
