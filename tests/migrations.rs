@@ -1,0 +1,199 @@
+//! The SQL in migrations/ against the real PostgreSQL (DATABASE_URL, default
+//! postgres://postgres@127.0.0.1:5432/test), in a schema of this test's own that is dropped
+//! afterwards: it applies twice, the materialized views hold the grants and the team-mates, the
+//! change feed notifies the affected principals, the epoch bump is monotonic and notifies, and
+//! the sweep removes expired rows only.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A client, and the notifications its connection receives.
+async fn connect() -> (Client, mpsc::UnboundedReceiver<(String, String)>) {
+    let url = database_url();
+    let (client, mut connection) = tokio_postgres::connect(&url, NoTls).await.unwrap_or_else(|e| {
+        panic!(
+            "PostgreSQL is not reachable at {url} ({e}). Start it with `pg_ctlcluster --skip-systemctl-redirect \
+             $(ls /etc/postgresql) main start` (or run `bash .ci/run`), or point DATABASE_URL at one."
+        )
+    });
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            match message {
+                Ok(AsyncMessage::Notification(n)) => {
+                    let _ = tx.send((n.channel().to_owned(), n.payload().to_owned()));
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    (client, rx)
+}
+
+/// The next notification on `channel` whose payload satisfies `want`, within 2 s.
+async fn expect(
+    rx: &mut mpsc::UnboundedReceiver<(String, String)>,
+    channel: &str,
+    want: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let next = tokio::time::timeout_at(deadline, rx.recv()).await;
+        match next {
+            Ok(Some((c, payload))) if c == channel && want(&payload) => return payload,
+            Ok(Some(_)) => continue,
+            _ => panic!("no notification on {channel} within 2 s"),
+        }
+    }
+}
+
+fn migrations() -> Vec<(String, String)> {
+    let dir = format!("{}/migrations", env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    files.iter().map(|p| (p.display().to_string(), std::fs::read_to_string(p).unwrap())).collect()
+}
+
+#[tokio::test]
+async fn the_migrations_apply_twice_and_do_what_they_say() {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    let schema = format!("t_migrations_{}_{nanos}", std::process::id());
+    let u = move |name: &str| format!("{name}-{nanos}");
+    let (cleanup, _) = connect().await;
+    let (db, _) = connect().await;
+    let (listener, mut notes) = connect().await;
+    db.batch_execute(&format!("CREATE SCHEMA {schema}; SET search_path TO {schema}")).await.unwrap();
+    let result = async move {
+        assert!(migrations().len() >= 2, "{:?}", migrations().iter().map(|m| &m.0).collect::<Vec<_>>());
+        for round in 0..2 {
+            for (file, sql) in migrations() {
+                db.batch_execute(&sql).await.unwrap_or_else(|e| panic!("{file} (round {round}): {e}"));
+            }
+        }
+        let (alice, bob, carol) = (u("alice"), u("bob"), u("carol"));
+        db.execute("INSERT INTO roles VALUES ('viewer'), ('editor'), ('admin')", &[]).await.unwrap();
+        db.execute(
+            "INSERT INTO role_permissions VALUES ('viewer', 'documents:*', 'read'), ('editor', 'documents:*', 'read'), \
+             ('editor', 'documents:*', 'write'), ('admin', '*', 'manage')",
+            &[],
+        )
+        .await
+        .unwrap();
+        for who in [&alice, &bob, &carol] {
+            db.execute("INSERT INTO users VALUES ($1)", &[who]).await.unwrap();
+        }
+        db.execute(
+            "INSERT INTO user_roles VALUES ($1, 'admin'), ($2, 'viewer'), ($3, 'editor')",
+            &[&alice, &bob, &carol],
+        )
+        .await
+        .unwrap();
+        db.execute("INSERT INTO teams VALUES ('t1')", &[]).await.unwrap();
+        db.execute("INSERT INTO team_members VALUES ('t1', $1), ('t1', $2)", &[&bob, &carol]).await.unwrap();
+
+        db.execute("SELECT authz_refresh_authorization_views()", &[]).await.unwrap();
+        let grants: Vec<(String, String)> = db
+            .query(
+                "SELECT resource_pattern, action FROM mv_user_authorization_context WHERE user_id = $1 ORDER BY 1, 2",
+                &[&carol],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(
+            grants,
+            [("documents:*".to_owned(), "read".to_owned()), ("documents:*".to_owned(), "write".to_owned())]
+        );
+        let mates: i64 = db
+            .query_one(
+                "SELECT shared_teams FROM mv_team_collaboration_patterns WHERE principal = $1 AND teammate = $2",
+                &[&bob, &carol],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(mates, 1);
+
+        // The change feed: a role change notifies the principal; a permission change, its holders.
+        listener.batch_execute("LISTEN authz_cache_changes; LISTEN authz_cache_epochs").await.unwrap();
+        db.execute("UPDATE user_roles SET role_id = 'editor' WHERE user_id = $1", &[&bob]).await.unwrap();
+        let want = format!("principal {bob}");
+        expect(&mut notes, "authz_cache_changes", |p| p == want).await;
+        db.execute("INSERT INTO role_permissions VALUES ('editor', 'documents:*', 'delete')", &[]).await.unwrap();
+        let mut waiting: Vec<String> = [&bob, &carol].iter().map(|who| format!("principal {who}")).collect();
+        while !waiting.is_empty() {
+            let got = expect(&mut notes, "authz_cache_changes", |p| waiting.iter().any(|w| w == p)).await;
+            waiting.retain(|w| *w != got);
+        }
+
+        // The epoch bump: floored at the caller's clock, increasing, notified in the backplane format.
+        let floor = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as i64;
+        let hash = (nanos as i64) & 0x7fff_ffff_ffff;
+        let v1: i64 =
+            db.query_one("SELECT authz_cache_bump('p', $1, $2, 60000)", &[&hash, &floor]).await.unwrap().get(0);
+        let v2: i64 = db.query_one("SELECT authz_cache_bump('p', $1, 0, 60000)", &[&hash]).await.unwrap().get(0);
+        assert!(v1 >= floor && v2 > v1, "{floor} {v1} {v2}");
+        let want = format!("i p {hash:016x} {v2}");
+        expect(&mut notes, "authz_cache_epochs", |p| p == want).await;
+        let stored: i64 = db
+            .query_one("SELECT value FROM authz_cache_epochs WHERE scope = 'p' AND hash = $1", &[&hash])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(stored, v2);
+
+        // The sweep removes expired entries, in batches, and nothing else.
+        db.execute(
+            "INSERT INTO authz_cache_entries (key, value, expires_at) \
+             SELECT sha256(i::text::bytea), decode(repeat('00', 80), 'hex'), now() - interval '1 second' \
+             FROM generate_series(1, 250) i",
+            &[],
+        )
+        .await
+        .unwrap();
+        db.execute(
+            "INSERT INTO authz_cache_entries (key, value, expires_at) \
+             SELECT sha256(('live' || i)::bytea), decode(repeat('00', 80), 'hex'), now() + interval '1 hour' \
+             FROM generate_series(1, 10) i",
+            &[],
+        )
+        .await
+        .unwrap();
+        let mut swept = 0;
+        loop {
+            let n: i32 = db.query_one("SELECT authz_cache_sweep(100)", &[]).await.unwrap().get(0);
+            swept += n;
+            if n < 100 {
+                break;
+            }
+        }
+        assert_eq!(swept, 250);
+        let left: i64 = db.query_one("SELECT count(*) FROM authz_cache_entries", &[]).await.unwrap().get(0);
+        assert_eq!(left, 10);
+        // The table refuses keys that are not 32-byte key ids.
+        assert!(
+            db.execute("INSERT INTO authz_cache_entries (key, value, expires_at) VALUES ('bob', 'x', now())", &[])
+                .await
+                .is_err()
+        );
+    };
+    // Drop the schema whatever happened, then report.
+    let outcome = tokio::spawn(result).await;
+    let _ = cleanup.batch_execute(&format!("DROP SCHEMA {schema} CASCADE")).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic.into_panic());
+    }
+}
