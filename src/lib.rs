@@ -50,9 +50,10 @@
 //! # Features
 //!
 //! - `axum`: [`Principal`] is an axum extractor.
-//! - `redis` (default): L2 on Redis ([`RedisTier`]) and the Redis invalidation backplane.
-//! - `metrics`: [`AuthzCache::export_metrics`] publishes the metric families through the
+//! - `redis` (default): L2 on Redis (`RedisTier`) and the Redis invalidation backplane.
+//! - `metrics`: `AuthzCache::export_metrics` publishes the metric families through the
 //!   `metrics` facade.
+//! - `cli`: the `authz-cache` binary (`init`, `health`, `stats`, `invalidate`).
 //! - `full`: everything.
 
 #![deny(unreachable_pub, missing_docs)]
