@@ -62,26 +62,26 @@ async fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool
 
 use support::redis::wait_trusted;
 
-/// Two instances on one namespace, each with its own view of one shared truth, both heard.
+/// Two instances on one namespace, each with its own view of one shared truth, both heard. The
+/// namespace is the caller's, declared before the pair, so that it outlives the caches and is
+/// deleted after them.
 async fn two_instances(
-    test: &str,
+    ns: &Namespace,
     a_tier: impl FnOnce(RedisTierBuilder) -> RedisTierBuilder,
     staleness: Duration,
 ) -> Pair {
     let url = support::redis::url();
     support::redis::addr();
-    let ns = Namespace::new(test);
     let truth = Policy::default();
     let (pa, pb) = (truth.instance(), truth.instance());
-    let a = build(a_tier(tier(&ns, &url)), &pa, staleness);
-    let b = build(tier(&ns, &url), &pb, staleness);
+    let a = build(a_tier(tier(ns, &url)), &pa, staleness);
+    let b = build(tier(ns, &url), &pb, staleness);
     wait_trusted(&a).await;
     wait_trusted(&b).await;
-    Pair { _ns: ns, truth, pa, pb, a, b }
+    Pair { truth, pa, pb, a, b }
 }
 
 struct Pair {
-    _ns: Namespace,
     truth: Policy,
     pa: Policy,
     pb: Policy,
@@ -99,7 +99,8 @@ fn l2(cache: &AuthzCache) -> tower_authz_cache::RemoteTierSnapshot {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decision_computed_on_a_is_an_l2_hit_on_b_and_an_invalidation_on_a_reaches_b() {
-    let Pair { truth, pa, pb, a, b, .. } = two_instances("share", |t| t, Duration::from_secs(1)).await;
+    let ns = Namespace::new("share");
+    let Pair { truth, pa, pb, a, b } = two_instances(&ns, |t| t, Duration::from_secs(1)).await;
     let bob = Principal::new("bob");
 
     assert!(a.check(&bob, &read(1)).await.unwrap().is_allowed());
@@ -126,7 +127,8 @@ async fn a_decision_computed_on_a_is_an_l2_hit_on_b_and_an_invalidation_on_a_rea
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidation_delay_from_a_to_b_over_1000_trials() {
-    let Pair { pb, a, b, .. } = two_instances("delay", |t| t, Duration::from_secs(1)).await;
+    let ns = Namespace::new("delay");
+    let Pair { pb, a, b, .. } = two_instances(&ns, |t| t, Duration::from_secs(1)).await;
     let mut delays = Vec::with_capacity(1000);
     for i in 0..1000 {
         let who = Principal::new(format!("user-{i}"));
@@ -228,7 +230,8 @@ async fn a_cut_backplane_stops_l1_allows_within_max_staleness_and_recovers() {
     let backplane = FaultProxy::start(support::redis::addr()).await;
     let staleness = Duration::from_millis(300);
     let bp_url = backplane.url("redis");
-    let Pair { truth, a, b, .. } = two_instances("backplane", |t| t.backplane_url(bp_url), staleness).await;
+    let ns = Namespace::new("backplane");
+    let Pair { truth, a, b, .. } = two_instances(&ns, |t| t.backplane_url(bp_url), staleness).await;
     let (bob, alice) = (Principal::new("bob"), Principal::new("alice"));
     for who in [&bob, &alice] {
         a.check(who, &read(1)).await.unwrap();

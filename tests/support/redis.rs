@@ -70,8 +70,8 @@ impl Namespace {
     }
 }
 
-impl Drop for Namespace {
-    fn drop(&mut self) {
+impl Namespace {
+    fn delete_all(&self) {
         let keys = self.keys();
         if keys.is_empty() {
             return;
@@ -81,6 +81,16 @@ impl Drop for Namespace {
                 let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query(&mut conn);
             }
         }
+    }
+}
+
+impl Drop for Namespace {
+    /// Deletes every key of the namespace, twice: background writers of caches dropped just
+    /// before may still land a write in between.
+    fn drop(&mut self) {
+        self.delete_all();
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        self.delete_all();
     }
 }
 
