@@ -488,6 +488,17 @@ impl CacheConfig {
         Ok(builder)
     }
 
+    /// [`redis_url`](Self::redis_url) with any password replaced by `***`, for logs and reports.
+    pub fn redis_url_redacted(&self) -> Option<String> {
+        self.redis_url.as_deref().map(|u| mask_url(u).into_owned())
+    }
+
+    /// [`database_url`](Self::database_url) with any password replaced by `***`, for logs and
+    /// reports.
+    pub fn database_url_redacted(&self) -> Option<String> {
+        self.database_url.as_deref().map(|u| mask_url(u).into_owned())
+    }
+
     /// The mode whose preset this configuration started from.
     pub fn mode(&self) -> Mode {
         self.mode
@@ -1203,5 +1214,15 @@ mod tests {
 
         let err = CacheConfig::default().with_redis_namespace("bad namespace").apply(allow_all()).unwrap_err();
         assert_eq!(err.variable(), "AUTHZ_CACHE_NAMESPACE");
+    }
+
+    #[test]
+    fn redacted_urls_hide_passwords_for_reports() {
+        let c = CacheConfig::preset(Mode::Development)
+            .with_redis_url(Some("redis://user:hunter2@127.0.0.1:6379/0".to_owned()))
+            .with_database_url(Some("postgres://app:hunter2@db:5432/x".to_owned()));
+        assert_eq!(c.redis_url_redacted().as_deref(), Some("redis://user:***@127.0.0.1:6379/0"));
+        assert_eq!(c.database_url_redacted().as_deref(), Some("postgres://app:***@db:5432/x"));
+        assert_eq!(CacheConfig::preset(Mode::Development).redis_url_redacted(), None);
     }
 }

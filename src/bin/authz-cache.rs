@@ -127,24 +127,26 @@ async fn init(opts: &[(String, String)]) -> Result<(), Failure> {
         config.max_staleness()
     );
     let mut failed = Vec::new();
+    let shown = config.redis_url_redacted().unwrap_or_default();
     match config.redis_url() {
         None => println!("  redis      skip  REDIS_URL not set: no L2, no backplane"),
         Some(url) => match redis_version(url).await {
             Ok(version) => {
-                println!("  redis      ok    {} (redis {version}), namespace {}", mask(url), config.redis_namespace())
+                println!("  redis      ok    {} (redis {version}), namespace {}", shown, config.redis_namespace())
             }
             Err(e) => {
-                println!("  redis      FAIL  {}: {e}", mask(url));
+                println!("  redis      FAIL  {shown}: {e}");
                 failed.push("redis");
             }
         },
     }
+    let shown = config.database_url_redacted().unwrap_or_default();
     match config.database_url() {
         None => println!("  postgres   skip  DATABASE_URL not set"),
         Some(url) => match postgres_version(url).await {
-            Ok(version) => println!("  postgres   ok    {} (postgres {version})", mask(url)),
+            Ok(version) => println!("  postgres   ok    {shown} (postgres {version})"),
             Err(e) => {
-                println!("  postgres   FAIL  {}: {e}", mask(url));
+                println!("  postgres   FAIL  {shown}: {e}");
                 failed.push("postgres");
             }
         },
@@ -156,20 +158,6 @@ async fn init(opts: &[(String, String)]) -> Result<(), Failure> {
     } else {
         println!("result: failed ({})", failed.join(", "));
         Err(Failure::Failed(format!("{} unreachable", failed.join(" and "))))
-    }
-}
-
-/// The URL with any password replaced by `***`.
-fn mask(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &userinfo[..colon], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 
@@ -221,7 +209,7 @@ async fn invalidate(opts: &[(String, String)]) -> Result<(), Failure> {
     let never = |_: Principal, _: Permission| async { Ok::<_, BoxError>(Decision::deny()) };
     let cache = config.apply(AuthzCache::builder(never)).map_err(|e| Failure::Usage(e.to_string()))?.build();
     cache.invalidate(&invalidation).await.map_err(|e| {
-        Failure::Failed(format!("{e}: Redis at {} did not take it", mask(config.redis_url().unwrap_or(""))))
+        Failure::Failed(format!("{e}: Redis at {} did not take it", config.redis_url_redacted().unwrap_or_default()))
     })?;
     println!("invalidated {invalidation:?} in namespace {}", config.redis_namespace());
     Ok(())

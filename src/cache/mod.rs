@@ -249,12 +249,11 @@ impl Inner {
     /// into this process's first, so the stamp of a fill that follows includes them. Returns
     /// a valid entry's decision, promoted to L1 with its deadline unchanged.
     #[cfg(feature = "redis")]
-    async fn lookup_l2(&self, key: &CacheKey) -> Option<Decision> {
+    async fn lookup_l2(&self, key: &CacheKey, key_id: &[u8; 32]) -> Option<Decision> {
         let l2 = self.l2.as_ref()?;
         let hashes = self.epochs.hashes(key);
-        let key_id = self.keys.key_id(key);
         let started = Instant::now();
-        let read = l2.redis.read(&key_id, &hashes).await;
+        let read = l2.redis.read(key_id, &hashes).await;
         if !matches!(read, Err(crate::cache::guard::GuardError::Open)) {
             let elapsed = started.elapsed();
             self.stats.l2_read_latency.record(elapsed);
@@ -283,7 +282,7 @@ impl Inner {
             Stats::incr(&self.stats.l2_misses);
             return None;
         };
-        let mut entry = match Entry::decode(&bytes, &self.keys, &key_id) {
+        let mut entry = match Entry::decode(&bytes, &self.keys, key_id) {
             Ok(entry) => entry,
             Err(e) => {
                 Stats::incr(&self.stats.l2_rejected);
@@ -317,12 +316,11 @@ impl Inner {
 
     /// Queues the shared copy of a fresh entry; a full queue drops it (counted).
     #[cfg(feature = "redis")]
-    fn write_behind(&self, key: &CacheKey, entry: &Entry) {
+    fn write_behind(&self, key_id: &[u8; 32], entry: &Entry) {
         let Some(l2) = &self.l2 else { return };
-        let key_id = self.keys.key_id(key);
         let write = crate::tier::redis::Write {
-            key: l2.redis.data_key(&key_id),
-            value: entry.encode(&self.keys, &key_id),
+            key: l2.redis.data_key(key_id),
+            value: entry.encode(&self.keys, key_id),
             valid_until_ms: entry.valid_until_ms,
         };
         if l2.writes.try_send(write).is_err() {
@@ -367,9 +365,14 @@ impl Inner {
         if let Some(decision) = self.lookup_l1(key, false, true) {
             return Ok(decision);
         }
+        // The shared-tier key id (an HMAC), computed once for the read and the write-behind.
         #[cfg(feature = "redis")]
-        if let Some(decision) = self.lookup_l2(key).await {
-            return Ok(decision);
+        let key_id = self.l2.as_ref().map(|_| self.keys.key_id(key));
+        #[cfg(feature = "redis")]
+        if let Some(key_id) = &key_id {
+            if let Some(decision) = self.lookup_l2(key, key_id).await {
+                return Ok(decision);
+            }
         }
         for _ in 0..MAX_ATTEMPTS {
             // Epochs are read before the authorizer is asked (DESIGN.md invariant 3).
@@ -408,7 +411,9 @@ impl Inner {
                 let valid_until_ms = self.clock.now_ms().saturating_add(ttl);
                 let entry = Entry::new(&decision, valid_until_ms, stamp);
                 #[cfg(feature = "redis")]
-                self.write_behind(key, &entry);
+                if let Some(key_id) = &key_id {
+                    self.write_behind(key_id, &entry);
+                }
                 self.l1.insert(key.clone(), entry);
             }
             return Ok(decision);
