@@ -1,6 +1,8 @@
 -- A reference RBAC schema for the demo and the tests, its materialized views, and the change
--- feed: any change to who holds what NOTIFYs 'authz_cache_changes' with the affected principal,
--- so every instance invalidates it without anyone calling the invalidation service.
+-- feed: any change to who holds what NOTIFYs '<schema>.authz_cache_changes' with the affected
+-- principal, so every instance invalidates it without anyone calling the invalidation service.
+-- The views are refreshed (concurrently) by statement triggers in the same transaction as the
+-- change, so by the time a notification is delivered (at commit) the views already agree.
 
 CREATE TABLE IF NOT EXISTS users (
     id   text PRIMARY KEY
@@ -52,23 +54,31 @@ CREATE UNIQUE INDEX IF NOT EXISTS mv_team_collaboration_patterns_key
 
 -- Refreshes both views without blocking readers.
 CREATE OR REPLACE FUNCTION authz_refresh_authorization_views()
-RETURNS void LANGUAGE plpgsql AS $$
+RETURNS void LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
     REFRESH MATERIALIZED VIEW CONCURRENTLY mv_user_authorization_context;
     REFRESH MATERIALIZED VIEW CONCURRENTLY mv_team_collaboration_patterns;
 END;
 $$;
 
+CREATE OR REPLACE FUNCTION authz_refresh_authorization_views_trigger()
+RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+BEGIN
+    PERFORM authz_refresh_authorization_views();
+    RETURN NULL;
+END;
+$$;
+
 -- The change feed. Payloads: 'principal <id>'. Postgres folds identical notifications sent in
 -- one transaction into one.
 CREATE OR REPLACE FUNCTION authz_notify_user_roles()
-RETURNS trigger LANGUAGE plpgsql AS $$
+RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        PERFORM pg_notify('authz_cache_changes', 'principal ' || OLD.user_id);
+        PERFORM pg_notify(TG_TABLE_SCHEMA || '.authz_cache_changes', 'principal ' || OLD.user_id);
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
-        PERFORM pg_notify('authz_cache_changes', 'principal ' || NEW.user_id);
+        PERFORM pg_notify(TG_TABLE_SCHEMA || '.authz_cache_changes', 'principal ' || NEW.user_id);
     END IF;
     RETURN NULL;
 END;
@@ -76,14 +86,14 @@ $$;
 
 -- A role's permissions changed: every holder of the role is affected.
 CREATE OR REPLACE FUNCTION authz_notify_role_permissions()
-RETURNS trigger LANGUAGE plpgsql AS $$
+RETURNS trigger LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     r text := CASE WHEN TG_OP = 'DELETE' THEN OLD.role_id ELSE NEW.role_id END;
     u text;
 BEGIN
     FOR u IN SELECT user_id FROM user_roles WHERE role_id = r
              UNION SELECT user_id FROM user_roles WHERE TG_OP = 'UPDATE' AND role_id = OLD.role_id LOOP
-        PERFORM pg_notify('authz_cache_changes', 'principal ' || u);
+        PERFORM pg_notify(TG_TABLE_SCHEMA || '.authz_cache_changes', 'principal ' || u);
     END LOOP;
     RETURN NULL;
 END;
@@ -98,3 +108,18 @@ DROP TRIGGER IF EXISTS authz_role_permissions_changed ON role_permissions;
 CREATE TRIGGER authz_role_permissions_changed
     AFTER INSERT OR UPDATE OR DELETE ON role_permissions
     FOR EACH ROW EXECUTE FUNCTION authz_notify_role_permissions();
+
+DROP TRIGGER IF EXISTS authz_user_roles_refresh ON user_roles;
+CREATE TRIGGER authz_user_roles_refresh
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON user_roles
+    FOR EACH STATEMENT EXECUTE FUNCTION authz_refresh_authorization_views_trigger();
+
+DROP TRIGGER IF EXISTS authz_role_permissions_refresh ON role_permissions;
+CREATE TRIGGER authz_role_permissions_refresh
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON role_permissions
+    FOR EACH STATEMENT EXECUTE FUNCTION authz_refresh_authorization_views_trigger();
+
+DROP TRIGGER IF EXISTS authz_team_members_refresh ON team_members;
+CREATE TRIGGER authz_team_members_refresh
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON team_members
+    FOR EACH STATEMENT EXECUTE FUNCTION authz_refresh_authorization_views_trigger();

@@ -40,6 +40,12 @@ pub(crate) struct Histogram {
     max: AtomicU64,
 }
 
+impl Default for Histogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Histogram {
     pub(crate) fn new() -> Self {
         Self {
@@ -192,6 +198,9 @@ pub struct TiersSnapshot {
     /// Redis, when configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub l2: Option<RemoteTierSnapshot>,
+    /// Postgres, when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l3: Option<RemoteTierSnapshot>,
 }
 
 /// Invalidations applied, by scope.
@@ -218,6 +227,8 @@ pub struct LatenciesSnapshot {
     pub miss: LatencySnapshot,
     /// One L2 read (a Redis round trip), when L2 is configured and its breaker let it through.
     pub l2_read: LatencySnapshot,
+    /// One L3 read (a Postgres round trip), when L3 is configured and its breaker let it through.
+    pub l3_read: LatencySnapshot,
     /// One authorizer call (timeouts included).
     pub authorizer: LatencySnapshot,
 }
@@ -264,15 +275,8 @@ pub(crate) struct Stats {
     pub(crate) l1_expired: AtomicU64,
     pub(crate) l1_stale: AtomicU64,
     pub(crate) l1_untrusted: AtomicU64,
-    pub(crate) l2_hits: AtomicU64,
-    pub(crate) l2_misses: AtomicU64,
-    pub(crate) l2_expired: AtomicU64,
-    pub(crate) l2_stale: AtomicU64,
-    pub(crate) l2_rejected: AtomicU64,
-    pub(crate) l2_errors: AtomicU64,
-    pub(crate) l2_writes: AtomicU64,
-    pub(crate) l2_write_errors: AtomicU64,
-    pub(crate) l2_write_drops: AtomicU64,
+    pub(crate) l2: RemoteCounters,
+    pub(crate) l3: RemoteCounters,
     pub(crate) authorizer_calls: AtomicU64,
     pub(crate) authorizer_errors: AtomicU64,
     /// Authorizer failures since its last success.
@@ -286,7 +290,6 @@ pub(crate) struct Stats {
     pub(crate) inv_all: AtomicU64,
     pub(crate) l1_hit_latency: Histogram,
     pub(crate) miss_latency: Histogram,
-    pub(crate) l2_read_latency: Histogram,
     pub(crate) authorizer_latency: Histogram,
 }
 
@@ -298,15 +301,8 @@ impl Stats {
             l1_expired: AtomicU64::new(0),
             l1_stale: AtomicU64::new(0),
             l1_untrusted: AtomicU64::new(0),
-            l2_hits: AtomicU64::new(0),
-            l2_misses: AtomicU64::new(0),
-            l2_expired: AtomicU64::new(0),
-            l2_stale: AtomicU64::new(0),
-            l2_rejected: AtomicU64::new(0),
-            l2_errors: AtomicU64::new(0),
-            l2_writes: AtomicU64::new(0),
-            l2_write_errors: AtomicU64::new(0),
-            l2_write_drops: AtomicU64::new(0),
+            l2: RemoteCounters::default(),
+            l3: RemoteCounters::default(),
             authorizer_calls: AtomicU64::new(0),
             authorizer_errors: AtomicU64::new(0),
             authorizer_failing: AtomicU64::new(0),
@@ -319,7 +315,6 @@ impl Stats {
             inv_all: AtomicU64::new(0),
             l1_hit_latency: Histogram::new(),
             miss_latency: Histogram::new(),
-            l2_read_latency: Histogram::new(),
             authorizer_latency: Histogram::new(),
         }
     }
@@ -358,6 +353,7 @@ impl Stats {
                     max_bytes,
                 },
                 l2: None,
+                l3: None,
             },
             authorizer_calls: self.authorizer_calls.load(Relaxed),
             authorizer_errors: self.authorizer_errors.load(Relaxed),
@@ -373,27 +369,45 @@ impl Stats {
             latency: LatenciesSnapshot {
                 l1_hit: self.l1_hit_latency.snapshot(),
                 miss: self.miss_latency.snapshot(),
-                l2_read: self.l2_read_latency.snapshot(),
+                l2_read: self.l2.read_latency.snapshot(),
+                l3_read: self.l3.read_latency.snapshot(),
                 authorizer: self.authorizer_latency.snapshot(),
             },
             #[cfg(feature = "redis")]
             backplane: None,
         }
     }
+}
 
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn l2_snapshot(&self, guard: &crate::cache::guard::Guard) -> RemoteTierSnapshot {
+/// The live counters of one remote tier.
+#[derive(Default)]
+pub(crate) struct RemoteCounters {
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) expired: AtomicU64,
+    pub(crate) stale: AtomicU64,
+    pub(crate) rejected: AtomicU64,
+    pub(crate) errors: AtomicU64,
+    pub(crate) writes: AtomicU64,
+    pub(crate) write_errors: AtomicU64,
+    pub(crate) write_drops: AtomicU64,
+    pub(crate) read_latency: Histogram,
+}
+
+impl RemoteCounters {
+    #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+    pub(crate) fn snapshot(&self, guard: &crate::cache::guard::Guard) -> RemoteTierSnapshot {
         let (opens, errors, timeouts, skipped) = guard.counters();
         RemoteTierSnapshot {
-            hits: self.l2_hits.load(Relaxed),
-            misses: self.l2_misses.load(Relaxed),
-            expired: self.l2_expired.load(Relaxed),
-            stale: self.l2_stale.load(Relaxed),
-            rejected: self.l2_rejected.load(Relaxed),
-            errors: self.l2_errors.load(Relaxed),
-            writes: self.l2_writes.load(Relaxed),
-            write_errors: self.l2_write_errors.load(Relaxed),
-            write_drops: self.l2_write_drops.load(Relaxed),
+            hits: self.hits.load(Relaxed),
+            misses: self.misses.load(Relaxed),
+            expired: self.expired.load(Relaxed),
+            stale: self.stale.load(Relaxed),
+            rejected: self.rejected.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+            writes: self.writes.load(Relaxed),
+            write_errors: self.write_errors.load(Relaxed),
+            write_drops: self.write_drops.load(Relaxed),
             breaker: guard.state(),
             breaker_opens: opens,
             call_errors: errors,

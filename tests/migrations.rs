@@ -74,6 +74,7 @@ async fn the_migrations_apply_twice_and_do_what_they_say() {
     let (db, _) = connect().await;
     let (listener, mut notes) = connect().await;
     db.batch_execute(&format!("CREATE SCHEMA {schema}; SET search_path TO {schema}")).await.unwrap();
+    let ns = schema.clone();
     let result = async move {
         assert!(migrations().len() >= 2, "{:?}", migrations().iter().map(|m| &m.0).collect::<Vec<_>>());
         for round in 0..2 {
@@ -102,7 +103,7 @@ async fn the_migrations_apply_twice_and_do_what_they_say() {
         db.execute("INSERT INTO teams VALUES ('t1')", &[]).await.unwrap();
         db.execute("INSERT INTO team_members VALUES ('t1', $1), ('t1', $2)", &[&bob, &carol]).await.unwrap();
 
-        db.execute("SELECT authz_refresh_authorization_views()", &[]).await.unwrap();
+        // The statement triggers refreshed the views already; refreshing again is harmless.
         let grants: Vec<(String, String)> = db
             .query(
                 "SELECT resource_pattern, action FROM mv_user_authorization_context WHERE user_id = $1 ORDER BY 1, 2",
@@ -128,14 +129,26 @@ async fn the_migrations_apply_twice_and_do_what_they_say() {
         assert_eq!(mates, 1);
 
         // The change feed: a role change notifies the principal; a permission change, its holders.
-        listener.batch_execute("LISTEN authz_cache_changes; LISTEN authz_cache_epochs").await.unwrap();
+        // Channels carry the schema's name: other schemas in the database never hear them.
+        let (changes, epochs) = (format!("{ns}.authz_cache_changes"), format!("{ns}.authz_cache_epochs"));
+        listener.batch_execute(&format!("LISTEN \"{changes}\"; LISTEN \"{epochs}\"")).await.unwrap();
         db.execute("UPDATE user_roles SET role_id = 'editor' WHERE user_id = $1", &[&bob]).await.unwrap();
         let want = format!("principal {bob}");
-        expect(&mut notes, "authz_cache_changes", |p| p == want).await;
+        expect(&mut notes, &changes, |p| p == want).await;
+        // ... and the view already agrees when the notification arrives.
+        let can_write: bool = db
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM mv_user_authorization_context WHERE user_id = $1 AND action = 'write')",
+                &[&bob],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(can_write, "the statement trigger refreshed the view in the change's transaction");
         db.execute("INSERT INTO role_permissions VALUES ('editor', 'documents:*', 'delete')", &[]).await.unwrap();
         let mut waiting: Vec<String> = [&bob, &carol].iter().map(|who| format!("principal {who}")).collect();
         while !waiting.is_empty() {
-            let got = expect(&mut notes, "authz_cache_changes", |p| waiting.iter().any(|w| w == p)).await;
+            let got = expect(&mut notes, &changes, |p| waiting.iter().any(|w| w == p)).await;
             waiting.retain(|w| *w != got);
         }
 
@@ -147,7 +160,7 @@ async fn the_migrations_apply_twice_and_do_what_they_say() {
         let v2: i64 = db.query_one("SELECT authz_cache_bump('p', $1, 0, 60000)", &[&hash]).await.unwrap().get(0);
         assert!(v1 >= floor && v2 > v1, "{floor} {v1} {v2}");
         let want = format!("i p {hash:016x} {v2}");
-        expect(&mut notes, "authz_cache_epochs", |p| p == want).await;
+        expect(&mut notes, &epochs, |p| p == want).await;
         let stored: i64 = db
             .query_one("SELECT value FROM authz_cache_epochs WHERE scope = 'p' AND hash = $1", &[&hash])
             .await
@@ -157,16 +170,16 @@ async fn the_migrations_apply_twice_and_do_what_they_say() {
 
         // The sweep removes expired entries, in batches, and nothing else.
         db.execute(
-            "INSERT INTO authz_cache_entries (key, value, expires_at) \
-             SELECT sha256(i::text::bytea), decode(repeat('00', 80), 'hex'), now() - interval '1 second' \
+            "INSERT INTO authz_cache_entries (key, value, subject, principal_hash, expires_at) \
+             SELECT sha256(i::text::bytea), decode(repeat('00', 80), 'hex'), '', 0, now() - interval '1 second' \
              FROM generate_series(1, 250) i",
             &[],
         )
         .await
         .unwrap();
         db.execute(
-            "INSERT INTO authz_cache_entries (key, value, expires_at) \
-             SELECT sha256(('live' || i)::bytea), decode(repeat('00', 80), 'hex'), now() + interval '1 hour' \
+            "INSERT INTO authz_cache_entries (key, value, subject, principal_hash, expires_at) \
+             SELECT sha256(('live' || i)::bytea), decode(repeat('00', 80), 'hex'), '', 0, now() + interval '1 hour' \
              FROM generate_series(1, 10) i",
             &[],
         )
@@ -185,9 +198,13 @@ async fn the_migrations_apply_twice_and_do_what_they_say() {
         assert_eq!(left, 10);
         // The table refuses keys that are not 32-byte key ids.
         assert!(
-            db.execute("INSERT INTO authz_cache_entries (key, value, expires_at) VALUES ('bob', 'x', now())", &[])
-                .await
-                .is_err()
+            db.execute(
+                "INSERT INTO authz_cache_entries (key, value, subject, principal_hash, expires_at) \
+                 VALUES ('bob', decode(repeat('00', 80), 'hex'), '', 0, now())",
+                &[]
+            )
+            .await
+            .is_err()
         );
     };
     // Drop the schema whatever happened, then report.

@@ -182,7 +182,7 @@ impl AuthzCache {
         let mut snapshot = self.inner.stats.snapshot(self.inner.l1.usage());
         #[cfg(feature = "redis")]
         if let Some(l2) = &self.inner.l2 {
-            snapshot.tiers.l2 = Some(self.inner.stats.l2_snapshot(&l2.redis.guard));
+            snapshot.tiers.l2 = Some(self.inner.stats.l2.snapshot(&l2.redis.guard));
             snapshot.backplane = Some(l2.backplane.state.snapshot());
         }
         snapshot
@@ -256,20 +256,20 @@ impl Inner {
         let read = l2.redis.read(key_id, &hashes).await;
         if !matches!(read, Err(crate::cache::guard::GuardError::Open)) {
             let elapsed = started.elapsed();
-            self.stats.l2_read_latency.record(elapsed);
+            self.stats.l2.read_latency.record(elapsed);
             #[cfg(feature = "metrics")]
             crate::exposition::record(crate::exposition::TIER_READ_DURATION, &[("tier", "l2")], elapsed);
         }
         let read = match read {
             Ok(read) => read,
             Err(e) => {
-                Stats::incr(&self.stats.l2_errors);
+                Stats::incr(&self.stats.l2.errors);
                 tracing::debug!(target: "authz_cache", error = %e, "l2 read failed: miss");
                 return None;
             }
         };
         let Some([g, p, r, k]) = read.epochs else {
-            Stats::incr(&self.stats.l2_rejected);
+            Stats::incr(&self.stats.l2.rejected);
             tracing::warn!(target: "authz_cache::audit", "l2 epoch value unreadable: not trusting l2 for this key");
             return None;
         };
@@ -279,14 +279,14 @@ impl Inner {
         self.epochs.merge(Scope::Resource, hashes.resource, r, now);
         self.epochs.merge(Scope::Entry, hashes.entry, k, now);
         let Some(bytes) = read.value else {
-            Stats::incr(&self.stats.l2_misses);
+            Stats::incr(&self.stats.l2.misses);
             return None;
         };
         let mut entry = match Entry::decode(&bytes, &self.keys, key_id) {
             Ok(entry) => entry,
             Err(e) => {
-                Stats::incr(&self.stats.l2_rejected);
-                Stats::incr(&self.stats.l2_misses);
+                Stats::incr(&self.stats.l2.rejected);
+                Stats::incr(&self.stats.l2.misses);
                 tracing::warn!(
                     target: "authz_cache::audit",
                     principal = %ShortHash::of(&key.principal),
@@ -298,16 +298,16 @@ impl Inner {
         };
         let current = self.epochs.stamp(key);
         if now >= entry.valid_until_ms {
-            Stats::incr(&self.stats.l2_expired);
-            Stats::incr(&self.stats.l2_misses);
+            Stats::incr(&self.stats.l2.expired);
+            Stats::incr(&self.stats.l2.misses);
             return None;
         }
         if entry.stamp.shared() != current.shared() {
-            Stats::incr(&self.stats.l2_stale);
-            Stats::incr(&self.stats.l2_misses);
+            Stats::incr(&self.stats.l2.stale);
+            Stats::incr(&self.stats.l2.misses);
             return None;
         }
-        Stats::incr(&self.stats.l2_hits);
+        Stats::incr(&self.stats.l2.hits);
         entry.stamp.local = current.local;
         let decision = entry.decision();
         self.l1.insert(key.clone(), entry);
@@ -324,7 +324,7 @@ impl Inner {
             valid_until_ms: entry.valid_until_ms,
         };
         if l2.writes.try_send(write).is_err() {
-            Stats::incr(&self.stats.l2_write_drops);
+            Stats::incr(&self.stats.l2.write_drops);
         }
     }
 

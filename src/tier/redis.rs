@@ -399,9 +399,9 @@ pub(crate) fn spawn_writers(
                     continue;
                 }
                 match shared.write(&w.key, &w.value, remaining).await {
-                    Ok(()) => crate::stats::Stats::incr(&stats.l2_writes),
+                    Ok(()) => crate::stats::Stats::incr(&stats.l2.writes),
                     Err(e) => {
-                        crate::stats::Stats::incr(&stats.l2_write_errors);
+                        crate::stats::Stats::incr(&stats.l2.write_errors);
                         tracing::debug!(target: "authz_cache", error = %e, "l2 write failed");
                     }
                 }
