@@ -371,6 +371,7 @@ async fn shutdown_signal() {
 
 /// The demo's fixed secret, used only when AUTHZ_CACHE_SECRET is unset outside production, so that
 /// several demo instances share L2.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 const DEMO_SECRET: &str = "quickstart demo secret, not for production";
 
 #[tokio::main]

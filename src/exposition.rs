@@ -136,7 +136,7 @@ pub(crate) fn rows(s: &StatsSnapshot) -> Vec<Row> {
         row("authz_cache_size_bytes", "Weighted size held by a tier, in bytes.", Gauge, L1, l1.bytes),
         row("authz_cache_max_size_bytes", "The configured bound of a tier, in bytes.", Gauge, L1, l1.max_bytes),
     ]);
-    #[cfg(feature = "redis")]
+    #[cfg(any(feature = "redis", feature = "postgres"))]
     if let Some(b) = s.backplane {
         rows.extend([
             row(
@@ -278,6 +278,7 @@ mod tests {
             writes: 6,
             write_errors: 0,
             write_drops: 0,
+            swept: 0,
             breaker: BreakerState::Closed,
             breaker_opens: 0,
             call_errors: 0,

@@ -102,7 +102,7 @@ impl Health {
             },
             breaker: Some(t.breaker),
         });
-        #[cfg(feature = "redis")]
+        #[cfg(any(feature = "redis", feature = "postgres"))]
         let backplane = stats.backplane.map(|b| {
             part(match (b.connected, b.l1_trusted) {
                 (true, true) => HealthStatus::Up,
@@ -110,7 +110,7 @@ impl Health {
                 (false, _) => HealthStatus::Down,
             })
         });
-        #[cfg(not(feature = "redis"))]
+        #[cfg(not(any(feature = "redis", feature = "postgres")))]
         let backplane = None;
         let authorizer =
             part(if authorizer_failing >= AUTHORIZER_DOWN_AFTER { HealthStatus::Down } else { HealthStatus::Up });

@@ -61,7 +61,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 // The shared-tier machinery (envelopes, keyed hashes, guards) is only used by the remote-tier
 // features; the all-features build (CI's clippy) still catches dead code in it.
-#![cfg_attr(not(feature = "redis"), allow(dead_code))]
+#![cfg_attr(not(all(feature = "redis", feature = "postgres")), allow(dead_code))]
 
 mod cache;
 mod config;
@@ -72,6 +72,8 @@ mod health;
 mod invalidation;
 mod layer;
 mod monitor;
+#[cfg(feature = "postgres")]
+mod rbac;
 mod response;
 mod service;
 mod stats;
@@ -81,6 +83,7 @@ mod tier;
 mod extract;
 
 pub use crate::cache::guard::BreakerState;
+pub use crate::cache::warm::WarmReport;
 pub use crate::cache::{AuthzCache, AuthzCacheBuilder, CheckError, CheckErrorKind};
 pub use crate::config::{CacheConfig, ConfigError, Mode, Secret};
 pub use crate::core::authorizer::Authorizer;
@@ -91,17 +94,21 @@ pub use crate::core::principal::{
 };
 pub use crate::future::ResponseFuture;
 pub use crate::health::{AUTHORIZER_DOWN_AFTER, Health, HealthStatus, PartHealth, TiersHealth};
-#[cfg(feature = "redis")]
+#[cfg(any(feature = "redis", feature = "postgres"))]
 pub use crate::invalidation::backplane::BackplaneSnapshot;
 pub use crate::invalidation::{Invalidation, InvalidationError, InvalidationFuture, InvalidationService};
 pub use crate::layer::CachedAuthorizationLayer;
 pub use crate::monitor::{Alert, AlertKind, Monitor, MonitorBuilder, MonitorHandle, Report, TierWindow, Trend};
+#[cfg(feature = "postgres")]
+pub use crate::rbac::PostgresRbacAuthorizer;
 pub use crate::response::{Rejection, RejectionKind, ResponseBody};
 pub use crate::service::CachedAuthorization;
 pub use crate::stats::{
     InvalidationsSnapshot, LatenciesSnapshot, LatencySnapshot, RemoteTierSnapshot, StatsSnapshot, TierSnapshot,
     TiersSnapshot,
 };
+#[cfg(feature = "postgres")]
+pub use crate::tier::postgres::{PostgresTier, PostgresTierBuilder, PostgresTierError};
 #[cfg(feature = "redis")]
 pub use crate::tier::redis::{RedisTier, RedisTierBuilder, RedisTierError};
 

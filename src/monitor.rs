@@ -401,7 +401,7 @@ impl Monitor {
                 alerts.push(Alert::new(AlertKind::BreakerOpened, message, Some(BREAKER)));
             }
         }
-        #[cfg(feature = "redis")]
+        #[cfg(any(feature = "redis", feature = "postgres"))]
         if let Some(b) = &now.backplane {
             let distrusts = d(b.distrusts, prev.backplane.map_or(0, |p| p.distrusts));
             if !b.l1_trusted || distrusts > 0 {
@@ -782,6 +782,7 @@ mod tests {
             writes: 0,
             write_errors: 0,
             write_drops: 0,
+            swept: 0,
             breaker,
             breaker_opens: opens,
             call_errors: 5,

@@ -177,6 +177,8 @@ pub struct RemoteTierSnapshot {
     pub write_errors: u64,
     /// Background writes dropped because the queue was full.
     pub write_drops: u64,
+    /// Expired rows removed by the sweeper (L3; Redis expires its keys by itself).
+    pub swept: u64,
     /// The circuit breaker's state.
     pub breaker: crate::BreakerState,
     /// Times the breaker opened.
@@ -249,12 +251,16 @@ pub struct StatsSnapshot {
     pub invalidation_races: u64,
     /// Checks that could not be decided (the 503s).
     pub undecided: u64,
+    /// Principals invalidated by the Postgres change feed (permission-table triggers).
+    pub change_feed_invalidations: u64,
+    /// Entries loaded into L1 by warming.
+    pub warmed: u64,
     /// Invalidations applied, by scope.
     pub invalidations: InvalidationsSnapshot,
     /// Latency by path.
     pub latency: LatenciesSnapshot,
     /// The invalidation backplane, when configured.
-    #[cfg(feature = "redis")]
+    #[cfg(any(feature = "redis", feature = "postgres"))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backplane: Option<crate::BackplaneSnapshot>,
 }
@@ -284,6 +290,8 @@ pub(crate) struct Stats {
     pub(crate) single_flight_joins: AtomicU64,
     pub(crate) invalidation_races: AtomicU64,
     pub(crate) undecided: AtomicU64,
+    pub(crate) change_feed: AtomicU64,
+    pub(crate) warmed: AtomicU64,
     pub(crate) inv_principal: AtomicU64,
     pub(crate) inv_resource: AtomicU64,
     pub(crate) inv_entry: AtomicU64,
@@ -309,6 +317,8 @@ impl Stats {
             single_flight_joins: AtomicU64::new(0),
             invalidation_races: AtomicU64::new(0),
             undecided: AtomicU64::new(0),
+            change_feed: AtomicU64::new(0),
+            warmed: AtomicU64::new(0),
             inv_principal: AtomicU64::new(0),
             inv_resource: AtomicU64::new(0),
             inv_entry: AtomicU64::new(0),
@@ -360,6 +370,8 @@ impl Stats {
             single_flight_joins: self.single_flight_joins.load(Relaxed),
             invalidation_races: self.invalidation_races.load(Relaxed),
             undecided: self.undecided.load(Relaxed),
+            change_feed_invalidations: self.change_feed.load(Relaxed),
+            warmed: self.warmed.load(Relaxed),
             invalidations: InvalidationsSnapshot {
                 principal: self.inv_principal.load(Relaxed),
                 resource: self.inv_resource.load(Relaxed),
@@ -373,7 +385,7 @@ impl Stats {
                 l3_read: self.l3.read_latency.snapshot(),
                 authorizer: self.authorizer_latency.snapshot(),
             },
-            #[cfg(feature = "redis")]
+            #[cfg(any(feature = "redis", feature = "postgres"))]
             backplane: None,
         }
     }
@@ -391,6 +403,7 @@ pub(crate) struct RemoteCounters {
     pub(crate) writes: AtomicU64,
     pub(crate) write_errors: AtomicU64,
     pub(crate) write_drops: AtomicU64,
+    pub(crate) swept: AtomicU64,
     pub(crate) read_latency: Histogram,
 }
 
@@ -408,6 +421,7 @@ impl RemoteCounters {
             writes: self.writes.load(Relaxed),
             write_errors: self.write_errors.load(Relaxed),
             write_drops: self.write_drops.load(Relaxed),
+            swept: self.swept.load(Relaxed),
             breaker: guard.state(),
             breaker_opens: opens,
             call_errors: errors,

@@ -91,6 +91,8 @@ pub(crate) struct Keys {
     key: HmacSha256,
     mac: HmacSha256,
     scope: (u64, u64),
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    subject: [u8; 32],
 }
 
 impl Keys {
@@ -107,6 +109,7 @@ impl Keys {
             key: HmacSha256::new_from_slice(&derive(b"tower-authz-cache key v1")).expect("any length"),
             mac: HmacSha256::new_from_slice(&derive(b"tower-authz-cache mac v1")).expect("any length"),
             scope: (k(&scope[..8]), k(&scope[8..16])),
+            subject: derive(b"tower-authz-cache subject v1"),
         }
     }
 
@@ -162,6 +165,54 @@ impl Keys {
         h.write(Scope::Entry.tag().as_bytes());
         key.encode_into(|b| h.write(b));
         h.finish()
+    }
+}
+
+/// The largest tuple a sealed subject may hold; longer ones are not stored in L3.
+#[cfg(feature = "postgres")]
+pub(crate) const MAX_SUBJECT: usize = 8192 - 16;
+
+#[cfg(feature = "postgres")]
+impl Keys {
+    /// The tuple of `key`, sealed (ChaCha20-Poly1305) under the subject key and bound to its key
+    /// id, for the L3 row: Postgres never holds the ids in clear, warming can still rebuild the
+    /// in-process key. The nonce is the key id's first 12 bytes: one tuple, one key id, one
+    /// plaintext, so a nonce never seals two different messages (deterministic, SIV-style).
+    /// `None` when the tuple is too long to store.
+    pub(crate) fn seal_subject(&self, key_id: &[u8; 32], key: &CacheKey) -> Option<Vec<u8>> {
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        let mut plain = Vec::with_capacity(24 + key.heap_bytes());
+        key.encode_into(|b| plain.extend_from_slice(b));
+        if plain.len() > MAX_SUBJECT {
+            return None;
+        }
+        let cipher = chacha20poly1305::ChaCha20Poly1305::new((&self.subject).into());
+        cipher.encrypt(key_id[..12].into(), Payload { msg: &plain, aad: key_id }).ok()
+    }
+
+    /// Opens a sealed subject read beside `key_id`: the key, if the seal is authentic and the
+    /// tuple hashes to that very key id.
+    pub(crate) fn open_subject(&self, key_id: &[u8; 32], sealed: &[u8]) -> Option<CacheKey> {
+        use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+        let cipher = chacha20poly1305::ChaCha20Poly1305::new((&self.subject).into());
+        let plain = cipher.decrypt(key_id[..12].into(), Payload { msg: sealed, aad: key_id }).ok()?;
+        let mut parts = Vec::with_capacity(3);
+        let mut rest = plain.as_slice();
+        for _ in 0..3 {
+            let (len, tail) = rest.split_at_checked(8)?;
+            let len = usize::try_from(u64::from_be_bytes(len.try_into().ok()?)).ok()?;
+            let (part, tail) = tail.split_at_checked(len)?;
+            parts.push(Arc::<str>::from(std::str::from_utf8(part).ok()?));
+            rest = tail;
+        }
+        if !rest.is_empty() {
+            return None;
+        }
+        let action = parts.pop()?;
+        let resource = parts.pop()?;
+        let principal = parts.pop()?;
+        let key = CacheKey { principal, resource, action };
+        (self.key_id(&key) == *key_id).then_some(key)
     }
 }
 
@@ -230,5 +281,32 @@ mod tests {
             k.scope_hash(Scope::Principal, "bob"),
             Keys::derive(b"0123456789abcdef0123456789abcdef").scope_hash(Scope::Principal, "bob")
         );
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn sealed_subjects_open_only_under_their_key_id_and_secret() {
+        let k = Keys::derive(b"0123456789abcdef0123456789abcdef");
+        let bob = key("bob:1\n", "documents:7", "read");
+        let id = k.key_id(&bob);
+        let sealed = k.seal_subject(&id, &bob).unwrap();
+        assert!(!sealed.windows(3).any(|w| w == b"bob"), "the principal id is not in clear");
+        assert!(k.open_subject(&id, &sealed) == Some(bob.clone()));
+        // Another row's key id, another secret, a flipped bit, a truncation: nothing opens.
+        let carol = key("carol", "documents:7", "read");
+        assert!(k.open_subject(&k.key_id(&carol), &sealed).is_none());
+        assert!(Keys::derive(b"another secret, another keyspace").open_subject(&id, &sealed).is_none());
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 1;
+            assert!(k.open_subject(&id, &bad).is_none(), "bit flip at {i}");
+        }
+        assert!(k.open_subject(&id, &sealed[..sealed.len() - 1]).is_none());
+        assert!(k.open_subject(&id, &[]).is_none());
+        // A sealed copy of another tuple moved under this key id does not open either.
+        let other = k.seal_subject(&k.key_id(&carol), &carol).unwrap();
+        assert!(k.open_subject(&id, &other).is_none());
+        let huge = key(&"x".repeat(MAX_SUBJECT), "r", "a");
+        assert!(k.seal_subject(&k.key_id(&huge), &huge).is_none());
     }
 }

@@ -31,6 +31,7 @@ pub(crate) mod key;
 #[cfg(test)]
 mod properties;
 pub(crate) mod single_flight;
+pub(crate) mod warm;
 
 use std::fmt;
 use std::sync::Arc;
@@ -85,6 +86,55 @@ struct Inner {
     authorizer_timeout: Duration,
     #[cfg(feature = "redis")]
     l2: Option<L2>,
+    #[cfg(feature = "postgres")]
+    l3: Option<L3>,
+    /// Shared-epoch bumps that could not be written where they belong yet (retried in the
+    /// background); while any is pending, the tier that missed it is not read.
+    #[cfg(feature = "postgres")]
+    pending: std::sync::Mutex<Pending>,
+    /// Principals seen recently, for team-mate warming.
+    #[cfg(feature = "postgres")]
+    active: Option<mini_moka::sync::Cache<Arc<str>, ()>>,
+}
+
+/// A shared-epoch target: `None` is the global epoch.
+#[cfg(feature = "postgres")]
+type Target = Option<(Scope, u64)>;
+
+/// Bumps owed to a shared store.
+#[cfg(feature = "postgres")]
+#[derive(Default)]
+struct Pending {
+    /// Bumps Postgres (the durable epochs) has not recorded.
+    pg: Vec<Target>,
+    /// Values Redis has not been raised to.
+    redis: Vec<(Target, u64)>,
+}
+
+/// More pending bumps than this collapse into one global bump.
+#[cfg(feature = "postgres")]
+const MAX_PENDING: usize = 10_000;
+
+/// L3 and what runs for it.
+#[cfg(feature = "postgres")]
+struct L3 {
+    pg: Arc<crate::tier::postgres::PostgresShared>,
+    writes: tokio::sync::mpsc::Sender<crate::tier::postgres::Write>,
+    /// LISTEN on the epochs and changes channels (the backplane when there is no Redis).
+    listener: crate::invalidation::backplane::Backplane,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Team-mates warmed per active principal (0: off).
+    teammates: usize,
+    warmers: Arc<tokio::sync::Semaphore>,
+}
+
+#[cfg(feature = "postgres")]
+impl Drop for L3 {
+    fn drop(&mut self) {
+        for t in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            t.abort();
+        }
+    }
 }
 
 /// L2 and what runs for it.
@@ -118,6 +168,8 @@ impl AuthzCache {
             max_staleness: Duration::from_secs(1),
             #[cfg(feature = "redis")]
             l2: None,
+            #[cfg(feature = "postgres")]
+            l3: None,
         }
     }
 
@@ -141,6 +193,8 @@ impl AuthzCache {
             return Ok(decision);
         }
         let start = start.unwrap_or_else(Instant::now);
+        #[cfg(feature = "postgres")]
+        self.note_active(principal);
         // Boxed: the miss path's state (flight, timeout, authorizer future) is large, and
         // keeping it out of this future keeps the hit path free of big moves.
         let outcome = Box::pin(self.inner.miss(key, principal, permission)).await;
@@ -183,7 +237,14 @@ impl AuthzCache {
         #[cfg(feature = "redis")]
         if let Some(l2) = &self.inner.l2 {
             snapshot.tiers.l2 = Some(self.inner.stats.l2.snapshot(&l2.redis.guard));
-            snapshot.backplane = Some(l2.backplane.state.snapshot());
+        }
+        #[cfg(feature = "postgres")]
+        if let Some(l3) = &self.inner.l3 {
+            snapshot.tiers.l3 = Some(self.inner.stats.l3.snapshot(&l3.pg.guard));
+        }
+        #[cfg(any(feature = "redis", feature = "postgres"))]
+        {
+            snapshot.backplane = self.inner.backplane().map(|b| b.snapshot());
         }
         snapshot
     }
@@ -203,13 +264,102 @@ impl AuthzCache {
 }
 
 impl Inner {
-    /// Whether L1 may be read: always without a backplane; with one, only while it is heard.
-    fn l1_trusted(&self) -> bool {
+    /// The backplane whose heartbeat decides whether L1 is trusted: Redis's when there is an L2,
+    /// otherwise Postgres's.
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    fn backplane(&self) -> Option<&crate::invalidation::backplane::BackplaneState> {
         #[cfg(feature = "redis")]
         if let Some(l2) = &self.l2 {
-            return l2.backplane.state.trusted();
+            return Some(&l2.backplane.state);
+        }
+        #[cfg(feature = "postgres")]
+        if let Some(l3) = &self.l3 {
+            return Some(&l3.listener.state);
+        }
+        None
+    }
+
+    /// Whether L1 may be read: always without a backplane; with one, only while it is heard.
+    fn l1_trusted(&self) -> bool {
+        #[cfg(any(feature = "redis", feature = "postgres"))]
+        if let Some(b) = self.backplane() {
+            return b.trusted();
         }
         true
+    }
+
+    /// Whether there is a shared tier (and so a key id to compute).
+    fn has_shared_tier(&self) -> bool {
+        #[cfg(feature = "redis")]
+        if self.l2.is_some() {
+            return true;
+        }
+        #[cfg(feature = "postgres")]
+        if self.l3.is_some() {
+            return true;
+        }
+        false
+    }
+
+    /// Checks what a shared tier returned for `key`: merges the shared epochs read with it into
+    /// this process's, authenticates the envelope, checks deadline and epochs. Counts on
+    /// `counters`; failed verification is an audit event. The entry, when valid, has its local
+    /// stamp set to the current one (ready for L1).
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    #[allow(clippy::too_many_arguments)]
+    fn accept_shared(
+        &self,
+        tier: &'static str,
+        counters: &crate::stats::RemoteCounters,
+        key: &CacheKey,
+        key_id: &[u8; 32],
+        hashes: &epoch::ScopeHashes,
+        value: Option<Vec<u8>>,
+        epochs: Option<[u64; 4]>,
+    ) -> Option<Entry> {
+        let Some([g, p, r, k]) = epochs else {
+            Stats::incr(&counters.rejected);
+            tracing::warn!(target: "authz_cache::audit", tier, "shared epoch value unreadable: not trusting the tier for this key");
+            return None;
+        };
+        let now = self.clock.now_ms();
+        self.epochs.merge_global(g);
+        self.epochs.merge(Scope::Principal, hashes.principal, p, now);
+        self.epochs.merge(Scope::Resource, hashes.resource, r, now);
+        self.epochs.merge(Scope::Entry, hashes.entry, k, now);
+        let Some(bytes) = value else {
+            Stats::incr(&counters.misses);
+            return None;
+        };
+        let mut entry = match Entry::decode(&bytes, &self.keys, key_id) {
+            Ok(entry) => entry,
+            Err(e) => {
+                Stats::incr(&counters.rejected);
+                Stats::incr(&counters.misses);
+                tracing::warn!(
+                    target: "authz_cache::audit",
+                    tier,
+                    principal = %ShortHash::of(&key.principal),
+                    error = %e,
+                    "security: shared entry failed verification, treated as a miss"
+                );
+                return None;
+            }
+        };
+        let current = self.epochs.stamp(key);
+        if now >= entry.valid_until_ms {
+            Stats::incr(&counters.expired);
+            Stats::incr(&counters.misses);
+            return None;
+        }
+        if entry.stamp.shared() != current.shared() {
+            Stats::incr(&counters.stale);
+            Stats::incr(&counters.misses);
+            return None;
+        }
+        Stats::incr(&counters.hits);
+        entry.stamp.local = current.local;
+        Some(entry)
     }
 
     /// A valid L1 entry's decision. `count` says whether to update hit/miss counters.
@@ -251,6 +401,12 @@ impl Inner {
     #[cfg(feature = "redis")]
     async fn lookup_l2(&self, key: &CacheKey, key_id: &[u8; 32]) -> Option<Decision> {
         let l2 = self.l2.as_ref()?;
+        #[cfg(feature = "postgres")]
+        if !self.pending.lock().unwrap_or_else(|e| e.into_inner()).redis.is_empty() {
+            // Redis missed an invalidation: its epochs cannot vouch for anything until it has it.
+            Stats::incr(&self.stats.l2.misses);
+            return None;
+        }
         let hashes = self.epochs.hashes(key);
         let started = Instant::now();
         let read = l2.redis.read(key_id, &hashes).await;
@@ -268,55 +424,82 @@ impl Inner {
                 return None;
             }
         };
-        let Some([g, p, r, k]) = read.epochs else {
-            Stats::incr(&self.stats.l2.rejected);
-            tracing::warn!(target: "authz_cache::audit", "l2 epoch value unreadable: not trusting l2 for this key");
-            return None;
-        };
-        let now = self.clock.now_ms();
-        self.epochs.merge_global(g);
-        self.epochs.merge(Scope::Principal, hashes.principal, p, now);
-        self.epochs.merge(Scope::Resource, hashes.resource, r, now);
-        self.epochs.merge(Scope::Entry, hashes.entry, k, now);
-        let Some(bytes) = read.value else {
-            Stats::incr(&self.stats.l2.misses);
-            return None;
-        };
-        let mut entry = match Entry::decode(&bytes, &self.keys, key_id) {
-            Ok(entry) => entry,
-            Err(e) => {
-                Stats::incr(&self.stats.l2.rejected);
-                Stats::incr(&self.stats.l2.misses);
-                tracing::warn!(
-                    target: "authz_cache::audit",
-                    principal = %ShortHash::of(&key.principal),
-                    error = %e,
-                    "security: l2 entry failed verification, treated as a miss"
-                );
-                return None;
-            }
-        };
-        let current = self.epochs.stamp(key);
-        if now >= entry.valid_until_ms {
-            Stats::incr(&self.stats.l2.expired);
-            Stats::incr(&self.stats.l2.misses);
-            return None;
-        }
-        if entry.stamp.shared() != current.shared() {
-            Stats::incr(&self.stats.l2.stale);
-            Stats::incr(&self.stats.l2.misses);
-            return None;
-        }
-        Stats::incr(&self.stats.l2.hits);
-        entry.stamp.local = current.local;
+        let entry = self.accept_shared("l2", &self.stats.l2, key, key_id, &hashes, read.value, read.epochs)?;
         let decision = entry.decision();
         self.l1.insert(key.clone(), entry);
         Some(decision)
     }
 
-    /// Queues the shared copy of a fresh entry; a full queue drops it (counted).
+    /// L3: the entry and the durable epochs in one statement; a valid entry is promoted to L1
+    /// (and to L2), its deadline unchanged.
+    #[cfg(feature = "postgres")]
+    async fn lookup_l3(&self, key: &CacheKey, key_id: &[u8; 32]) -> Option<Decision> {
+        let entry = self.read_l3(key, key_id).await?;
+        let decision = entry.decision();
+        #[cfg(feature = "redis")]
+        self.write_l2(key_id, &entry);
+        self.l1.insert(key.clone(), entry);
+        Some(decision)
+    }
+
+    /// Reads and checks one L3 entry (counted), without promoting it.
+    #[cfg(feature = "postgres")]
+    async fn read_l3(&self, key: &CacheKey, key_id: &[u8; 32]) -> Option<Entry> {
+        let l3 = self.l3.as_ref()?;
+        if !self.pending.lock().unwrap_or_else(|e| e.into_inner()).pg.is_empty() {
+            // The durable epochs missed an invalidation: L3 cannot be checked until they have it.
+            Stats::incr(&self.stats.l3.misses);
+            return None;
+        }
+        let hashes = self.epochs.hashes(key);
+        let started = Instant::now();
+        let read = l3.pg.read(key_id, &hashes).await;
+        if !matches!(read, Err(crate::cache::guard::GuardError::Open)) {
+            let elapsed = started.elapsed();
+            self.stats.l3.read_latency.record(elapsed);
+            #[cfg(feature = "metrics")]
+            crate::exposition::record(crate::exposition::TIER_READ_DURATION, &[("tier", "l3")], elapsed);
+        }
+        let read = match read {
+            Ok(read) => read,
+            Err(e) => {
+                Stats::incr(&self.stats.l3.errors);
+                tracing::debug!(target: "authz_cache", error = %e, "l3 read failed: miss");
+                return None;
+            }
+        };
+        let entry = self.accept_shared("l3", &self.stats.l3, key, key_id, &hashes, read.value, read.epochs)?;
+        l3.pg.count_hit(key_id);
+        Some(entry)
+    }
+
+    /// Queues the shared copies of a fresh entry; a full queue drops them (counted).
+    fn write_behind(&self, key: &CacheKey, key_id: &[u8; 32], entry: &Entry) {
+        #[cfg(feature = "redis")]
+        self.write_l2(key_id, entry);
+        #[cfg(feature = "postgres")]
+        self.write_l3(key, key_id, entry);
+        let _ = (key, key_id, entry);
+    }
+
+    #[cfg(feature = "postgres")]
+    fn write_l3(&self, key: &CacheKey, key_id: &[u8; 32], entry: &Entry) {
+        let Some(l3) = &self.l3 else { return };
+        let Some(subject) = self.keys.seal_subject(key_id, key) else { return };
+        let write = crate::tier::postgres::Write {
+            key_id: *key_id,
+            value: entry.encode(&self.keys, key_id),
+            subject,
+            principal_hash: self.epochs.scope_hash(Scope::Principal, &key.principal),
+            valid_until_ms: entry.valid_until_ms,
+        };
+        if l3.writes.try_send(write).is_err() {
+            Stats::incr(&self.stats.l3.write_drops);
+        }
+    }
+
     #[cfg(feature = "redis")]
-    fn write_behind(&self, key_id: &[u8; 32], entry: &Entry) {
+    fn write_l2(&self, key_id: &[u8; 32], entry: &Entry) {
         let Some(l2) = &self.l2 else { return };
         let write = crate::tier::redis::Write {
             key: l2.redis.data_key(key_id),
@@ -365,12 +548,16 @@ impl Inner {
         if let Some(decision) = self.lookup_l1(key, false, true) {
             return Ok(decision);
         }
-        // The shared-tier key id (an HMAC), computed once for the read and the write-behind.
-        #[cfg(feature = "redis")]
-        let key_id = self.l2.as_ref().map(|_| self.keys.key_id(key));
-        #[cfg(feature = "redis")]
+        // The shared-tier key id (an HMAC), computed once for the reads and the write-behind.
+        let key_id = self.has_shared_tier().then(|| self.keys.key_id(key));
         if let Some(key_id) = &key_id {
+            let _ = key_id;
+            #[cfg(feature = "redis")]
             if let Some(decision) = self.lookup_l2(key, key_id).await {
+                return Ok(decision);
+            }
+            #[cfg(feature = "postgres")]
+            if let Some(decision) = self.lookup_l3(key, key_id).await {
                 return Ok(decision);
             }
         }
@@ -410,9 +597,8 @@ impl Inner {
             if ttl > 0 {
                 let valid_until_ms = self.clock.now_ms().saturating_add(ttl);
                 let entry = Entry::new(&decision, valid_until_ms, stamp);
-                #[cfg(feature = "redis")]
                 if let Some(key_id) = &key_id {
-                    self.write_behind(key_id, &entry);
+                    self.write_behind(key, key_id, &entry);
                 }
                 self.l1.insert(key.clone(), entry);
             }
@@ -457,20 +643,44 @@ impl Inner {
         by: Option<&str>,
     ) -> Result<(), ()> {
         // Shared first: the value the shared store assigns is the one every instance (and every
-        // L2 entry stamped from now on) agrees on. If it cannot be reached, bump locally: this
-        // process is still covered, and the caller learns the others may not be.
-        #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
+        // shared entry stamped from now on) agrees on. With L3, Postgres holds the durable epochs
+        // and assigns the value, mirrored to Redis; otherwise Redis assigns it. A store that
+        // cannot be reached is owed the bump (retried in the background, and its tier is not read
+        // until then); this process is covered either way, and the caller learns that the others
+        // may not be.
+        #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(unused_mut))]
         let mut delivered = true;
-        #[cfg(feature = "redis")]
-        if let Some(l2) = &self.l2 {
-            match l2.redis.bump(target, epoch::now_us(), self.epochs.forget_after_ms()).await {
+        #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(unused_mut))]
+        let mut assigned = false;
+        let forget = self.epochs.forget_after_ms();
+        #[cfg(feature = "postgres")]
+        if let Some(l3) = &self.l3 {
+            match l3.pg.bump(target, epoch::now_us(), forget).await {
                 Ok(value) => {
-                    match target {
-                        None => self.epochs.merge_global(value),
-                        Some((scope, hash)) => self.epochs.merge(scope, hash, value, now),
+                    self.merge_target(target, value, now);
+                    assigned = true;
+                    #[cfg(feature = "redis")]
+                    if let Some(l2) = &self.l2 {
+                        if let Err(e) = l2.redis.raise(target, value, forget).await {
+                            self.owe(|p| p.redis.push((target, value)), |p| p.redis = vec![(None, value)]);
+                            delivered = false;
+                            tracing::warn!(target: "authz_cache::audit", error = %e, "invalidation not mirrored to redis: l2 skipped until it is");
+                        }
                     }
-                    audit_invalidation(invalidation, true, by);
-                    return Ok(());
+                }
+                Err(e) => {
+                    self.owe(|p| p.pg.push(target), |p| p.pg = vec![None]);
+                    delivered = false;
+                    tracing::warn!(target: "authz_cache::audit", error = %e, "invalidation not recorded in postgres: l3 skipped until it is");
+                }
+            }
+        }
+        #[cfg(feature = "redis")]
+        if let (false, Some(l2)) = (assigned, &self.l2) {
+            match l2.redis.bump(target, epoch::now_us(), forget).await {
+                Ok(value) => {
+                    self.merge_target(target, value, now);
+                    assigned = true;
                 }
                 Err(e) => {
                     delivered = false;
@@ -478,16 +688,89 @@ impl Inner {
                 }
             }
         }
-        match target {
-            None => {
-                self.epochs.bump_all();
-            }
-            Some((scope, hash)) => {
-                self.epochs.bump(scope, hash, now);
+        if !assigned {
+            match target {
+                None => {
+                    self.epochs.bump_all();
+                }
+                Some((scope, hash)) => {
+                    self.epochs.bump(scope, hash, now);
+                }
             }
         }
+        let _ = forget;
         audit_invalidation(invalidation, delivered, by);
         if delivered { Ok(()) } else { Err(()) }
+    }
+
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    fn merge_target(&self, target: Option<(Scope, u64)>, value: u64, now: u64) {
+        match target {
+            None => self.epochs.merge_global(value),
+            Some((scope, hash)) => self.epochs.merge(scope, hash, value, now),
+        }
+    }
+
+    /// Records a bump owed to a shared store; past `MAX_PENDING`, the debt collapses to a
+    /// global bump.
+    #[cfg(feature = "postgres")]
+    fn owe(&self, push: impl FnOnce(&mut Pending), collapse: impl FnOnce(&mut Pending)) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.pg.len() + pending.redis.len() >= MAX_PENDING {
+            collapse(&mut pending);
+        } else {
+            push(&mut pending);
+        }
+    }
+
+    /// Pays what is owed to the shared stores, oldest first; stops at the first failure.
+    #[cfg(feature = "postgres")]
+    async fn retry_pending(&self) {
+        let (pg, redis) = {
+            let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            (p.pg.clone(), p.redis.clone())
+        };
+        let forget = self.epochs.forget_after_ms();
+        if let (Some(l3), false) = (&self.l3, pg.is_empty()) {
+            let mut done = 0;
+            for target in &pg {
+                match l3.pg.bump(*target, epoch::now_us(), forget).await {
+                    Ok(value) => {
+                        self.merge_target(*target, value, self.clock.now_ms());
+                        #[cfg(feature = "redis")]
+                        if self.l2.is_some() {
+                            self.owe(|p| p.redis.push((*target, value)), |p| p.redis = vec![(None, value)]);
+                        }
+                        done += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            // Remove what was paid, unless the debt collapsed meanwhile.
+            let done = pg[..done].iter().zip(&p.pg).take_while(|(a, b)| a == b).count();
+            p.pg.drain(..done);
+            if done > 0 && p.pg.is_empty() {
+                tracing::info!(target: "authz_cache::audit", "owed invalidations recorded in postgres: l3 read again");
+            }
+        }
+        #[cfg(feature = "redis")]
+        if let (Some(l2), false) = (&self.l2, redis.is_empty()) {
+            let mut done = 0;
+            for (target, value) in &redis {
+                match l2.redis.raise(*target, *value, forget).await {
+                    Ok(()) => done += 1,
+                    Err(_) => break,
+                }
+            }
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let done = redis[..done].iter().zip(&p.redis).take_while(|(a, b)| a == b).count();
+            p.redis.drain(..done);
+            if done > 0 && p.redis.is_empty() {
+                tracing::info!(target: "authz_cache::audit", "owed invalidations mirrored to redis: l2 read again");
+            }
+        }
+        let _ = redis;
     }
 }
 
@@ -525,6 +808,8 @@ pub struct AuthzCacheBuilder {
     max_staleness: Duration,
     #[cfg(feature = "redis")]
     l2: Option<crate::tier::redis::RedisTier>,
+    #[cfg(feature = "postgres")]
+    l3: Option<crate::tier::postgres::PostgresTier>,
 }
 
 impl fmt::Debug for AuthzCacheBuilder {
@@ -579,6 +864,15 @@ impl AuthzCacheBuilder {
         self
     }
 
+    /// Adds L3 on Postgres, its LISTEN/NOTIFY listener (change feed, and backplane when there is
+    /// no L2), the sweeper and warming (feature `postgres`). With L2 too, both tiers must be
+    /// built with the same secret.
+    #[cfg(feature = "postgres")]
+    pub fn l3(mut self, tier: crate::tier::postgres::PostgresTier) -> Self {
+        self.l3 = Some(tier);
+        self
+    }
+
     #[cfg(test)]
     pub(crate) fn clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
@@ -596,45 +890,141 @@ impl AuthzCacheBuilder {
         // answered, which is at most `authorizer_timeout` after the stamp: past that, the bump's
         // scope can be forgotten (see epoch.rs).
         let forget_after_ms = ms(longest_ttl).saturating_add(ms(self.authorizer_timeout)).saturating_add(1000);
+        #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(unused_mut))]
+        let mut secrets: Vec<&[u8]> = Vec::new();
         #[cfg(feature = "redis")]
-        let keys = match &self.l2 {
-            Some(tier) => {
-                let keys = Keys::derive(&tier.shared.secret);
+        secrets.extend(self.l2.as_ref().map(|t| t.shared.secret.as_slice()));
+        #[cfg(feature = "postgres")]
+        secrets.extend(self.l3.as_ref().map(|t| t.shared.secret.as_slice()));
+        assert!(secrets.windows(2).all(|w| w[0] == w[1]), "L2 and L3 must be built with the same secret");
+        let keys = match secrets.first() {
+            Some(secret) => {
+                let keys = Keys::derive(secret);
                 keys.use_for_logs();
                 keys
             }
             None => Keys::random(),
         };
-        #[cfg(not(feature = "redis"))]
-        let keys = Keys::random();
         let epochs = Arc::new(Epochs::new(keys.clone(), forget_after_ms));
         let stats = Arc::new(Stats::new());
         #[cfg(feature = "redis")]
         let l2 = self.l2.map(|tier| L2 {
             writes: crate::tier::redis::spawn_writers(tier.shared.clone(), stats.clone(), self.clock.clone()),
             backplane: crate::invalidation::backplane::start(
-                tier.shared.clone(),
+                crate::invalidation::backplane::Source::Redis(tier.shared.clone()),
                 epochs.clone(),
                 self.clock.clone(),
                 self.max_staleness,
             ),
             redis: tier.shared,
         });
-        AuthzCache {
-            inner: Arc::new(Inner {
-                l1: MemoryTier::new(self.l1_max_bytes, longest_ttl.max(Duration::from_millis(1))),
-                epochs,
-                keys,
-                flights: SingleFlight::new(),
-                authorizer: self.authorizer,
-                stats,
-                clock: self.clock,
-                allow_ttl_ms: ms(self.allow_ttl),
-                deny_ttl_ms: ms(self.deny_ttl),
-                authorizer_timeout: self.authorizer_timeout,
-                #[cfg(feature = "redis")]
-                l2,
-            }),
+        #[cfg(feature = "postgres")]
+        let (l3, changes) = match self.l3 {
+            None => (None, None),
+            Some(tier) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(10_000);
+                let l3 = L3 {
+                    writes: crate::tier::postgres::spawn_writer(tier.shared.clone(), stats.clone(), self.clock.clone()),
+                    listener: crate::invalidation::backplane::start(
+                        crate::invalidation::backplane::Source::Postgres { pg: tier.shared.clone(), changes: tx },
+                        epochs.clone(),
+                        self.clock.clone(),
+                        self.max_staleness,
+                    ),
+                    tasks: std::sync::Mutex::new(Vec::new()),
+                    teammates: tier.shared.warm_teammates,
+                    warmers: Arc::new(tokio::sync::Semaphore::new(2)),
+                    pg: tier.shared,
+                };
+                (Some(l3), Some(rx))
+            }
+        };
+        #[cfg(feature = "postgres")]
+        let active = l3.as_ref().filter(|l3| l3.teammates > 0).map(|_| {
+            mini_moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(longest_ttl.max(Duration::from_secs(1)))
+                .build()
+        });
+        let inner = Arc::new(Inner {
+            l1: MemoryTier::new(self.l1_max_bytes, longest_ttl.max(Duration::from_millis(1))),
+            epochs,
+            keys,
+            flights: SingleFlight::new(),
+            authorizer: self.authorizer,
+            stats,
+            clock: self.clock,
+            allow_ttl_ms: ms(self.allow_ttl),
+            deny_ttl_ms: ms(self.deny_ttl),
+            authorizer_timeout: self.authorizer_timeout,
+            #[cfg(feature = "redis")]
+            l2,
+            #[cfg(feature = "postgres")]
+            l3,
+            #[cfg(feature = "postgres")]
+            pending: std::sync::Mutex::new(Pending::default()),
+            #[cfg(feature = "postgres")]
+            active,
+        });
+        #[cfg(feature = "postgres")]
+        if let (Some(l3), Some(changes)) = (&inner.l3, changes) {
+            let tasks = vec![
+                tokio::spawn(apply_changes(Arc::downgrade(&inner), changes)),
+                tokio::spawn(janitor(Arc::downgrade(&inner))),
+                tokio::spawn(warm::on_start(Arc::downgrade(&inner), l3.pg.warm_on_start)),
+            ];
+            *l3.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
+        }
+        AuthzCache { inner }
+    }
+}
+
+/// The change feed: every principal a permission-table trigger named is invalidated, here and
+/// (through the shared epochs) everywhere.
+#[cfg(feature = "postgres")]
+async fn apply_changes(inner: std::sync::Weak<Inner>, mut changes: tokio::sync::mpsc::Receiver<String>) {
+    while let Some(id) = changes.recv().await {
+        let Some(inner) = inner.upgrade() else { return };
+        Stats::incr(&inner.stats.change_feed);
+        let _ = inner.apply_invalidation(&Invalidation::Principal(id), Some("postgres change feed")).await;
+    }
+}
+
+/// Background upkeep of L3: pays owed invalidations, flushes hit counters, sweeps expired rows.
+#[cfg(feature = "postgres")]
+async fn janitor(inner: std::sync::Weak<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_flush = Instant::now();
+    let mut last_sweep = Instant::now();
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        inner.retry_pending().await;
+        let Some(l3) = &inner.l3 else { return };
+        if last_flush.elapsed() >= Duration::from_secs(1) {
+            last_flush = Instant::now();
+            if let Err(e) = l3.pg.flush_hits().await {
+                tracing::debug!(target: "authz_cache", error = %e, "l3 hit counters not flushed");
+            }
+        }
+        if last_sweep.elapsed() >= l3.pg.sweep_every {
+            last_sweep = Instant::now();
+            // Batches until one comes back short; bounded, so one sweep cannot run forever.
+            for _ in 0..1000 {
+                match l3.pg.sweep_once().await {
+                    Ok(n) => {
+                        inner.stats.l3.swept.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                        if n < u64::from(l3.pg.sweep_batch) {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(target: "authz_cache", error = %e, "l3 sweep failed");
+                        break;
+                    }
+                }
+            }
         }
     }
 }

@@ -1,9 +1,10 @@
-//! The Redis pub/sub backplane: invalidations published by any instance reach every other
-//! instance's epochs within milliseconds, and a heartbeat tells each instance whether it is
-//! still hearing them.
+//! The backplane, on Redis pub/sub or Postgres LISTEN/NOTIFY: invalidations published by any
+//! instance reach every other instance's epochs within milliseconds, and a heartbeat tells each
+//! instance whether it is still hearing them. On Postgres the same connection also carries the
+//! change feed (`principal <id>` from the permission tables' triggers), handed to the cache.
 //!
-//! Three tasks per cache:
-//! - the subscriber holds one dedicated pub/sub connection; it applies invalidation messages
+//! Three tasks per backplane:
+//! - the subscriber holds one dedicated connection (pub/sub, or LISTEN); it applies invalidation messages
 //!   (`i <scope> <hash> <value>`) to the local epochs with `max`, so a message can only ever
 //!   turn entries into misses. It reconnects with backoff (100 ms doubling to 2 s) and treats
 //!   a connection that stays silent past `max_staleness` as dead. Each new subscription drops
@@ -19,14 +20,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
 use crate::cache::clock::Clock;
 use crate::cache::epoch::Epochs;
 use crate::cache::key::Scope;
-use crate::tier::redis::RedisShared;
+
+/// Where a backplane listens and publishes.
+pub(crate) enum Source {
+    #[cfg(feature = "redis")]
+    Redis(Arc<crate::tier::redis::RedisShared>),
+    /// Postgres; change-feed payloads (the principal ids) go to `changes`.
+    #[cfg(feature = "postgres")]
+    Postgres { pg: Arc<crate::tier::postgres::PostgresShared>, changes: tokio::sync::mpsc::Sender<String> },
+}
 
 /// What the backplane is doing, for stats and health.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -135,7 +143,7 @@ fn apply(payload: &str, epochs: &Epochs, clock: &Clock, state: &BackplaneState) 
     }
 }
 
-pub(crate) fn start(redis: Arc<RedisShared>, epochs: Arc<Epochs>, clock: Clock, max_staleness: Duration) -> Backplane {
+pub(crate) fn start(source: Source, epochs: Arc<Epochs>, clock: Clock, max_staleness: Duration) -> Backplane {
     let max_staleness_ms = (max_staleness.as_millis() as u64).max(10);
     let state = Arc::new(BackplaneState {
         start: Instant::now(),
@@ -150,53 +158,24 @@ pub(crate) fn start(redis: Arc<RedisShared>, epochs: Arc<Epochs>, clock: Clock, 
         max_staleness_ms,
     });
     let instance = format!("{:016x}", std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), 0u8));
+    let source = Arc::new(source);
     let mut tasks = Vec::new();
 
     // Subscriber.
     tasks.push(tokio::spawn({
-        let (redis, epochs, state) = (redis.clone(), epochs.clone(), state.clone());
+        let (source, epochs, state) = (source.clone(), epochs.clone(), state.clone());
         async move {
             let silence = Duration::from_millis(max_staleness_ms);
             let mut backoff = Duration::from_millis(100);
             loop {
-                let connect = async {
-                    let mut pubsub = redis.backplane.get_async_pubsub().await?;
-                    pubsub.subscribe(&redis.channel).await?;
-                    Ok::<_, redis::RedisError>(pubsub)
+                let heard_any = match &*source {
+                    #[cfg(feature = "redis")]
+                    Source::Redis(redis) => redis_session(redis, &epochs, &clock, &state, silence).await,
+                    #[cfg(feature = "postgres")]
+                    Source::Postgres { pg, changes } => pg_session(pg, changes, &epochs, &clock, &state, silence).await,
                 };
-                match tokio::time::timeout(silence.max(Duration::from_secs(1)), connect).await {
-                    Ok(Ok(mut pubsub)) => {
-                        backoff = Duration::from_millis(100);
-                        state.connected.store(true, Ordering::Release);
-                        state.subscriptions.fetch_add(1, Ordering::Relaxed);
-                        // Messages may have been lost before this subscription existed.
-                        epochs.bump_local();
-                        tracing::info!(target: "authz_cache::audit", "backplane subscribed");
-                        let mut stream = pubsub.on_message();
-                        loop {
-                            match tokio::time::timeout(silence, stream.next()).await {
-                                Ok(Some(msg)) => {
-                                    state.messages.fetch_add(1, Ordering::Relaxed);
-                                    let ok =
-                                        msg.get_payload::<String>().is_ok_and(|p| apply(&p, &epochs, &clock, &state));
-                                    if ok {
-                                        state.heard(&epochs);
-                                    } else {
-                                        state.malformed.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                }
-                                Ok(None) => break,
-                                Err(_) => {
-                                    tracing::warn!(target: "authz_cache::audit", "backplane silent: reconnecting");
-                                    break;
-                                }
-                            }
-                        }
-                        state.connected.store(false, Ordering::Release);
-                        tracing::warn!(target: "authz_cache::audit", "backplane lost");
-                    }
-                    Ok(Err(e)) => tracing::debug!(target: "authz_cache", error = %e, "backplane connect failed"),
-                    Err(_) => tracing::debug!(target: "authz_cache", "backplane connect timed out"),
+                if heard_any {
+                    backoff = Duration::from_millis(100);
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -206,13 +185,19 @@ pub(crate) fn start(redis: Arc<RedisShared>, epochs: Arc<Epochs>, clock: Clock, 
 
     // Heartbeat.
     tasks.push(tokio::spawn({
-        let redis = redis.clone();
+        let source = source.clone();
         async move {
             let mut tick = tokio::time::interval(Duration::from_millis((max_staleness_ms / 5).max(1)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if let Err(e) = redis.heartbeat(&instance).await {
+                let sent = match &*source {
+                    #[cfg(feature = "redis")]
+                    Source::Redis(redis) => redis.heartbeat(&instance).await.map_err(|e| e.to_string()),
+                    #[cfg(feature = "postgres")]
+                    Source::Postgres { pg, .. } => pg.heartbeat(&instance).await.map_err(|e| e.to_string()),
+                };
+                if let Err(e) = sent {
                     tracing::debug!(target: "authz_cache", error = %e, "backplane heartbeat failed");
                 }
             }
@@ -237,4 +222,136 @@ pub(crate) fn start(redis: Arc<RedisShared>, epochs: Arc<Epochs>, clock: Clock, 
     }));
 
     Backplane { state, tasks }
+}
+
+/// Marks a new subscription: messages may have been lost before it existed.
+fn subscribed(epochs: &Epochs, state: &BackplaneState) {
+    state.connected.store(true, Ordering::Release);
+    state.subscriptions.fetch_add(1, Ordering::Relaxed);
+    epochs.bump_local();
+    tracing::info!(target: "authz_cache::audit", "backplane subscribed");
+}
+
+/// Applies one message and records that something was heard.
+fn received(payload: Option<&str>, epochs: &Epochs, clock: &Clock, state: &BackplaneState) {
+    state.messages.fetch_add(1, Ordering::Relaxed);
+    if payload.is_some_and(|p| apply(p, epochs, clock, state)) {
+        state.heard(epochs);
+    } else {
+        state.malformed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One Redis subscription, until it breaks or stays silent past `silence`. Returns whether it
+/// was established.
+#[cfg(feature = "redis")]
+async fn redis_session(
+    redis: &crate::tier::redis::RedisShared,
+    epochs: &Epochs,
+    clock: &Clock,
+    state: &BackplaneState,
+    silence: Duration,
+) -> bool {
+    use futures_util::StreamExt;
+    let connect = async {
+        let mut pubsub = redis.backplane.get_async_pubsub().await?;
+        pubsub.subscribe(&redis.channel).await?;
+        Ok::<_, redis::RedisError>(pubsub)
+    };
+    let mut pubsub = match tokio::time::timeout(silence.max(Duration::from_secs(1)), connect).await {
+        Ok(Ok(pubsub)) => pubsub,
+        Ok(Err(e)) => {
+            tracing::debug!(target: "authz_cache", error = %e, "backplane connect failed");
+            return false;
+        }
+        Err(_) => {
+            tracing::debug!(target: "authz_cache", "backplane connect timed out");
+            return false;
+        }
+    };
+    subscribed(epochs, state);
+    let mut stream = pubsub.on_message();
+    loop {
+        match tokio::time::timeout(silence, stream.next()).await {
+            Ok(Some(msg)) => received(msg.get_payload::<String>().ok().as_deref(), epochs, clock, state),
+            Ok(None) => break,
+            Err(_) => {
+                tracing::warn!(target: "authz_cache::audit", "backplane silent: reconnecting");
+                break;
+            }
+        }
+    }
+    state.connected.store(false, Ordering::Release);
+    tracing::warn!(target: "authz_cache::audit", "backplane lost");
+    true
+}
+
+/// One Postgres LISTEN session on the epochs and changes channels, until the connection breaks
+/// or stays silent past `silence`. Returns whether it was established.
+#[cfg(feature = "postgres")]
+async fn pg_session(
+    pg: &crate::tier::postgres::PostgresShared,
+    changes: &tokio::sync::mpsc::Sender<String>,
+    epochs: &Epochs,
+    clock: &Clock,
+    state: &BackplaneState,
+    silence: Duration,
+) -> bool {
+    use diesel_async::SimpleAsyncConnection;
+    use futures_util::StreamExt;
+    let connect = async {
+        let mut conn = pg.connect().await.map_err(|e| e.to_string())?;
+        let listen = format!("LISTEN \"{}\"; LISTEN \"{}\"", pg.epochs_channel, pg.changes_channel);
+        conn.batch_execute(&listen).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(conn)
+    };
+    let mut conn = match tokio::time::timeout(silence.max(Duration::from_secs(2)), connect).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            tracing::debug!(target: "authz_cache", error = %e, "postgres listener connect failed");
+            return false;
+        }
+        Err(_) => {
+            tracing::debug!(target: "authz_cache", "postgres listener connect timed out");
+            return false;
+        }
+    };
+    subscribed(epochs, state);
+    {
+        let mut stream = std::pin::pin!(conn.notifications_stream());
+        loop {
+            match tokio::time::timeout(silence, stream.next()).await {
+                Ok(Some(Ok(n))) if n.channel == pg.changes_channel => {
+                    state.messages.fetch_add(1, Ordering::Relaxed);
+                    match n.payload.strip_prefix("principal ") {
+                        Some(id) if !id.is_empty() => {
+                            if changes.try_send(id.to_owned()).is_err() {
+                                // The change could not be queued: drop everything this process
+                                // holds rather than risk keeping what it covered.
+                                epochs.bump_local();
+                                tracing::warn!(target: "authz_cache::audit", "change feed overflow: L1 dropped");
+                            }
+                            state.heard(epochs);
+                        }
+                        _ => {
+                            state.malformed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Ok(Some(Ok(n))) => received(Some(&n.payload), epochs, clock, state),
+                Ok(Some(Err(e))) => {
+                    tracing::debug!(target: "authz_cache", error = %e, "postgres listener error");
+                    break;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(target: "authz_cache::audit", "postgres backplane silent: reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+    state.connected.store(false, Ordering::Release);
+    tracing::warn!(target: "authz_cache::audit", "postgres backplane lost");
+    true
 }

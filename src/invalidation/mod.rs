@@ -20,7 +20,7 @@
 //! # });
 //! ```
 
-#[cfg(feature = "redis")]
+#[cfg(any(feature = "redis", feature = "postgres"))]
 pub(crate) mod backplane;
 
 use std::fmt;

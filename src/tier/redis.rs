@@ -147,6 +147,7 @@ impl RedisTierBuilder {
                 ns,
                 write_queue: self.write_queue,
                 bump: redis::Script::new(BUMP),
+                raise: redis::Script::new(RAISE),
             }),
         })
     }
@@ -255,6 +256,21 @@ redis.call('PUBLISH', ARGV[3], ARGV[4] .. s)
 return s
 ";
 
+/// Raises an epoch to a value assigned elsewhere (the durable epochs in Postgres) and publishes
+/// it. KEYS: epoch key. ARGV: value, px (0 = none), channel, message prefix.
+const RAISE: &str = r"
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if tonumber(ARGV[1]) > cur then
+  if ARGV[2] == '0' then
+    redis.call('SET', KEYS[1], ARGV[1])
+  else
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  end
+end
+redis.call('PUBLISH', ARGV[3], ARGV[4] .. ARGV[1])
+return 1
+";
+
 pub(crate) type RedisError = GuardError<redis::RedisError>;
 
 /// What one L2 read returned: the value, if any, and the shared epochs covering the key
@@ -275,6 +291,7 @@ pub(crate) struct RedisShared {
     pub(crate) ns: String,
     pub(crate) write_queue: usize,
     bump: redis::Script,
+    raise: redis::Script,
 }
 
 impl RedisShared {
@@ -361,6 +378,23 @@ impl RedisShared {
         let mut invocation = self.bump.prepare_invoke();
         invocation.key(&self.seq_key).key(key).arg(floor_us).arg(px).arg(&self.channel).arg(prefix);
         self.with_conn(async |conn| invocation.invoke_async::<u64>(conn).await).await
+    }
+
+    /// Raises a shared epoch (`None`: the global one) to `value`, assigned by the durable store,
+    /// and publishes it.
+    pub(crate) async fn raise(
+        &self,
+        scope: Option<(Scope, u64)>,
+        value: u64,
+        forget_after_ms: u64,
+    ) -> Result<(), RedisError> {
+        let (key, px, prefix) = match scope {
+            None => (self.global_key.clone(), 0, "i g 0 ".to_owned()),
+            Some((s, h)) => (self.epoch_key(s, h), forget_after_ms, format!("i {} {h:016x} ", s.tag())),
+        };
+        let mut invocation = self.raise.prepare_invoke();
+        invocation.key(key).arg(value).arg(px).arg(&self.channel).arg(prefix);
+        self.with_conn(async |conn| invocation.invoke_async::<i64>(conn).await).await.map(|_| ())
     }
 
     /// Publishes a heartbeat.

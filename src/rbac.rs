@@ -1,0 +1,135 @@
+//! [`PostgresRbacAuthorizer`] (feature `postgres`): an [`Authorizer`](crate::Authorizer) that
+//! answers from the reference RBAC schema's materialized view `mv_user_authorization_context`
+//! (see `migrations/0002_reference_rbac.sql`).
+//!
+//! A principal holds `resource:action` when one of its roles grants `action` on a pattern equal
+//! to the resource, on `*`, or on a prefix pattern ending in `*` (`documents:*` covers
+//! `documents:7`). The view is refreshed in the same transaction as every change to the
+//! permission tables, and the tables' triggers notify the change feed, so a cache in front of
+//! this authorizer forgets a changed principal everywhere and asks again, and gets the new
+//! answer.
+//!
+//! ```no_run
+//! use tower_authz_cache::{AuthzCache, PostgresRbacAuthorizer, PostgresTier};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let url = "postgres://app@127.0.0.1/app";
+//! let l3 = PostgresTier::builder(url, std::env::var("AUTHZ_CACHE_SECRET")?).schema("authz_cache").build()?;
+//! l3.migrate().await?;
+//! let cache = AuthzCache::builder(PostgresRbacAuthorizer::new(url, "authz_cache")?).l3(l3).build();
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+
+use diesel::pg::Pg;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::sql_types::{Bool, Text};
+use diesel_async::RunQueryDsl;
+use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+
+use crate::tier::postgres::{Manager, PostgresTierError};
+use crate::{BoxError, Decision, Permission, Principal};
+
+/// Answers from `mv_user_authorization_context` in a schema migrated by
+/// [`PostgresTier::migrate`](crate::PostgresTier::migrate). Holds its own small pool (10
+/// connections, made lazily).
+pub struct PostgresRbacAuthorizer {
+    pool: bb8::Pool<Manager>,
+    sql: [String; 4],
+}
+
+impl fmt::Debug for PostgresRbacAuthorizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresRbacAuthorizer").finish_non_exhaustive()
+    }
+}
+
+impl PostgresRbacAuthorizer {
+    /// An authorizer on the database at `url`, reading the view in `schema`.
+    pub fn new(url: &str, schema: &str) -> Result<Self, PostgresTierError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(PostgresTierError::config("database url must start with postgres:// or postgresql://"));
+        }
+        if schema.is_empty()
+            || schema.len() > 40
+            || !schema.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(PostgresTierError::config("schema must be 1-40 of [a-z0-9_]"));
+        }
+        let pool = bb8::Pool::builder()
+            .max_size(10)
+            .connection_timeout(std::time::Duration::from_secs(2))
+            .test_on_check_out(false)
+            .retry_connection(false)
+            .build_unchecked(Manager::new(AsyncDieselConnectionManager::new(url)));
+        Ok(Self {
+            pool,
+            sql: [
+                format!("SELECT EXISTS (SELECT 1 FROM {schema}.mv_user_authorization_context WHERE user_id = "),
+                " AND action = ".to_owned(),
+                " AND (resource_pattern = '*' OR resource_pattern = ".to_owned(),
+                " OR (right(resource_pattern, 1) = '*' AND starts_with(".to_owned(),
+            ],
+        })
+    }
+}
+
+/// The grant lookup, prepared once per connection (a hand-built query so that diesel caches it).
+struct GrantQuery<'a> {
+    sql: &'a [String; 4],
+    principal: &'a str,
+    resource: &'a str,
+    action: &'a str,
+}
+
+impl QueryId for GrantQuery<'_> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl Query for GrantQuery<'_> {
+    type SqlType = Bool;
+}
+
+impl QueryFragment<Pg> for GrantQuery<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> diesel::QueryResult<()> {
+        out.push_sql(&self.sql[0]);
+        out.push_bind_param::<Text, _>(&self.principal)?;
+        out.push_sql(&self.sql[1]);
+        out.push_bind_param::<Text, _>(&self.action)?;
+        out.push_sql(&self.sql[2]);
+        out.push_bind_param::<Text, _>(&self.resource)?;
+        out.push_sql(&self.sql[3]);
+        out.push_bind_param::<Text, _>(&self.resource)?;
+        out.push_sql(", left(resource_pattern, -1)))))");
+        Ok(())
+    }
+}
+
+impl crate::Authorizer for PostgresRbacAuthorizer {
+    async fn authorize(&self, principal: &Principal, permission: &Permission) -> Result<Decision, BoxError> {
+        let mut conn = self.pool.get().await.map_err(|e| -> BoxError {
+            match e {
+                bb8::RunError::User(e) => format!("postgres authorizer: connect: {e}").into(),
+                bb8::RunError::TimedOut => "postgres authorizer: timed out waiting for a connection".into(),
+            }
+        })?;
+        conn.mark_suspect(true);
+        let query = GrantQuery {
+            sql: &self.sql,
+            principal: principal.id(),
+            resource: permission.resource(),
+            action: permission.action(),
+        };
+        let granted = query.get_result::<bool>(conn.connection()).await.map_err(|e| -> BoxError {
+            format!("postgres authorizer: {}", crate::tier::postgres::PgFailure::from(e)).into()
+        })?;
+        conn.mark_suspect(false);
+        Ok(if granted {
+            Decision::allow()
+        } else {
+            Decision::deny().with_reason(format!("no role grants {} on {}", permission.action(), permission.resource()))
+        })
+    }
+}
