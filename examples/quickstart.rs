@@ -14,6 +14,14 @@
 //! one instance shows on the very next request on every instance. `AUTHZ_CACHE_NAMESPACE`
 //! (default `quickstart`) and `AUTHZ_CACHE_SECRET` (at least 16 bytes; a fixed demo secret
 //! otherwise) configure the shared tier.
+//!
+//! With `DATABASE_URL` set, the demo applies the migrations (schema `DATABASE_SCHEMA`, default
+//! `authz_cache`), keeps its users and roles in the reference RBAC tables there (seeded where
+//! absent), answers from `mv_user_authorization_context` through `PostgresRbacAuthorizer`, and
+//! adds L3. A role change through `PUT /admin/users/{user}/role` is an `UPDATE user_roles`: the
+//! table's trigger notifies every instance (the change feed), and the handler also invalidates
+//! directly so the change shows on the very next request. The same UPDATE made in psql reaches
+//! every running instance through the trigger alone.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,7 +37,7 @@ use axum::{Json, Router, ServiceExt as _};
 use serde_json::{Value, json};
 use std::convert::Infallible;
 use tower::{Service, ServiceBuilder};
-#[cfg(feature = "redis")]
+#[cfg(any(feature = "redis", feature = "postgres"))]
 use tower_authz_cache::Secret;
 use tower_authz_cache::{
     AuthzCache, BearerToken, CacheConfig, CachedAuthorizationLayer, Decision, Invalidation, Monitor, Permission,
@@ -87,11 +95,14 @@ pub enum Roles {
     /// In a Redis hash, shared by every instance.
     #[cfg(feature = "redis")]
     Redis { conn: redis::aio::MultiplexedConnection, key: String },
+    /// In the reference RBAC tables (`user_roles`), shared by every instance.
+    #[cfg(feature = "postgres")]
+    Postgres { client: Arc<tokio_postgres::Client>, schema: String },
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-#[cfg(feature = "redis")]
+#[cfg(any(feature = "redis", feature = "postgres"))]
 const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Roles {
@@ -113,6 +124,47 @@ impl Roles {
         Ok(Roles::Redis { conn, key })
     }
 
+    /// The demo users in the reference RBAC tables of `schema` (already migrated), seeded where
+    /// absent: the four roles and their permissions, and each user's starting role.
+    #[cfg(feature = "postgres")]
+    pub async fn postgres(url: &str, schema: &str) -> Result<Self, BoxError> {
+        let (client, connection) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), tokio_postgres::connect(url, tokio_postgres::NoTls))
+                .await
+                .map_err(|_| format!("cannot reach postgres at {url}"))??;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                eprintln!("role store connection lost: {e}");
+            }
+        });
+        let mut seed = format!(
+            "BEGIN; SET LOCAL search_path TO {schema};
+             INSERT INTO roles VALUES ('viewer'), ('editor'), ('admin'), ('none') ON CONFLICT DO NOTHING;"
+        );
+        for role in [Role::Viewer, Role::Editor, Role::Admin] {
+            for action in ["read", "write", "delete"] {
+                if role.allows(&Permission::new("documents:1", action)) {
+                    seed.push_str(&format!(
+                        "INSERT INTO role_permissions VALUES ('{}', 'documents:*', '{action}') ON CONFLICT DO NOTHING;",
+                        role.name()
+                    ));
+                }
+            }
+        }
+        seed.push_str("INSERT INTO role_permissions VALUES ('admin', 'admin', 'manage') ON CONFLICT DO NOTHING;");
+        for (user, role) in DEMO_USERS {
+            seed.push_str(&format!(
+                "INSERT INTO users VALUES ('{user}') ON CONFLICT DO NOTHING;
+                 INSERT INTO user_roles SELECT '{user}', '{}' WHERE NOT EXISTS
+                    (SELECT 1 FROM user_roles WHERE user_id = '{user}');",
+                role.name()
+            ));
+        }
+        seed.push_str("COMMIT;");
+        client.batch_execute(&seed).await?;
+        Ok(Roles::Postgres { client: Arc::new(client), schema: schema.to_owned() })
+    }
+
     async fn get(&self, user: &str) -> Result<Option<Role>, BoxError> {
         match self {
             Roles::Memory(map) => Ok(map.read().unwrap_or_else(|e| e.into_inner()).get(user).copied()),
@@ -123,6 +175,12 @@ impl Roles {
                 let q = cmd.arg(key).arg(user).query_async::<Option<String>>(&mut conn);
                 let name = tokio::time::timeout(STORE_TIMEOUT, q).await.map_err(|_| "role store timed out")??;
                 Ok(name.as_deref().and_then(Role::parse))
+            }
+            #[cfg(feature = "postgres")]
+            Roles::Postgres { client, schema } => {
+                let sql = format!("SELECT role_id FROM {schema}.user_roles WHERE user_id = $1 ORDER BY role_id LIMIT 1");
+                let row = tokio::time::timeout(STORE_TIMEOUT, client.query_opt(&sql, &[&user])).await.map_err(|_| "role store timed out")??;
+                Ok(row.and_then(|r| Role::parse(r.get::<_, &str>(0))))
             }
         }
     }
@@ -145,6 +203,15 @@ impl Roles {
                 let set = cmd.arg(key).arg(user).arg(role.name()).query_async::<i64>(&mut conn);
                 tokio::time::timeout(STORE_TIMEOUT, set).await.map_err(|_| "role store timed out")??;
                 Ok(true)
+            }
+            #[cfg(feature = "postgres")]
+            Roles::Postgres { client, schema } => {
+                // Through the table, as an administrator would in psql: its trigger refreshes the
+                // grants view and notifies every instance.
+                let sql = format!("UPDATE {schema}.user_roles SET role_id = $2 WHERE user_id = $1");
+                let name = role.name();
+                let n = tokio::time::timeout(STORE_TIMEOUT, client.execute(&sql, &[&user, &name])).await.map_err(|_| "role store timed out")??;
+                Ok(n > 0)
             }
         }
     }
@@ -371,7 +438,7 @@ async fn shutdown_signal() {
 
 /// The demo's fixed secret, used only when AUTHZ_CACHE_SECRET is unset outside production, so that
 /// several demo instances share L2.
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
 const DEMO_SECRET: &str = "quickstart demo secret, not for production";
 
 #[tokio::main]
@@ -422,8 +489,31 @@ async fn run() -> Result<(), String> {
             Roles::demo()
         }
     };
+    #[cfg(feature = "postgres")]
+    let (roles, rbac) = match config.database_url().map(str::to_owned) {
+        Some(url) => {
+            if config.secret().is_none() {
+                println!("note: AUTHZ_CACHE_SECRET is not set; using the demo's fixed secret (never in production)");
+                config = config.with_secret(Some(Secret::new(DEMO_SECRET)));
+            }
+            let tier = config.postgres_tier().map_err(|e| e.to_string())?.ok_or("DATABASE_URL: no tier")?;
+            tier.migrate().await.map_err(|e| format!("DATABASE_URL: {e}"))?;
+            let schema = config.database_schema().to_owned();
+            let roles = Roles::postgres(&url, &schema).await.map_err(|e| format!("DATABASE_URL: {e}"))?;
+            let rbac = tower_authz_cache::PostgresRbacAuthorizer::new(&url, &schema).map_err(|e| e.to_string())?;
+            println!(
+                "tiers: + L3 (postgres {}, schema {schema}, migrations applied), postgres change feed{}",
+                config.database_url_redacted().unwrap_or_default(),
+                if config.redis_url().is_some() { "" } else { " and backplane" }
+            );
+            println!("roles: in postgres tables {schema}.user_roles (shared by every instance), answered from the view");
+            (roles, Some(rbac))
+        }
+        None => (roles, None),
+    };
+    #[cfg(not(feature = "postgres"))]
     if config.database_url().is_some() {
-        println!("note: DATABASE_URL is set, but this version has no L3 tier yet");
+        return Err("DATABASE_URL is set, but this build lacks the `postgres` feature".to_owned());
     }
     println!("mode: {}", config.mode());
     #[cfg(feature = "metrics")]
@@ -434,7 +524,14 @@ async fn run() -> Result<(), String> {
         }
         Err(e) => println!("note: no metrics recorder ({e}); /metrics renders the cache's own counters"),
     }
-    let cache = config.apply(AuthzCache::builder(authorizer(roles.clone()))).map_err(|e| e.to_string())?.build();
+    #[cfg(feature = "postgres")]
+    let builder = match rbac {
+        Some(rbac) => AuthzCache::builder(rbac),
+        None => AuthzCache::builder(authorizer(roles.clone())),
+    };
+    #[cfg(not(feature = "postgres"))]
+    let builder = AuthzCache::builder(authorizer(roles.clone()));
+    let cache = config.apply(builder).map_err(|e| e.to_string())?.build();
     // Hit rate and latency against CACHE_HIT_RATE_TARGET / AUTHORIZATION_RESPONSE_TIME_TARGET every
     // CACHE_MONITORING_INTERVAL; alerts are `warn!` events on target authz_cache::monitor.
     let _monitor = Monitor::builder(cache.clone()).from_config(&config).build().spawn();

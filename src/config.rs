@@ -43,6 +43,8 @@ const L1_CACHE_SIZE_MB: &str = "L1_CACHE_SIZE_MB";
 const REDIS_URL: &str = "REDIS_URL";
 const REDIS_MAX_CONNECTIONS: &str = "REDIS_MAX_CONNECTIONS";
 const DATABASE_URL: &str = "DATABASE_URL";
+const DATABASE_SCHEMA: &str = "DATABASE_SCHEMA";
+const DATABASE_MAX_CONNECTIONS: &str = "DATABASE_MAX_CONNECTIONS";
 const HIT_RATE_TARGET: &str = "CACHE_HIT_RATE_TARGET";
 const RESPONSE_TIME_TARGET: &str = "AUTHORIZATION_RESPONSE_TIME_TARGET";
 const MONITORING_INTERVAL: &str = "CACHE_MONITORING_INTERVAL";
@@ -59,6 +61,8 @@ const REDIS_URL_ALLOWED: &str = "expected a redis:// or rediss:// URL with a hos
 const DATABASE_URL_ALLOWED: &str =
     "expected a postgres:// or postgresql:// URL with a host, e.g. postgres://app@127.0.0.1:5432/app";
 const POOL_ALLOWED: &str = "expected a whole number of connections from 1 to 10000";
+const DATABASE_POOL_ALLOWED: &str = "expected a whole number of connections from 1 to 1000";
+const SCHEMA_ALLOWED: &str = "expected 1 to 40 characters of a-z 0-9 _, not starting with a digit";
 const NAMESPACE_ALLOWED: &str = "expected 1 to 64 characters of A-Z a-z 0-9 - _ . /";
 const SECRET_ALLOWED: &str = "expected at least 16 bytes (32 random bytes recommended)";
 const SECRET_MIN_LEN: usize = 16;
@@ -70,6 +74,7 @@ const MIB: u64 = 1 << 20;
 /// | | development | testing | production |
 /// |---|---|---|---|
 /// | Redis pool | 5 | 5 | 50 |
+/// | Postgres pool | 10 | 10 | 20 |
 /// | L1 | 50 MiB | 16 MiB | 500 MiB |
 /// | allow / deny ttl | 60 s / 10 s | 5 s / 1 s | 60 s / 10 s |
 /// | max staleness | 1 s | 1 s | 1 s |
@@ -96,7 +101,8 @@ pub enum Mode {
     Development,
     /// Like development with a smaller L1 and short ttls, so tests see expiry quickly.
     Testing,
-    /// Pool 50, 500 MiB L1, alerts on; a shared tier needs `AUTHZ_CACHE_SECRET`.
+    /// Pools of 50 (Redis) and 20 (Postgres), 500 MiB L1, alerts on; a shared tier needs
+    /// `AUTHZ_CACHE_SECRET`.
     Production,
 }
 
@@ -188,6 +194,8 @@ pub struct CacheConfig {
     redis_max_connections: u32,
     redis_namespace: String,
     database_url: Option<String>,
+    database_schema: String,
+    database_max_connections: u32,
     hit_rate_target_percent: f64,
     response_time_target: Duration,
     monitoring_interval: Duration,
@@ -208,6 +216,8 @@ impl fmt::Debug for CacheConfig {
             .field("redis_max_connections", &self.redis_max_connections)
             .field("redis_namespace", &self.redis_namespace)
             .field("database_url", &self.database_url.as_deref().map(mask_url))
+            .field("database_schema", &self.database_schema)
+            .field("database_max_connections", &self.database_max_connections)
             .field("hit_rate_target_percent", &self.hit_rate_target_percent)
             .field("response_time_target", &self.response_time_target)
             .field("monitoring_interval", &self.monitoring_interval)
@@ -225,7 +235,8 @@ impl Default for CacheConfig {
 }
 
 impl CacheConfig {
-    /// The preset of `mode` (see [`Mode`]): no Redis, no database, no secret, namespace `authz`.
+    /// The preset of `mode` (see [`Mode`]): no Redis, no database, no secret, namespace `authz`,
+    /// schema `authz_cache`.
     pub fn preset(mode: Mode) -> Self {
         let development = Self {
             mode,
@@ -238,6 +249,8 @@ impl CacheConfig {
             redis_max_connections: 5,
             redis_namespace: "authz".to_owned(),
             database_url: None,
+            database_schema: "authz_cache".to_owned(),
+            database_max_connections: 10,
             hit_rate_target_percent: 95.0,
             response_time_target: Duration::from_millis(5),
             monitoring_interval: Duration::from_secs(60),
@@ -255,6 +268,7 @@ impl CacheConfig {
             Mode::Production => Self {
                 l1_max_bytes: 500 * MIB,
                 redis_max_connections: 50,
+                database_max_connections: 20,
                 monitoring_interval: Duration::from_secs(30),
                 performance_alerts_enabled: true,
                 ..development
@@ -271,7 +285,9 @@ impl CacheConfig {
     /// | `L1_CACHE_SIZE_MB` | L1 bound, in MiB | 1 to 1048576 |
     /// | `REDIS_URL` | L2 on Redis | `redis://` or `rediss://` URL with a host |
     /// | `REDIS_MAX_CONNECTIONS` | Redis pool size | 1 to 10000 |
-    /// | `DATABASE_URL` | Postgres (validated and stored) | `postgres://` or `postgresql://` URL with a host |
+    /// | `DATABASE_URL` | L3 on Postgres (feature `postgres`) | `postgres://` or `postgresql://` URL with a host |
+    /// | `DATABASE_SCHEMA` | schema of the L3 tables | 1 to 40 of `a-z 0-9 _`, not starting with a digit |
+    /// | `DATABASE_MAX_CONNECTIONS` | Postgres pool size | 1 to 1000 |
     /// | `CACHE_HIT_RATE_TARGET` | percent | 0 to 100, decimals allowed |
     /// | `AUTHORIZATION_RESPONSE_TIME_TARGET` | milliseconds | 1 to 60000 |
     /// | `CACHE_MONITORING_INTERVAL` | seconds | 1 to 86400 |
@@ -330,6 +346,17 @@ impl CacheConfig {
                 return Err(ConfigError::invalid(name, &raw, DATABASE_URL_ALLOWED));
             }
             config.database_url = Some(raw.trim().to_owned());
+        }
+        if let Some((name, raw)) = var(DATABASE_SCHEMA) {
+            let schema = raw.trim();
+            if !schema_ok(schema) {
+                return Err(ConfigError::invalid(name, &raw, SCHEMA_ALLOWED));
+            }
+            config.database_schema = schema.to_owned();
+        }
+        if let Some((name, raw)) = var(DATABASE_MAX_CONNECTIONS) {
+            let pool = whole(name, &raw, 1, 1000, DATABASE_POOL_ALLOWED)?;
+            config.database_max_connections = u32::try_from(pool).expect("at most 1000");
         }
         if let Some((name, raw)) = var(HIT_RATE_TARGET) {
             let percent = raw.trim().parse::<f64>().ok().filter(|p| (0.0..=100.0).contains(p));
@@ -401,8 +428,8 @@ impl CacheConfig {
         Ok(config)
     }
 
-    /// Checks what cannot work or would be unsafe, whoever set it: URLs, namespace, pool
-    /// size, secret, deny ttl at most the allow ttl.
+    /// Checks what cannot work or would be unsafe, whoever set it: URLs, namespace, schema, pool
+    /// sizes, secret, deny ttl at most the allow ttl.
     fn check(&self) -> Result<(), ConfigError> {
         if let Some(url) = &self.redis_url {
             check_url(REDIS_URL, url, &["redis", "rediss"], REDIS_URL_ALLOWED)?;
@@ -415,6 +442,13 @@ impl CacheConfig {
         }
         if self.redis_max_connections == 0 {
             return Err(ConfigError::invalid(REDIS_MAX_CONNECTIONS, "0", POOL_ALLOWED));
+        }
+        if !schema_ok(&self.database_schema) {
+            return Err(ConfigError::invalid(DATABASE_SCHEMA, &self.database_schema, SCHEMA_ALLOWED));
+        }
+        if !(1..=1000).contains(&self.database_max_connections) {
+            let pool = self.database_max_connections.to_string();
+            return Err(ConfigError::invalid(DATABASE_MAX_CONNECTIONS, &pool, DATABASE_POOL_ALLOWED));
         }
         if self.deny_ttl > self.allow_ttl {
             return Err(ConfigError::invalid(
@@ -439,53 +473,115 @@ impl CacheConfig {
     }
 
     /// Configures `builder` with this configuration: L1 bound, ttls, authorizer timeout, max
-    /// staleness, and (feature `redis`) L2 on `redis_url` with the namespace, pool size and
-    /// secret.
+    /// staleness, (feature `redis`) L2 on `redis_url` with the namespace, pool size and secret,
+    /// and (feature `postgres`) L3 on `database_url`, as [`postgres_tier`](Self::postgres_tier)
+    /// builds it. Call it inside a Tokio runtime when a URL is set (the pools start tasks).
     ///
-    /// Without a secret (development and testing only), a random per-process secret keys L2:
-    /// instances then do not share L2 entries, and a warning says so.
+    /// Without a secret (development and testing only), a random per-process secret keys L2 and
+    /// L3 (the same one for both): instances then do not share entries, and a warning says so.
+    ///
+    /// The L3 schema is not migrated here: run [`PostgresTier::migrate`](crate::PostgresTier::migrate)
+    /// (or `authz-cache init`) once per deployment.
     ///
     /// # Errors
     ///
     /// What cannot work or would be unsafe (the checks of [`from_env`](Self::from_env) on
-    /// URLs, namespace, pool size, secret and ttls), a Redis URL the client rejects, or a Redis
-    /// URL without the `redis` feature.
+    /// URLs, namespace, schema, pool sizes, secret and ttls), a URL its client rejects, or a
+    /// Redis (Postgres) URL without the `redis` (`postgres`) feature.
     pub fn apply(&self, builder: AuthzCacheBuilder) -> Result<AuthzCacheBuilder, ConfigError> {
         self.check()?;
-        let builder = builder
+        #[cfg(not(feature = "redis"))]
+        if let Some(url) = &self.redis_url {
+            return Err(ConfigError::invalid(REDIS_URL, url, "unset: this build lacks the `redis` feature"));
+        }
+        #[cfg(not(feature = "postgres"))]
+        if let Some(url) = &self.database_url {
+            return Err(ConfigError::invalid(DATABASE_URL, url, "unset: this build lacks the `postgres` feature"));
+        }
+        #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(unused_mut))]
+        let mut builder = builder
             .l1_max_bytes(self.l1_max_bytes)
             .allow_ttl(self.allow_ttl)
             .deny_ttl(self.deny_ttl)
             .authorizer_timeout(self.authorizer_timeout)
             .max_staleness(self.max_staleness);
-        #[cfg(feature = "redis")]
-        if let Some(url) = &self.redis_url {
-            let secret = match &self.secret {
-                Some(secret) => secret.expose(),
-                None => {
-                    tracing::warn!(
-                        target: "authz_cache",
-                        mode = %self.mode,
-                        "AUTHZ_CACHE_SECRET is not set: L2 is keyed with a random per-process secret, \
-                         so instances will not share L2 entries"
-                    );
-                    process_secret()
-                }
-            };
-            let tier = crate::tier::redis::RedisTier::builder(url.as_str(), secret)
-                .namespace(self.redis_namespace.as_str())
-                .pool_size(self.redis_max_connections)
-                .build()
-                .map_err(|e| {
-                    ConfigError::invalid(REDIS_URL, url, format!("expected a URL the redis client accepts ({e})"))
-                })?;
-            return Ok(builder.l2(tier));
-        }
-        #[cfg(not(feature = "redis"))]
-        if let Some(url) = &self.redis_url {
-            return Err(ConfigError::invalid(REDIS_URL, url, "unset: this build lacks the `redis` feature"));
+        #[cfg(any(feature = "redis", feature = "postgres"))]
+        if self.redis_url.is_some() || self.database_url.is_some() {
+            // One secret for both tiers (the cache refuses two), and one warning when it is random.
+            let secret = self.shared_secret();
+            #[cfg(feature = "redis")]
+            if let Some(url) = &self.redis_url {
+                let tier = crate::tier::redis::RedisTier::builder(url.as_str(), secret)
+                    .namespace(self.redis_namespace.as_str())
+                    .pool_size(self.redis_max_connections)
+                    .build()
+                    .map_err(|e| {
+                        ConfigError::invalid(REDIS_URL, url, format!("expected a URL the redis client accepts ({e})"))
+                    })?;
+                builder = builder.l2(tier);
+            }
+            #[cfg(feature = "postgres")]
+            if let Some(url) = &self.database_url {
+                builder = builder.l3(build_postgres(url, self.postgres_builder(url, secret))?);
+            }
         }
         Ok(builder)
+    }
+
+    /// L3 as this configuration describes it (feature `postgres`): `None` without a
+    /// `database_url`, otherwise a [`PostgresTier`](crate::PostgresTier) on it with
+    /// [`database_schema`](Self::database_schema), [`database_max_connections`](Self::database_max_connections)
+    /// and the secret, with the tier's defaults for everything else. Without a secret
+    /// (development and testing only), the random per-process secret that
+    /// [`apply`](Self::apply) gives L2 keys it too, and a warning says so. Connections are made
+    /// lazily; call it inside a Tokio runtime. The schema is not migrated here.
+    ///
+    /// # Errors
+    ///
+    /// As [`apply`](Self::apply): what cannot work or would be unsafe, or a URL the tier rejects.
+    #[cfg(feature = "postgres")]
+    pub fn postgres_tier(&self) -> Result<Option<crate::PostgresTier>, ConfigError> {
+        self.postgres_tier_builder()?
+            .map(|builder| build_postgres(self.database_url.as_deref().unwrap_or_default(), builder))
+            .transpose()
+    }
+
+    /// Like [`postgres_tier`](Self::postgres_tier), before `build`: for the settings the
+    /// environment does not cover (timeouts, breaker, warming). `build` may still reject a URL
+    /// whose scheme is not lowercase.
+    ///
+    /// # Errors
+    ///
+    /// What cannot work or would be unsafe (the checks of [`from_env`](Self::from_env)).
+    #[cfg(feature = "postgres")]
+    pub fn postgres_tier_builder(&self) -> Result<Option<crate::PostgresTierBuilder>, ConfigError> {
+        self.check()?;
+        Ok(self.database_url.as_deref().map(|url| self.postgres_builder(url, self.shared_secret())))
+    }
+
+    #[cfg(feature = "postgres")]
+    fn postgres_builder(&self, url: &str, secret: &[u8]) -> crate::PostgresTierBuilder {
+        crate::PostgresTier::builder(url, secret)
+            .schema(self.database_schema.as_str())
+            .pool_size(self.database_max_connections)
+    }
+
+    /// The secret of the shared tiers: the configured one, else (development and testing; `check`
+    /// refuses production) the per-process one, with a warning.
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    fn shared_secret(&self) -> &[u8] {
+        match &self.secret {
+            Some(secret) => secret.expose(),
+            None => {
+                tracing::warn!(
+                    target: "authz_cache",
+                    mode = %self.mode,
+                    "AUTHZ_CACHE_SECRET is not set: the shared tiers (L2, L3) are keyed with a random \
+                     per-process secret, so instances will not share their entries"
+                );
+                process_secret()
+            }
+        }
     }
 
     /// [`redis_url`](Self::redis_url) with any password replaced by `***`, for logs and reports.
@@ -544,10 +640,20 @@ impl CacheConfig {
         &self.redis_namespace
     }
 
-    /// The Postgres URL (`DATABASE_URL`), password included: do not log it. Validated and
-    /// stored; no tier uses it yet.
+    /// The Postgres URL of L3 (`DATABASE_URL`), password included: do not log it (`Debug` of the
+    /// config masks it).
     pub fn database_url(&self) -> Option<&str> {
         self.database_url.as_deref()
+    }
+
+    /// The schema of the L3 tables (`DATABASE_SCHEMA`, default `authz_cache`).
+    pub fn database_schema(&self) -> &str {
+        &self.database_schema
+    }
+
+    /// Largest number of pooled Postgres connections (`DATABASE_MAX_CONNECTIONS`).
+    pub fn database_max_connections(&self) -> u32 {
+        self.database_max_connections
     }
 
     /// Target hit rate, in percent (`CACHE_HIT_RATE_TARGET`).
@@ -643,6 +749,21 @@ impl CacheConfig {
     #[must_use]
     pub fn with_database_url(mut self, url: Option<String>) -> Self {
         self.database_url = url;
+        self
+    }
+
+    /// Sets the schema of the L3 tables (1 to 40 of `a-z 0-9 _`, not starting with a digit;
+    /// checked by [`apply`](Self::apply)).
+    #[must_use]
+    pub fn with_database_schema(mut self, schema: impl Into<String>) -> Self {
+        self.database_schema = schema.into();
+        self
+    }
+
+    /// Sets the Postgres pool size (1 to 1000; checked by [`apply`](Self::apply)).
+    #[must_use]
+    pub fn with_database_max_connections(mut self, connections: u32) -> Self {
+        self.database_max_connections = connections;
         self
     }
 
@@ -776,6 +897,22 @@ fn flag(variable: &'static str, raw: &str) -> Result<bool, ConfigError> {
     }
 }
 
+/// What [`PostgresTierBuilder::schema`](crate::PostgresTierBuilder::schema) accepts.
+fn schema_ok(schema: &str) -> bool {
+    (1..=40).contains(&schema.len())
+        && !schema.starts_with(|c: char| c.is_ascii_digit())
+        && schema.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Builds a tier from [`CacheConfig::postgres_builder`]; what it rejects is blamed on the URL
+/// (the config checked the rest).
+#[cfg(feature = "postgres")]
+fn build_postgres(url: &str, builder: crate::PostgresTierBuilder) -> Result<crate::PostgresTier, ConfigError> {
+    builder
+        .build()
+        .map_err(|e| ConfigError::invalid(DATABASE_URL, url, format!("expected a URL the postgres tier accepts ({e})")))
+}
+
 fn namespace_ok(namespace: &str) -> bool {
     (1..=64).contains(&namespace.len())
         && namespace.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
@@ -858,9 +995,10 @@ fn is_password_param(param: &str) -> bool {
     param.split_once('=').is_some_and(|(key, _)| key.eq_ignore_ascii_case("password"))
 }
 
-/// 32 random bytes, the same for the whole process: the L2 secret when none is configured
-/// (development and testing), from the OS-seeded keys of [`RandomState`](std::hash::RandomState).
-#[cfg(feature = "redis")]
+/// 32 random bytes, the same for the whole process: the secret of L2 and L3 when none is
+/// configured (development and testing), from the OS-seeded keys of
+/// [`RandomState`](std::hash::RandomState).
+#[cfg(any(feature = "redis", feature = "postgres"))]
 fn process_secret() -> &'static [u8] {
     use std::hash::BuildHasher;
 
@@ -938,7 +1076,9 @@ mod tests {
         assert_eq!((testing.allow_ttl(), testing.deny_ttl()), (Duration::from_secs(5), Duration::from_secs(1)));
         assert!(!testing.performance_alerts_enabled());
 
-        for config in [&production, &development, &testing] {
+        for (config, pool) in [(&production, 20), (&development, 10), (&testing, 10)] {
+            assert_eq!(config.database_max_connections(), pool, "{config:?}");
+            assert_eq!(config.database_schema(), "authz_cache");
             assert_eq!(config.redis_namespace(), "authz");
             assert!(config.redis_url().is_none() && config.database_url().is_none() && config.secret().is_none());
             config.check().unwrap();
@@ -966,6 +1106,8 @@ mod tests {
             ("REDIS_URL", "rediss://cache.internal:6380/2"),
             ("REDIS_MAX_CONNECTIONS", "20"),
             ("DATABASE_URL", "postgresql://app@[::1]:5432,db2:5433/app"),
+            ("DATABASE_SCHEMA", " tenant_7_cache "),
+            ("DATABASE_MAX_CONNECTIONS", "1000"),
             ("CACHE_HIT_RATE_TARGET", "97.5"),
             ("AUTHORIZATION_RESPONSE_TIME_TARGET", "3"),
             ("CACHE_MONITORING_INTERVAL", "15"),
@@ -982,6 +1124,8 @@ mod tests {
         assert_eq!(config.redis_url(), Some("rediss://cache.internal:6380/2"));
         assert_eq!(config.redis_max_connections(), 20);
         assert_eq!(config.database_url(), Some("postgresql://app@[::1]:5432,db2:5433/app"));
+        assert_eq!(config.database_schema(), "tenant_7_cache");
+        assert_eq!(config.database_max_connections(), 1000);
         assert_eq!(config.hit_rate_target_percent(), 97.5);
         assert_eq!(config.response_time_target(), Duration::from_millis(3));
         assert_eq!(config.monitoring_interval(), Duration::from_secs(15));
@@ -1018,6 +1162,17 @@ mod tests {
             ("REDIS_MAX_CONNECTIONS", "10001"),
             ("DATABASE_URL", "mysql://db/app"),
             ("DATABASE_URL", "postgres:///app?host=/run/postgresql"),
+            ("DATABASE_SCHEMA", "Authz"),
+            ("DATABASE_SCHEMA", "1cache"),
+            ("DATABASE_SCHEMA", "authz-cache"),
+            ("DATABASE_SCHEMA", "authz.cache"),
+            ("DATABASE_SCHEMA", "a b"),
+            ("DATABASE_SCHEMA", "x; DROP TABLE users"),
+            ("DATABASE_SCHEMA", "caché"),
+            ("DATABASE_SCHEMA", "\"authz\""),
+            ("DATABASE_MAX_CONNECTIONS", "0"),
+            ("DATABASE_MAX_CONNECTIONS", "1001"),
+            ("DATABASE_MAX_CONNECTIONS", "ten"),
             ("AUTHZ_CACHE_MODE", "staging"),
             ("CACHE_HIT_RATE_TARGET", "101"),
             ("CACHE_HIT_RATE_TARGET", "-0.5"),
@@ -1047,6 +1202,27 @@ mod tests {
             "AUTHZ_CACHE_NAMESPACE",
             &"n".repeat(65),
         );
+        let err = error(&[("DATABASE_SCHEMA", "s".repeat(41).as_str())]);
+        assert_names(&err, "DATABASE_SCHEMA", &"s".repeat(41));
+        assert_eq!(
+            error(&[("DATABASE_SCHEMA", "1cache")]).to_string(),
+            r#"DATABASE_SCHEMA="1cache": expected 1 to 40 characters of a-z 0-9 _, not starting with a digit"#
+        );
+        // The longest and the odd-but-valid ones pass.
+        for schema in ["s".repeat(40), "_".to_owned(), "a1".to_owned(), "_9".to_owned()] {
+            assert_eq!(from(&[("DATABASE_SCHEMA", schema.as_str())]).unwrap().database_schema(), schema);
+        }
+        assert_eq!(
+            error(&[("DATABASE_MAX_CONNECTIONS", "1001")]).to_string(),
+            r#"DATABASE_MAX_CONNECTIONS="1001": expected a whole number of connections from 1 to 1000"#
+        );
+        // Set through the builder: caught by `apply`.
+        let err = CacheConfig::default().with_database_schema("Bad-Schema").apply(allow_all()).unwrap_err();
+        assert_names(&err, "DATABASE_SCHEMA", "Bad-Schema");
+        let err = CacheConfig::default().with_database_max_connections(0).apply(allow_all()).unwrap_err();
+        assert_names(&err, "DATABASE_MAX_CONNECTIONS", "0");
+        let err = CacheConfig::default().with_database_max_connections(5000).apply(allow_all()).unwrap_err();
+        assert_names(&err, "DATABASE_MAX_CONNECTIONS", "5000");
         // Control characters are escaped: still one line.
         assert_names(&error(&[("CACHE_MONITORING_INTERVAL", "1\n2")]), "CACHE_MONITORING_INTERVAL", "1\n2");
     }
@@ -1059,6 +1235,8 @@ mod tests {
             REDIS_URL,
             REDIS_MAX_CONNECTIONS,
             DATABASE_URL,
+            DATABASE_SCHEMA,
+            DATABASE_MAX_CONNECTIONS,
             HIT_RATE_TARGET,
             RESPONSE_TIME_TARGET,
             MONITORING_INTERVAL,
@@ -1214,6 +1392,83 @@ mod tests {
 
         let err = CacheConfig::default().with_redis_namespace("bad namespace").apply(allow_all()).unwrap_err();
         assert_eq!(err.variable(), "AUTHZ_CACHE_NAMESPACE");
+    }
+
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn postgres_tier_follows_the_config() {
+        assert!(CacheConfig::default().postgres_tier().unwrap().is_none());
+        assert!(CacheConfig::default().postgres_tier_builder().unwrap().is_none());
+
+        // Nothing listens on port 1: connections are lazy, so building needs no Postgres.
+        let config = from(&[
+            ("DATABASE_URL", "postgres://app@127.0.0.1:1/app"),
+            ("DATABASE_SCHEMA", "tenant_7"),
+            ("DATABASE_MAX_CONNECTIONS", "3"),
+        ])
+        .unwrap();
+        let tier = config.postgres_tier().unwrap().expect("DATABASE_URL is set");
+        assert_eq!(tier.schema(), "tenant_7");
+        assert!(config.postgres_tier_builder().unwrap().is_some());
+        // Without a secret (development), the per-process one keys it, as it keys L2.
+        assert_eq!(tier.shared.secret, process_secret());
+        let config = config.with_secret(Some(Secret::new(SECRET_VALUE)));
+        assert_eq!(config.postgres_tier().unwrap().unwrap().shared.secret, SECRET_VALUE.as_bytes());
+
+        // The config's checks apply; what only the tier rejects is blamed on the URL.
+        let err = config.clone().with_database_schema("9lives").postgres_tier().unwrap_err();
+        assert_eq!(err.variable(), "DATABASE_SCHEMA");
+        let err = config.clone().with_database_url(Some("POSTGRES://db/app".into())).postgres_tier().unwrap_err();
+        assert_names(&err, "DATABASE_URL", "POSTGRES://db/app");
+        let err = CacheConfig::preset(Mode::Production)
+            .with_database_url(Some("postgres://db/app".into()))
+            .postgres_tier()
+            .unwrap_err();
+        assert!(err.is_missing() && err.variable() == "AUTHZ_CACHE_SECRET", "{err}");
+    }
+
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn apply_adds_l3_for_a_database_url() {
+        let config =
+            CacheConfig::preset(Mode::Testing).with_database_url(Some("postgres://app@127.0.0.1:1/app".into()));
+        let cache = config.apply(allow_all()).unwrap().build();
+        assert!(cache.stats().tiers.l3.is_some());
+        assert!(cache.stats().tiers.l2.is_none());
+        let err = config.with_database_url(Some("POSTGRES://db/app".into())).apply(allow_all()).unwrap_err();
+        assert_eq!(err.variable(), "DATABASE_URL");
+    }
+
+    /// Both tiers in one cache: the cache refuses (panics) when their secrets differ, so this
+    /// proves they get the same one, configured or per-process.
+    #[cfg(all(feature = "redis", feature = "postgres"))]
+    #[tokio::test]
+    async fn apply_with_both_urls_gives_both_tiers_the_same_secret() {
+        let urls = [("REDIS_URL", "redis://127.0.0.1:1/0"), ("DATABASE_URL", "postgres://app@127.0.0.1:1/app")];
+        for mode in ["development", "testing"] {
+            let config = from(&[("AUTHZ_CACHE_MODE", mode), urls[0], urls[1]]).unwrap();
+            let cache = config.apply(allow_all()).unwrap().build();
+            let tiers = cache.stats().tiers;
+            assert!(tiers.l2.is_some() && tiers.l3.is_some(), "{mode}");
+        }
+        let config =
+            from(&[("AUTHZ_CACHE_MODE", "production"), ("AUTHZ_CACHE_SECRET", SECRET_VALUE), urls[0], urls[1]])
+                .unwrap();
+        let cache = config.apply(allow_all()).unwrap().build();
+        let tiers = cache.stats().tiers;
+        assert!(tiers.l2.is_some() && tiers.l3.is_some());
+        // A bad second tier fails the whole `apply`.
+        let err = config.with_database_url(Some("POSTGRES://db/app".into())).apply(allow_all()).unwrap_err();
+        assert_eq!(err.variable(), "DATABASE_URL");
+    }
+
+    #[cfg(not(feature = "postgres"))]
+    #[test]
+    fn a_database_url_needs_the_postgres_feature() {
+        let config = CacheConfig::default().with_database_url(Some("postgres://app@127.0.0.1/app".into()));
+        let err = config.apply(allow_all()).unwrap_err();
+        assert_names(&err, "DATABASE_URL", "postgres://app@127.0.0.1/app");
+        assert!(err.allowed().contains("`postgres` feature"), "{err}");
     }
 
     #[test]

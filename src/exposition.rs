@@ -4,25 +4,35 @@
 //!
 //! | name | type | labels |
 //! |---|---|---|
-//! | `authz_cache_hits_total`, `authz_cache_misses_total` | counter | `tier` |
-//! | `authz_cache_expired_total`, `authz_cache_stale_total` | counter | `tier` |
-//! | `authz_cache_rejected_entries_total`, `authz_cache_tier_errors_total`, `authz_cache_write_drops_total` | counter | `tier="l2"` |
-//! | `authz_cache_breaker_opens_total` | counter | `tier` |
-//! | `authz_cache_breaker_state` | gauge, 0 closed / 1 half-open / 2 open | `tier` |
+//! | `authz_cache_hits_total`, `authz_cache_misses_total` | counter | `tier` (`l1`, `l2`, `l3`) |
+//! | `authz_cache_expired_total`, `authz_cache_stale_total` | counter | `tier` (`l1`, `l2`, `l3`) |
+//! | `authz_cache_rejected_entries_total`, `authz_cache_tier_errors_total`, `authz_cache_write_drops_total` | counter | `tier` (`l2`, `l3`) |
+//! | `authz_cache_swept_rows_total` | counter | `tier="l3"` |
+//! | `authz_cache_breaker_opens_total` | counter | `tier` (`l2`, `l3`) |
+//! | `authz_cache_breaker_state` | gauge, 0 closed / 1 half-open / 2 open | `tier` (`l2`, `l3`) |
 //! | `authz_cache_authorizer_calls_total`, `authz_cache_authorizer_errors_total` | counter | |
 //! | `authz_cache_single_flight_joins_total`, `authz_cache_undecided_total` | counter | |
 //! | `authz_cache_invalidations_total` | counter | `scope` |
+//! | `authz_cache_change_feed_invalidations_total` | counter | |
+//! | `authz_cache_warmed_entries_total` | counter | |
 //! | `authz_cache_entries`, `authz_cache_size_bytes`, `authz_cache_max_size_bytes` | gauge | `tier="l1"` |
 //! | `authz_cache_backplane_connected`, `authz_cache_backplane_l1_trusted` | gauge | |
 //! | `authz_cache_backplane_silence_seconds` | gauge | |
 //! | `authz_cache_check_duration_seconds` | summary | `path` (`l1_hit`, `miss`) |
-//! | `authz_cache_tier_read_duration_seconds` | summary | `tier="l2"` |
+//! | `authz_cache_tier_read_duration_seconds` | summary | `tier` (`l2`, `l3`) |
 //! | `authz_cache_authorizer_duration_seconds` | summary | |
+//!
+//! A remote tier's series (`tier="l2"`, `tier="l3"`) are there only when that tier is configured,
+//! the backplane's only with a backplane, `authz_cache_change_feed_invalidations_total` (the
+//! principals invalidated by the Postgres change feed) only with L3.
+//! `authz_cache_swept_rows_total` counts the expired L3 rows the sweeper removed,
+//! `authz_cache_warmed_entries_total` the entries loaded into L1 by warming.
 //!
 //! [`StatsSnapshot::to_prometheus`]: crate::StatsSnapshot::to_prometheus
 
 use std::fmt::Write as _;
 
+use crate::stats::RemoteTierSnapshot;
 use crate::{BreakerState, StatsSnapshot};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -41,7 +51,14 @@ pub(crate) struct Row {
 
 const L1: &[(&str, &str)] = &[("tier", "l1")];
 const L2: &[(&str, &str)] = &[("tier", "l2")];
+const L3: &[(&str, &str)] = &[("tier", "l3")];
 const NONE: &[(&str, &str)] = &[];
+
+/// The help of the families every tier has.
+const HITS: &str = "Reads answered by a tier.";
+const MISSES: &str = "Reads a tier could not answer.";
+const EXPIRED: &str = "Entries found past their deadline.";
+const STALE: &str = "Entries found invalidated.";
 
 /// The latency summaries' names.
 pub(crate) const CHECK_DURATION: &str = "authz_cache_check_duration_seconds";
@@ -56,53 +73,55 @@ fn breaker_value(state: BreakerState) -> f64 {
     }
 }
 
+/// The counters and gauges of one remote tier, with `authz_cache_swept_rows_total` when it
+/// `sweeps`. Every row carries its family's help: a family's first row may come from either tier.
+fn remote_rows(labels: &'static [(&'static str, &'static str)], t: &RemoteTierSnapshot, sweeps: bool) -> Vec<Row> {
+    let row = |name, help, kind, value: u64| Row { name, help, kind, labels, value: value as f64 };
+    use Kind::{Counter, Gauge};
+    let mut rows = vec![
+        row("authz_cache_hits_total", HITS, Counter, t.hits),
+        row("authz_cache_misses_total", MISSES, Counter, t.misses),
+        row("authz_cache_expired_total", EXPIRED, Counter, t.expired),
+        row("authz_cache_stale_total", STALE, Counter, t.stale),
+        row(
+            "authz_cache_rejected_entries_total",
+            "Shared entries that failed verification (security events).",
+            Counter,
+            t.rejected,
+        ),
+        row("authz_cache_tier_errors_total", "Remote reads that failed or were skipped.", Counter, t.errors),
+        row("authz_cache_write_drops_total", "Background writes dropped on a full queue.", Counter, t.write_drops),
+        row("authz_cache_breaker_opens_total", "Times a tier's circuit breaker opened.", Counter, t.breaker_opens),
+        Row {
+            name: "authz_cache_breaker_state",
+            help: "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+            kind: Gauge,
+            labels,
+            value: breaker_value(t.breaker),
+        },
+    ];
+    if sweeps {
+        rows.push(row("authz_cache_swept_rows_total", "Expired rows removed by a tier's sweeper.", Counter, t.swept));
+    }
+    rows
+}
+
 /// Every counter and gauge of a snapshot.
 pub(crate) fn rows(s: &StatsSnapshot) -> Vec<Row> {
     let row = |name, help, kind, labels, value: u64| Row { name, help, kind, labels, value: value as f64 };
     use Kind::{Counter, Gauge};
     let l1 = &s.tiers.l1;
     let mut rows = vec![
-        row("authz_cache_hits_total", "Reads answered by a tier.", Counter, L1, l1.hits),
-        row("authz_cache_misses_total", "Reads a tier could not answer.", Counter, L1, l1.misses),
-        row("authz_cache_expired_total", "Entries found past their deadline.", Counter, L1, l1.expired),
-        row("authz_cache_stale_total", "Entries found invalidated.", Counter, L1, l1.stale),
+        row("authz_cache_hits_total", HITS, Counter, L1, l1.hits),
+        row("authz_cache_misses_total", MISSES, Counter, L1, l1.misses),
+        row("authz_cache_expired_total", EXPIRED, Counter, L1, l1.expired),
+        row("authz_cache_stale_total", STALE, Counter, L1, l1.stale),
     ];
-    if let Some(t) = s.tiers.l2 {
-        rows.extend([
-            row("authz_cache_hits_total", "", Counter, L2, t.hits),
-            row("authz_cache_misses_total", "", Counter, L2, t.misses),
-            row("authz_cache_expired_total", "", Counter, L2, t.expired),
-            row("authz_cache_stale_total", "", Counter, L2, t.stale),
-            row(
-                "authz_cache_rejected_entries_total",
-                "Shared entries that failed verification (security events).",
-                Counter,
-                L2,
-                t.rejected,
-            ),
-            row("authz_cache_tier_errors_total", "Remote reads that failed or were skipped.", Counter, L2, t.errors),
-            row(
-                "authz_cache_write_drops_total",
-                "Background writes dropped on a full queue.",
-                Counter,
-                L2,
-                t.write_drops,
-            ),
-            row(
-                "authz_cache_breaker_opens_total",
-                "Times a tier's circuit breaker opened.",
-                Counter,
-                L2,
-                t.breaker_opens,
-            ),
-            Row {
-                name: "authz_cache_breaker_state",
-                help: "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
-                kind: Gauge,
-                labels: L2,
-                value: breaker_value(t.breaker),
-            },
-        ]);
+    // Redis expires its keys by itself: only L3 has a sweeper.
+    for (labels, t, sweeps) in [(L2, s.tiers.l2, false), (L3, s.tiers.l3, true)] {
+        if let Some(t) = t {
+            rows.extend(remote_rows(labels, &t, sweeps));
+        }
     }
     let inv = &s.invalidations;
     rows.extend([
@@ -132,6 +151,18 @@ pub(crate) fn rows(s: &StatsSnapshot) -> Vec<Row> {
         row("authz_cache_invalidations_total", "", Counter, &[("scope", "resource")], inv.resource),
         row("authz_cache_invalidations_total", "", Counter, &[("scope", "entry")], inv.entry),
         row("authz_cache_invalidations_total", "", Counter, &[("scope", "all")], inv.all),
+    ]);
+    if s.tiers.l3.is_some() {
+        rows.push(row(
+            "authz_cache_change_feed_invalidations_total",
+            "Principals invalidated by the Postgres change feed.",
+            Counter,
+            NONE,
+            s.change_feed_invalidations,
+        ));
+    }
+    rows.extend([
+        row("authz_cache_warmed_entries_total", "Entries loaded into L1 by warming.", Counter, NONE, s.warmed),
         row("authz_cache_entries", "Entries held by a tier.", Gauge, L1, l1.entries),
         row("authz_cache_size_bytes", "Weighted size held by a tier, in bytes.", Gauge, L1, l1.bytes),
         row("authz_cache_max_size_bytes", "The configured bound of a tier, in bytes.", Gauge, L1, l1.max_bytes),
@@ -198,8 +229,13 @@ pub(crate) fn render(s: &StatsSnapshot) -> String {
         ),
         (AUTHORIZER_DURATION, "Latency of one authorizer call.", vec![("", &lat.authorizer)]),
     ];
-    if s.tiers.l2.is_some() {
-        summaries.push((TIER_READ_DURATION, "Latency of one remote tier read.", vec![("tier=\"l2\"", &lat.l2_read)]));
+    let reads: Vec<_> =
+        [("tier=\"l2\"", s.tiers.l2.is_some(), &lat.l2_read), ("tier=\"l3\"", s.tiers.l3.is_some(), &lat.l3_read)]
+            .into_iter()
+            .filter_map(|(labels, configured, l)| configured.then_some((labels, l)))
+            .collect();
+    if !reads.is_empty() {
+        summaries.push((TIER_READ_DURATION, "Latency of one remote tier read.", reads));
     }
     for (name, help, series) in summaries {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
@@ -222,7 +258,11 @@ pub(crate) fn export(s: &StatsSnapshot) {
     static DESCRIBED: std::sync::Once = std::sync::Once::new();
     let rows = rows(s);
     DESCRIBED.call_once(|| {
-        for r in rows.iter().filter(|r| !r.help.is_empty()) {
+        // Each family once, with the help of its first row.
+        for (i, r) in rows.iter().enumerate() {
+            if r.help.is_empty() || rows[..i].iter().any(|o| o.name == r.name) {
+                continue;
+            }
             match r.kind {
                 Kind::Counter => ::metrics::describe_counter!(r.name, r.help),
                 Kind::Gauge => ::metrics::describe_gauge!(r.name, r.help),
@@ -258,9 +298,32 @@ pub(crate) fn record(name: &'static str, labels: &[(&'static str, &'static str)]
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
     use crate::stats::{LatencySnapshot, RemoteTierSnapshot};
     use crate::{BreakerState, StatsSnapshot};
 
+    fn remote(hits: u64, misses: u64, stale: u64, writes: u64, breaker: BreakerState) -> RemoteTierSnapshot {
+        RemoteTierSnapshot {
+            hits,
+            misses,
+            expired: 0,
+            stale,
+            rejected: 0,
+            errors: 0,
+            writes,
+            write_errors: 0,
+            write_drops: 0,
+            swept: 0,
+            breaker,
+            breaker_opens: 0,
+            call_errors: 0,
+            call_timeouts: 0,
+            calls_skipped: 0,
+        }
+    }
+
+    /// L1 and L2.
     fn snapshot() -> StatsSnapshot {
         let mut s = StatsSnapshot::default();
         s.tiers.l1.hits = 90;
@@ -268,28 +331,73 @@ mod tests {
         s.tiers.l1.entries = 7;
         s.tiers.l1.bytes = 3584;
         s.tiers.l1.max_bytes = 1 << 20;
-        s.tiers.l2 = Some(RemoteTierSnapshot {
-            hits: 4,
-            misses: 6,
-            expired: 0,
-            stale: 1,
-            rejected: 0,
-            errors: 0,
-            writes: 6,
-            write_errors: 0,
-            write_drops: 0,
-            swept: 0,
-            breaker: BreakerState::Closed,
-            breaker_opens: 0,
-            call_errors: 0,
-            call_timeouts: 0,
-            calls_skipped: 0,
-        });
+        s.tiers.l2 = Some(remote(4, 6, 1, 6, BreakerState::Closed));
         s.authorizer_calls = 6;
         s.invalidations.principal = 2;
         s.latency.l1_hit =
             LatencySnapshot { count: 11, p50_us: 0.3, p95_us: 0.5, p99_us: 0.9, max_us: 1.2, sum_us: 4.0 };
         s
+    }
+
+    /// L1, L2 and L3: every L3 counter distinct from the others, its breaker half-open.
+    fn snapshot_with_l3() -> StatsSnapshot {
+        let mut s = snapshot();
+        s.tiers.l3 = Some(RemoteTierSnapshot {
+            expired: 2,
+            rejected: 1,
+            errors: 3,
+            write_errors: 1,
+            write_drops: 5,
+            swept: 12,
+            breaker_opens: 1,
+            call_errors: 2,
+            call_timeouts: 1,
+            calls_skipped: 0,
+            ..remote(3, 3, 0, 4, BreakerState::HalfOpen)
+        });
+        s.change_feed_invalidations = 8;
+        s.warmed = 9;
+        s.latency.l3_read =
+            LatencySnapshot { count: 6, p50_us: 800.0, p95_us: 1500.0, p99_us: 2000.0, max_us: 2100.0, sum_us: 6000.0 };
+        s
+    }
+
+    /// L1 and L3, no L2.
+    fn snapshot_l3_only() -> StatsSnapshot {
+        StatsSnapshot {
+            tiers: crate::stats::TiersSnapshot { l2: None, ..snapshot_with_l3().tiers },
+            ..snapshot_with_l3()
+        }
+    }
+
+    /// Family name -> its samples (`name{labels}` -> value), checking the text's structure on
+    /// the way: one HELP (not empty) and one TYPE per family, before its samples, which are
+    /// contiguous.
+    fn parse(text: &str) -> BTreeMap<String, BTreeMap<String, String>> {
+        let mut families: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let mut current = String::new();
+        let mut closed = BTreeSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, help) = rest.split_once(' ').unwrap();
+                assert!(!help.is_empty(), "{name} has no help");
+                assert!(!families.contains_key(name), "{name} declared twice");
+                closed.insert(std::mem::replace(&mut current, name.to_owned()));
+                families.insert(name.to_owned(), BTreeMap::new());
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                assert_eq!(rest.split(' ').next(), Some(current.as_str()), "TYPE right after HELP");
+            } else {
+                let (series, value) = line.rsplit_once(' ').unwrap();
+                let name = series.split('{').next().unwrap();
+                let family = ["_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+                let family = if family == current { family } else { name };
+                assert_eq!(family, current, "{line}: samples of a family are contiguous, after its HELP");
+                assert!(!closed.contains(family));
+                let previous = families.get_mut(family).unwrap().insert(series.to_owned(), value.to_owned());
+                assert!(previous.is_none(), "{series} twice");
+            }
+        }
+        families
     }
 
     #[test]
@@ -298,7 +406,76 @@ mod tests {
     }
 
     #[test]
+    fn metrics_text_with_l3() {
+        insta::assert_snapshot!(super::render(&snapshot_with_l3()));
+    }
+
+    #[test]
     fn stats_json() {
         insta::assert_json_snapshot!(snapshot());
+    }
+
+    #[test]
+    fn stats_json_with_l3() {
+        insta::assert_json_snapshot!(snapshot_with_l3());
+    }
+
+    #[test]
+    fn every_family_with_an_l2_series_has_an_l3_series_when_l3_is_configured() {
+        let families = parse(&super::render(&snapshot_with_l3()));
+        let mut per_tier = 0;
+        for (name, samples) in &families {
+            if name == "authz_cache_swept_rows_total" {
+                continue; // L3 only: Redis expires its keys by itself.
+            }
+            let l2: Vec<_> = samples.keys().filter(|s| s.contains("tier=\"l2\"")).collect();
+            let l3: Vec<_> = samples.keys().filter(|s| s.contains("tier=\"l3\"")).collect();
+            assert_eq!(l2.len(), l3.len(), "{name}: {l2:?} vs {l3:?}");
+            per_tier += usize::from(!l3.is_empty());
+        }
+        assert_eq!(per_tier, 10, "9 counter and gauge families and the read-duration summary");
+        let l3 = |name: &str, labels: &str| families[name][&format!("{name}{{{labels}}}")].clone();
+        let sample = |name: &str| families[name][name].clone();
+        assert_eq!(l3("authz_cache_hits_total", "tier=\"l3\""), "3");
+        assert_eq!(l3("authz_cache_rejected_entries_total", "tier=\"l3\""), "1");
+        assert_eq!(l3("authz_cache_tier_errors_total", "tier=\"l3\""), "3");
+        assert_eq!(l3("authz_cache_write_drops_total", "tier=\"l3\""), "5");
+        assert_eq!(l3("authz_cache_breaker_state", "tier=\"l3\""), "1");
+        assert_eq!(l3("authz_cache_breaker_opens_total", "tier=\"l3\""), "1");
+        assert_eq!(l3("authz_cache_swept_rows_total", "tier=\"l3\""), "12");
+        assert_eq!(families["authz_cache_swept_rows_total"].len(), 1, "Redis has no sweeper");
+        assert_eq!(l3("authz_cache_tier_read_duration_seconds", "tier=\"l3\",quantile=\"0.95\""), "0.0015");
+        assert_eq!(
+            families["authz_cache_tier_read_duration_seconds"]["authz_cache_tier_read_duration_seconds_count{tier=\"l3\"}"],
+            "6"
+        );
+        assert_eq!(sample("authz_cache_change_feed_invalidations_total"), "8");
+        assert_eq!(sample("authz_cache_warmed_entries_total"), "9");
+    }
+
+    #[test]
+    fn l3_without_l2_is_complete_and_tiers_that_are_not_configured_have_no_series() {
+        let with_l3 = parse(&super::render(&snapshot_with_l3()));
+        let l3_only = parse(&super::render(&snapshot_l3_only()));
+        assert_eq!(with_l3.keys().collect::<Vec<_>>(), l3_only.keys().collect::<Vec<_>>(), "the same families");
+        for (name, samples) in &l3_only {
+            assert!(samples.keys().all(|s| !s.contains("tier=\"l2\"")), "{name}");
+            let expected: BTreeMap<_, _> = with_l3[name]
+                .iter()
+                .filter(|(s, _)| !s.contains("tier=\"l2\""))
+                .map(|(s, v)| (s.clone(), v.clone()))
+                .collect();
+            assert_eq!(samples, &expected, "{name}");
+        }
+        // Without L3: no l3 series, no sweeper, no change feed; warming is there (explicit keys).
+        let l2_only = parse(&super::render(&snapshot()));
+        assert!(l2_only.values().flat_map(|s| s.keys()).all(|s| !s.contains("tier=\"l3\"")));
+        assert!(!l2_only.contains_key("authz_cache_swept_rows_total"));
+        assert!(!l2_only.contains_key("authz_cache_change_feed_invalidations_total"));
+        assert!(l2_only.contains_key("authz_cache_warmed_entries_total"));
+        // L1 only: no read-duration family at all.
+        assert!(
+            !parse(&super::render(&StatsSnapshot::default())).contains_key("authz_cache_tier_read_duration_seconds")
+        );
     }
 }

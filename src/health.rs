@@ -2,14 +2,16 @@
 //! readiness probes.
 //!
 //! - L1 is always up.
-//! - A remote tier is up with its breaker closed, degraded while half-open, down while open.
+//! - A remote tier (L2 on Redis, L3 on Postgres) is up with its breaker closed, degraded while
+//!   half-open, down while open.
 //! - The backplane is up when subscribed and heard, degraded when subscribed but silent (L1 is
 //!   not trusted), down when not subscribed.
 //! - The authorizer is down after [`AUTHORIZER_DOWN_AFTER`] consecutive failures and up again
 //!   at its first success.
 //!
 //! Overall: down when the authorizer is down (the cache can then decide nothing it has not
-//! cached: a readiness probe should fail), degraded when any other part is not up, else up.
+//! cached: a readiness probe should fail), degraded when any other part is not up (a remote tier
+//! down only makes the cache slower or less cached), else up.
 //!
 //! ```
 //! use tower_authz_cache::{AuthzCache, Decision, HealthStatus, Permission, Principal};
@@ -29,7 +31,7 @@
 
 use serde::Serialize;
 
-use crate::{BreakerState, StatsSnapshot};
+use crate::{BreakerState, RemoteTierSnapshot, StatsSnapshot};
 
 /// Consecutive authorizer failures after which it counts as down.
 pub const AUTHORIZER_DOWN_AFTER: u64 = 5;
@@ -67,6 +69,9 @@ pub struct TiersHealth {
     /// L2, when configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub l2: Option<PartHealth>,
+    /// L3, when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l3: Option<PartHealth>,
 }
 
 /// The health of the cache and its parts.
@@ -94,14 +99,15 @@ impl Health {
 
     pub(crate) fn assess(stats: &StatsSnapshot, authorizer_failing: u64) -> Self {
         let part = |status| PartHealth { status, breaker: None };
-        let l2 = stats.tiers.l2.map(|t| PartHealth {
+        let remote = |t: RemoteTierSnapshot| PartHealth {
             status: match t.breaker {
                 BreakerState::Closed => HealthStatus::Up,
                 BreakerState::HalfOpen => HealthStatus::Degraded,
                 _ => HealthStatus::Down,
             },
             breaker: Some(t.breaker),
-        });
+        };
+        let (l2, l3) = (stats.tiers.l2.map(remote), stats.tiers.l3.map(remote));
         #[cfg(any(feature = "redis", feature = "postgres"))]
         let backplane = stats.backplane.map(|b| {
             part(match (b.connected, b.l1_trusted) {
@@ -114,7 +120,8 @@ impl Health {
         let backplane = None;
         let authorizer =
             part(if authorizer_failing >= AUTHORIZER_DOWN_AFTER { HealthStatus::Down } else { HealthStatus::Up });
-        let others = l2.iter().chain(backplane.iter()).map(|p| p.status).max().unwrap_or(HealthStatus::Up);
+        let others =
+            l2.iter().chain(l3.iter()).chain(backplane.iter()).map(|p| p.status).max().unwrap_or(HealthStatus::Up);
         let status = if authorizer.status == HealthStatus::Down {
             HealthStatus::Down
         } else if others != HealthStatus::Up {
@@ -124,7 +131,7 @@ impl Health {
         };
         Health {
             status,
-            tiers: TiersHealth { l1: part(HealthStatus::Up), l2 },
+            tiers: TiersHealth { l1: part(HealthStatus::Up), l2, l3 },
             backplane,
             authorizer,
             authorizer_consecutive_failures: authorizer_failing,
@@ -137,7 +144,64 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    use crate::{AuthzCache, BoxError, Decision, HealthStatus, Permission, Principal};
+    use super::Health;
+    use crate::{
+        AuthzCache, BoxError, BreakerState, Decision, HealthStatus, Permission, Principal, RemoteTierSnapshot,
+        StatsSnapshot,
+    };
+
+    fn remote(breaker: BreakerState) -> RemoteTierSnapshot {
+        RemoteTierSnapshot {
+            hits: 0,
+            misses: 0,
+            expired: 0,
+            stale: 0,
+            rejected: 0,
+            errors: 0,
+            writes: 0,
+            write_errors: 0,
+            write_drops: 0,
+            swept: 0,
+            breaker,
+            breaker_opens: 0,
+            call_errors: 0,
+            call_timeouts: 0,
+            calls_skipped: 0,
+        }
+    }
+
+    /// A snapshot with L2 and L3, their breakers as given.
+    fn tiers(l2: BreakerState, l3: BreakerState) -> StatsSnapshot {
+        let mut stats = StatsSnapshot::default();
+        stats.tiers.l2 = Some(remote(l2));
+        stats.tiers.l3 = Some(remote(l3));
+        stats
+    }
+
+    #[test]
+    fn l3_follows_its_breaker_and_counts_in_the_overall_status_like_l2() {
+        use BreakerState::{Closed, HalfOpen, Open};
+        for (l3, part) in [(Closed, HealthStatus::Up), (HalfOpen, HealthStatus::Degraded), (Open, HealthStatus::Down)] {
+            let health = Health::assess(&tiers(Closed, l3), 0);
+            let l3_health = health.tiers.l3.expect("l3 is configured");
+            assert_eq!((l3_health.status, l3_health.breaker), (part, Some(l3)));
+            assert_eq!(health.tiers.l2.unwrap().status, HealthStatus::Up);
+            let overall = if part == HealthStatus::Up { HealthStatus::Up } else { HealthStatus::Degraded };
+            assert_eq!(health.status, overall, "l3 {l3}");
+            assert!(health.is_ready(), "a remote tier down still leaves the cache able to decide");
+            // The same state on L2 instead gives the same overall status.
+            assert_eq!(Health::assess(&tiers(l3, Closed), 0).status, overall, "l2 {l3}");
+        }
+        // The authorizer being down wins over everything.
+        assert_eq!(Health::assess(&tiers(Closed, Closed), super::AUTHORIZER_DOWN_AFTER).status, HealthStatus::Down);
+        // Without L3, no l3 part.
+        assert_eq!(Health::assess(&StatsSnapshot::default(), 0).tiers.l3, None);
+    }
+
+    #[test]
+    fn health_json_with_l3() {
+        insta::assert_json_snapshot!(Health::assess(&tiers(BreakerState::Closed, BreakerState::Open), 2));
+    }
 
     #[tokio::test]
     async fn the_authorizer_is_down_after_five_consecutive_failures_and_up_at_its_first_success() {

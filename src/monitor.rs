@@ -6,7 +6,11 @@
 //! [`Report`]:
 //!
 //! - per tier, hits, misses and hit rate; overall, the share of checks answered from a tier,
-//!   `(l1 hits + l2 hits) / (l1 hits + l1 misses)`;
+//!   `(l1 hits + min(l2 hits + l3 hits, l1 misses)) / (l1 hits + l1 misses)`: a check that misses
+//!   L1 and is answered by L2 or L3 counts as answered, one answered by the authorizer does not.
+//!   Remote hits are capped at the L1 misses: L3 reads made by background warming
+//!   (`AuthzCache::warm_from_l3`, team-mate warming) count as L3 hits without being checks, so a
+//!   window with warming can read a little high;
 //! - authorizer calls and errors;
 //! - the p95 latency of L1 hits and of misses, as the stats keep it: **cumulative since the cache
 //!   was built**, not per window;
@@ -57,7 +61,7 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
-use crate::{AuthzCache, CacheConfig, StatsSnapshot};
+use crate::{AuthzCache, CacheConfig, RemoteTierSnapshot, StatsSnapshot};
 
 /// Windows with fewer checks than this raise no hit-rate alert: too few to mean anything.
 const MIN_CHECKS: u64 = 20;
@@ -70,6 +74,8 @@ const L1_FULL_PERCENT: u64 = 90;
 const FULL_L1: &str = "L1 is full: raise L1_CACHE_SIZE_MB";
 const SHORT_TTL: &str = "decisions expire before reuse: consider a longer AUTHZ_CACHE_ALLOW_TTL_S";
 const BREAKER: &str = "check Redis reachability; the cache keeps serving from L1 and the authorizer";
+const BREAKER_L3: &str =
+    "check Postgres reachability; the cache keeps serving from L1, L2 when configured, and the authorizer";
 const SILENT: &str = "check the Redis pub/sub connection; if heartbeats only arrive late, raise \
                       AUTHZ_CACHE_MAX_STALENESS_MS (the bound on serving an invalidated allow)";
 const AUTHORIZER: &str =
@@ -86,7 +92,8 @@ pub enum AlertKind {
     HitRateBelowTarget,
     /// The p95 latency of a path (L1 hits, or misses) is above the response-time target.
     LatencyAboveTarget,
-    /// The L2 circuit breaker opened during the window.
+    /// A remote tier's (L2 or L3) circuit breaker opened during the window; the message names
+    /// the tier.
     BreakerOpened,
     /// The invalidation backplane went silent past `max_staleness`: L1 is not trusted.
     BackplaneSilent,
@@ -194,7 +201,8 @@ pub struct Report {
     /// Checks made: L1 hits + L1 misses.
     pub checks: u64,
     /// Share of the checks answered from a tier, in percent:
-    /// `(l1 hits + l2 hits) / (l1 hits + l1 misses)`; `None` without checks.
+    /// `(l1 hits + min(l2 hits + l3 hits, l1 misses)) / (l1 hits + l1 misses)`; `None` without
+    /// checks.
     pub hit_rate_percent: Option<f64>,
     /// The target it was compared with.
     pub hit_rate_target_percent: f64,
@@ -203,6 +211,9 @@ pub struct Report {
     /// L2, when configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub l2: Option<TierWindow>,
+    /// L3, when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub l3: Option<TierWindow>,
     /// Calls made to the authorizer.
     pub authorizer_calls: u64,
     /// Authorizer calls that failed, timed out or panicked.
@@ -295,7 +306,8 @@ impl Monitor {
     ///   misses, a longer `AUTHZ_CACHE_ALLOW_TTL_S`.
     /// - [`LatencyAboveTarget`](AlertKind::LatencyAboveTarget), per path (L1 hit, miss): the
     ///   path recorded samples in the window and its cumulative p95 is above target.
-    /// - [`BreakerOpened`](AlertKind::BreakerOpened): the L2 breaker opened in the window.
+    /// - [`BreakerOpened`](AlertKind::BreakerOpened), per remote tier (L2, L3): its breaker opened
+    ///   in the window. Recommendation: check that tier's reachability (Redis, Postgres).
     /// - [`BackplaneSilent`](AlertKind::BackplaneSilent): L1 is not trusted now, or was
     ///   distrusted during the window. Recommendation: `AUTHZ_CACHE_MAX_STALENESS_MS`.
     /// - [`AuthorizerFailing`](AlertKind::AuthorizerFailing): authorizer calls failed in the
@@ -340,17 +352,23 @@ impl Monitor {
             d(l1_now.expired, l1_prev.expired),
             d(l1_now.stale, l1_prev.stale),
         );
-        let l2 = now.tiers.l2.map(|t| {
-            let before = |f: fn(&crate::RemoteTierSnapshot) -> u64| prev.tiers.l2.as_ref().map_or(0, f);
-            TierWindow::new(
-                d(t.hits, before(|p| p.hits)),
-                d(t.misses, before(|p| p.misses)) + d(t.errors, before(|p| p.errors)),
-                d(t.expired, before(|p| p.expired)),
-                d(t.stale, before(|p| p.stale)),
-            )
-        });
+        // A remote tier's window; a failed or skipped read is a miss.
+        let remote = |cur: Option<RemoteTierSnapshot>, old: Option<RemoteTierSnapshot>| {
+            cur.map(|t| {
+                let before = |f: fn(&RemoteTierSnapshot) -> u64| old.as_ref().map_or(0, f);
+                TierWindow::new(
+                    d(t.hits, before(|p| p.hits)),
+                    d(t.misses, before(|p| p.misses)) + d(t.errors, before(|p| p.errors)),
+                    d(t.expired, before(|p| p.expired)),
+                    d(t.stale, before(|p| p.stale)),
+                )
+            })
+        };
+        let l2 = remote(now.tiers.l2, prev.tiers.l2);
+        let l3 = remote(now.tiers.l3, prev.tiers.l3);
         let checks = l1.hits + l1.misses;
-        let answered = l1.hits + l2.map_or(0, |t| t.hits).min(l1.misses);
+        let shared_hits = l2.map_or(0, |t| t.hits) + l3.map_or(0, |t| t.hits);
+        let answered = l1.hits + shared_hits.min(l1.misses);
         let hit_rate_percent = percent(answered, checks);
         if let Some(rate) = hit_rate_percent {
             history.push_back(rate);
@@ -389,16 +407,19 @@ impl Monitor {
                 alerts.push(Alert::new(AlertKind::LatencyAboveTarget, message, None));
             }
         }
-        if let Some(t) = &now.tiers.l2 {
-            let opens = d(t.breaker_opens, prev.tiers.l2.map_or(0, |p| p.breaker_opens));
+        for (tier, t, p, recommendation) in
+            [("l2", now.tiers.l2, prev.tiers.l2, BREAKER), ("l3", now.tiers.l3, prev.tiers.l3, BREAKER_L3)]
+        {
+            let Some(t) = t else { continue };
+            let opens = d(t.breaker_opens, p.map_or(0, |p| p.breaker_opens));
             if opens > 0 {
                 let message = format!(
-                    "l2 circuit breaker opened {opens} time(s) in the window, now {} ({} call errors, {} timeouts)",
+                    "{tier} circuit breaker opened {opens} time(s) in the window, now {} ({} call errors, {} timeouts)",
                     t.breaker,
-                    d(t.call_errors, prev.tiers.l2.map_or(0, |p| p.call_errors)),
-                    d(t.call_timeouts, prev.tiers.l2.map_or(0, |p| p.call_timeouts)),
+                    d(t.call_errors, p.map_or(0, |p| p.call_errors)),
+                    d(t.call_timeouts, p.map_or(0, |p| p.call_timeouts)),
                 );
-                alerts.push(Alert::new(AlertKind::BreakerOpened, message, Some(BREAKER)));
+                alerts.push(Alert::new(AlertKind::BreakerOpened, message, Some(recommendation)));
             }
         }
         #[cfg(any(feature = "redis", feature = "postgres"))]
@@ -428,6 +449,7 @@ impl Monitor {
             hit_rate_target_percent: self.settings.hit_rate_target_percent,
             l1,
             l2,
+            l3,
             authorizer_calls,
             authorizer_errors,
             l1_hit_p95_us: now.latency.l1_hit.p95_us,
@@ -801,6 +823,85 @@ mod tests {
         assert_eq!(report.alerts[1].recommendation, Some(SILENT));
         // Still open, still silent: the breaker did not open again, the backplane is still silent.
         assert_eq!(kinds(&monitor.tick(&stats).alerts), [AlertKind::BackplaneSilent]);
+    }
+
+    /// A remote tier's counters: reads, breaker opens and state; the rest zero.
+    fn remote(hits: u64, misses: u64, errors: u64, opens: u64, breaker: crate::BreakerState) -> RemoteTierSnapshot {
+        RemoteTierSnapshot {
+            hits,
+            misses,
+            expired: 0,
+            stale: 0,
+            rejected: 0,
+            errors,
+            writes: 0,
+            write_errors: 0,
+            write_drops: 0,
+            swept: 0,
+            breaker,
+            breaker_opens: opens,
+            call_errors: 2 * opens,
+            call_timeouts: opens,
+            calls_skipped: errors,
+        }
+    }
+
+    #[tokio::test]
+    async fn l3_hits_count_as_answered_and_an_l3_breaker_that_opens_raises_an_alert_naming_l3() {
+        use crate::BreakerState::{Closed, Open};
+
+        let cache = cache(&Clock::manual(), &Arc::default());
+        let (monitor, seen) = monitor(&cache, true);
+        // 100 checks: 60 L1 hits; of the 40 L1 misses L2 answers 10, L3 25, the authorizer 5.
+        let mut stats = StatsSnapshot::default();
+        (stats.tiers.l1.hits, stats.tiers.l1.misses) = (60, 40);
+        stats.tiers.l2 = Some(remote(10, 30, 0, 0, Closed));
+        stats.tiers.l3 = Some(remote(25, 5, 0, 0, Closed));
+        let report = monitor.tick(&stats);
+        assert_eq!(report.checks, 100);
+        assert_eq!(report.hit_rate_percent, Some(95.0), "l1 60 + l2 10 + l3 25 answered");
+        assert_eq!(report.l3, Some(TierWindow::new(25, 5, 0, 0)));
+        assert_eq!(report.l3.unwrap().hit_rate_percent, Some(25.0 * 100.0 / 30.0));
+        assert!(report.alerts.is_empty(), "{:?}", report.alerts);
+
+        // 20 checks miss L1 and L2; L3's breaker opens, its reads fail or are skipped: L3 errors
+        // count as misses, the authorizer answers everything.
+        stats.tiers.l1.misses += 20;
+        stats.tiers.l2 = Some(remote(10, 50, 0, 0, Closed));
+        stats.tiers.l3 = Some(remote(25, 5, 20, 1, Open));
+        let report = monitor.tick(&stats);
+        assert_eq!((report.checks, report.hit_rate_percent), (20, Some(0.0)));
+        assert_eq!(report.l3, Some(TierWindow::new(0, 20, 0, 0)));
+        assert_eq!(kinds(&report.alerts), [AlertKind::HitRateBelowTarget, AlertKind::BreakerOpened]);
+        let alert = &report.alerts[1];
+        assert_eq!(
+            alert.message,
+            "l3 circuit breaker opened 1 time(s) in the window, now open (2 call errors, 1 timeouts)"
+        );
+        assert_eq!(alert.recommendation, Some(BREAKER_L3));
+        assert_eq!(seen.lock().unwrap().last(), Some(alert), "the callback got it");
+
+        // Still open, no new opening; L2's breaker opens: the alert names l2, not l3. Warming read
+        // 50 rows from L3 in this window: remote hits are capped at the L1 misses.
+        stats.tiers.l1.misses += 20;
+        stats.tiers.l2 = Some(remote(10, 70, 0, 1, Open));
+        stats.tiers.l3 = Some(remote(75, 5, 40, 1, Open));
+        let report = monitor.tick(&stats);
+        assert_eq!(report.hit_rate_percent, Some(100.0));
+        assert_eq!(kinds(&report.alerts), [AlertKind::BreakerOpened]);
+        assert!(report.alerts[0].message.starts_with("l2 circuit breaker opened 1 time(s)"), "{:?}", report.alerts);
+        assert_eq!(report.alerts[0].recommendation, Some(BREAKER));
+    }
+
+    #[tokio::test]
+    async fn report_json_with_l3() {
+        let cache = cache(&Clock::manual(), &Arc::default());
+        let (monitor, _) = monitor(&cache, false);
+        let mut stats = StatsSnapshot::default();
+        (stats.tiers.l1.hits, stats.tiers.l1.misses) = (60, 40);
+        stats.tiers.l2 = Some(remote(10, 30, 0, 0, crate::BreakerState::Closed));
+        stats.tiers.l3 = Some(remote(25, 5, 2, 1, crate::BreakerState::HalfOpen));
+        insta::assert_json_snapshot!(monitor.tick(&stats));
     }
 
     #[tokio::test(start_paused = true)]

@@ -997,11 +997,22 @@ async fn janitor(inner: std::sync::Weak<Inner>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_flush = Instant::now();
     let mut last_sweep = Instant::now();
+    #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
+    let mut global_mirrored = false;
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         inner.retry_pending().await;
         let Some(l3) = &inner.l3 else { return };
+        // With L2 too: Redis starts from the durable global epoch (after a flush it has none), so
+        // that entries stamped with it validate in L2 as well as in L3.
+        #[cfg(feature = "redis")]
+        if let (false, Some(l2)) = (global_mirrored, &inner.l2) {
+            if let Ok(g) = l3.pg.global_epoch().await {
+                inner.epochs.merge_global(g);
+                global_mirrored = l2.redis.raise(None, g, 0).await.is_ok();
+            }
+        }
         if last_flush.elapsed() >= Duration::from_secs(1) {
             last_flush = Instant::now();
             if let Err(e) = l3.pg.flush_hits().await {

@@ -542,6 +542,18 @@ impl PostgresShared {
         u64::try_from(row.v).map_err(|_| GuardError::Failed(PgFailure("negative epoch".to_owned())))
     }
 
+    /// The durable global epoch (0 before the first migration set it).
+    pub(crate) async fn global_epoch(&self) -> Result<u64, PgError> {
+        let sql = format!(
+            "SELECT COALESCE((SELECT value FROM {}.authz_cache_epochs WHERE scope = 'g' AND hash = 0), 0) AS v",
+            self.schema
+        );
+        let row = self
+            .with_conn(async |conn| diesel::sql_query(sql).get_result::<BigIntRow>(conn).await.map_err(PgFailure::from))
+            .await?;
+        Ok(u64::try_from(row.v).unwrap_or(0))
+    }
+
     /// Publishes a heartbeat on the epochs channel.
     pub(crate) async fn heartbeat(&self, instance: &str) -> Result<(), PgError> {
         let payload = format!("h {instance}");

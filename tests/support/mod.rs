@@ -51,6 +51,8 @@ pub fn request(method: &str, path: &str, token: Option<&str>, body: &str) -> Req
     b.body(axum::body::Body::from(body.to_owned())).unwrap()
 }
 
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub mod proxy;
 #[cfg(feature = "redis")]
 pub mod redis;
