@@ -128,10 +128,12 @@ impl Roles {
     /// absent: the four roles and their permissions, and each user's starting role.
     #[cfg(feature = "postgres")]
     pub async fn postgres(url: &str, schema: &str) -> Result<Self, BoxError> {
-        let (client, connection) =
-            tokio::time::timeout(std::time::Duration::from_secs(2), tokio_postgres::connect(url, tokio_postgres::NoTls))
-                .await
-                .map_err(|_| format!("cannot reach postgres at {url}"))??;
+        let (client, connection) = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            tokio_postgres::connect(url, tokio_postgres::NoTls),
+        )
+        .await
+        .map_err(|_| format!("cannot reach postgres at {url}"))??;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 eprintln!("role store connection lost: {e}");
@@ -178,8 +180,11 @@ impl Roles {
             }
             #[cfg(feature = "postgres")]
             Roles::Postgres { client, schema } => {
-                let sql = format!("SELECT role_id FROM {schema}.user_roles WHERE user_id = $1 ORDER BY role_id LIMIT 1");
-                let row = tokio::time::timeout(STORE_TIMEOUT, client.query_opt(&sql, &[&user])).await.map_err(|_| "role store timed out")??;
+                let sql =
+                    format!("SELECT role_id FROM {schema}.user_roles WHERE user_id = $1 ORDER BY role_id LIMIT 1");
+                let row = tokio::time::timeout(STORE_TIMEOUT, client.query_opt(&sql, &[&user]))
+                    .await
+                    .map_err(|_| "role store timed out")??;
                 Ok(row.and_then(|r| Role::parse(r.get::<_, &str>(0))))
             }
         }
@@ -210,7 +215,9 @@ impl Roles {
                 // grants view and notifies every instance.
                 let sql = format!("UPDATE {schema}.user_roles SET role_id = $2 WHERE user_id = $1");
                 let name = role.name();
-                let n = tokio::time::timeout(STORE_TIMEOUT, client.execute(&sql, &[&user, &name])).await.map_err(|_| "role store timed out")??;
+                let n = tokio::time::timeout(STORE_TIMEOUT, client.execute(&sql, &[&user, &name]))
+                    .await
+                    .map_err(|_| "role store timed out")??;
                 Ok(n > 0)
             }
         }
@@ -506,7 +513,9 @@ async fn run() -> Result<(), String> {
                 config.database_url_redacted().unwrap_or_default(),
                 if config.redis_url().is_some() { "" } else { " and backplane" }
             );
-            println!("roles: in postgres tables {schema}.user_roles (shared by every instance), answered from the view");
+            println!(
+                "roles: in postgres tables {schema}.user_roles (shared by every instance), answered from the view"
+            );
             (roles, Some(rbac))
         }
         None => (roles, None),

@@ -226,7 +226,10 @@ async fn change_feed_trials(schema: &Schema, redis: Option<&Namespace>, trials: 
     }
     let stats = a.stats();
     assert!(stats.change_feed_invalidations as usize >= trials, "{stats:?}");
-    assert_eq!(stats.invalidations.principal, stats.change_feed_invalidations, "nobody called the invalidation service");
+    assert_eq!(
+        stats.invalidations.principal, stats.change_feed_invalidations,
+        "nobody called the invalidation service"
+    );
     percentiles(&mut delays)
 }
 
@@ -276,31 +279,30 @@ async fn postgres_cut_off_mid_stream_fails_nothing_and_recovers() {
     let cache = policy
         .builder()
         .l1_max_bytes(0) // every check goes to L3 (or past it)
-        .l3(
-            l3(&schema, &pg::url_via(proxy.addr()))
-                .timeout(Duration::from_millis(50))
-                .failure_threshold(5)
-                .open_for(Duration::from_millis(500))
-                .build()
-                .unwrap(),
-        )
+        .l3(l3(&schema, &pg::url_via(proxy.addr()))
+            .timeout(Duration::from_millis(50))
+            .failure_threshold(5)
+            .open_for(Duration::from_millis(500))
+            .build()
+            .unwrap())
         .build();
     let mut failed = 0usize;
     let mut total = 0usize;
     let mut latencies = Vec::new();
-    let run = async |cache: &AuthzCache, for_: Duration, failed: &mut usize, total: &mut usize, lat: &mut Vec<Duration>| {
-        let start = Instant::now();
-        let mut i = 0u32;
-        while start.elapsed() < for_ {
-            i += 1;
-            let t = Instant::now();
-            if cache.check(&Principal::new(format!("user{}", i % 50)), &read(i % 20)).await.is_err() {
-                *failed += 1;
+    let run =
+        async |cache: &AuthzCache, for_: Duration, failed: &mut usize, total: &mut usize, lat: &mut Vec<Duration>| {
+            let start = Instant::now();
+            let mut i = 0u32;
+            while start.elapsed() < for_ {
+                i += 1;
+                let t = Instant::now();
+                if cache.check(&Principal::new(format!("user{}", i % 50)), &read(i % 20)).await.is_err() {
+                    *failed += 1;
+                }
+                lat.push(t.elapsed());
+                *total += 1;
             }
-            lat.push(t.elapsed());
-            *total += 1;
-        }
-    };
+        };
     run(&cache, Duration::from_millis(700), &mut failed, &mut total, &mut latencies).await;
     let hits_before = cache.stats().tiers.l3.unwrap().hits;
     assert!(hits_before > 0, "L3 serves before the cut");
@@ -344,7 +346,10 @@ async fn invalidations_postgres_missed_are_paid_before_l3_is_read_again() {
     cache.check(&bob, &read(1)).await.unwrap();
     wait_for("the L3 write", Duration::from_secs(5), || cache.stats().tiers.l3.unwrap().writes >= 1).await;
     proxy.set_mode(Mode::Down);
-    assert!(cache.invalidate(&Invalidation::principal("bob")).await.is_err(), "not recorded durably: the caller learns");
+    assert!(
+        cache.invalidate(&Invalidation::principal("bob")).await.is_err(),
+        "not recorded durably: the caller learns"
+    );
     proxy.set_mode(Mode::Pass);
     // Until the bump is paid, L3 is not read; once paid, bob's old row is stale there too.
     wait_for("the owed bump to be paid", Duration::from_secs(5), || {
@@ -430,9 +435,8 @@ async fn warming_loads_the_most_hit_rows_and_a_principals_teammates() {
 
     // Start-up warming: the rows are in L1 before anyone asks.
     let calls_b = Arc::new(AtomicUsize::new(0));
-    let b = AuthzCache::builder(counted(&calls_b))
-        .l3(l3(&schema, &pg::url()).warm_on_start(100).build().unwrap())
-        .build();
+    let b =
+        AuthzCache::builder(counted(&calls_b)).l3(l3(&schema, &pg::url()).warm_on_start(100).build().unwrap()).build();
     wait_for("start-up warming", Duration::from_secs(10), || b.stats().warmed >= 5).await;
     let l3_hits = b.stats().tiers.l3.unwrap().hits;
     for doc in 1..=5 {
@@ -444,9 +448,8 @@ async fn warming_loads_the_most_hit_rows_and_a_principals_teammates() {
 
     // Team-mate warming: bob becoming active warms carol (they share a team).
     let calls_c = Arc::new(AtomicUsize::new(0));
-    let c = AuthzCache::builder(counted(&calls_c))
-        .l3(l3(&schema, &pg::url()).warm_teammates(10).build().unwrap())
-        .build();
+    let c =
+        AuthzCache::builder(counted(&calls_c)).l3(l3(&schema, &pg::url()).warm_teammates(10).build().unwrap()).build();
     wait_trusted(&c).await;
     c.check(&Principal::new("bob"), &read(1)).await.unwrap();
     wait_for("team-mate warming", Duration::from_secs(10), || c.stats().warmed >= 5).await;

@@ -997,7 +997,7 @@ async fn janitor(inner: std::sync::Weak<Inner>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_flush = Instant::now();
     let mut last_sweep = Instant::now();
-    #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
+    #[cfg_attr(not(feature = "redis"), allow(unused_mut, unused_variables))]
     let mut global_mirrored = false;
     loop {
         tick.tick().await;
