@@ -140,7 +140,7 @@ impl Roles {
             }
         });
         let mut seed = format!(
-            "BEGIN; SET LOCAL search_path TO {schema};
+            "BEGIN; SELECT pg_advisory_xact_lock(7305916249810745345); SET LOCAL search_path TO {schema};
              INSERT INTO roles VALUES ('viewer'), ('editor'), ('admin'), ('none') ON CONFLICT DO NOTHING;"
         );
         for role in [Role::Viewer, Role::Editor, Role::Admin] {

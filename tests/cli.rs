@@ -145,7 +145,7 @@ async fn init_reports_each_component_and_migrates_against_the_running_services()
     let report = text(&out);
     assert!(out.status.success(), "init (second run) failed:\n{report}");
     for name in &names {
-        assert!(report.contains(&format!("    {name:<24} re-applied (recorded before)")), "{report}");
+        assert!(report.contains(&format!("    {name:<24} already applied")), "{report}");
     }
     assert!(report.contains("result: ok"), "{report}");
 }

@@ -193,7 +193,7 @@ async fn init(opts: &[(String, String)]) -> Result<(), Failure> {
             Ok((applied, elapsed)) => {
                 println!("  migrations ok    schema {schema}: {} applied in {} ms", applied.len(), elapsed.as_millis());
                 for (name, before) in applied {
-                    println!("    {name:<24} {}", if before { "re-applied (recorded before)" } else { "applied" });
+                    println!("    {name:<24} {}", if before { "already applied" } else { "applied" });
                 }
             }
             Err(e) => {

@@ -244,30 +244,45 @@ impl PostgresTier {
         MIGRATIONS.iter().map(|(name, _)| *name)
     }
 
-    /// Creates the schema if needed and applies every embedded migration in one transaction,
-    /// under an advisory lock (instances starting together apply them one at a time). Every
-    /// migration can be applied again without harm. Never called implicitly.
+    /// Creates the schema if needed and applies the embedded migrations it has not recorded yet,
+    /// in one transaction, under an advisory lock (instances starting together apply them one at
+    /// a time; an up-to-date schema costs one round trip and takes no lock on its tables). Every
+    /// migration could also be applied again without harm. Never called implicitly.
     pub async fn migrate(&self) -> Result<(), PostgresTierError> {
+        #[derive(diesel::QueryableByName)]
+        struct Name {
+            #[diesel(sql_type = Text)]
+            name: String,
+        }
+        let failed = |e: diesel::result::Error| PostgresTierError::migration(format!("migrations failed: {e}"));
         let s = &self.shared.schema;
-        let mut sql = format!(
-            "BEGIN; SELECT pg_advisory_xact_lock(7305916249810745345); CREATE SCHEMA IF NOT EXISTS {s}; \
-             SET LOCAL search_path TO {s};\n"
-        );
-        for (name, body) in MIGRATIONS {
+        let mut conn = self.shared.connect().await?;
+        conn.batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({MIGRATION_LOCK}); CREATE SCHEMA IF NOT EXISTS {s}; \
+             SET LOCAL search_path TO {s}; \
+             CREATE TABLE IF NOT EXISTS authz_cache_migrations \
+                (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now());"
+        ))
+        .await
+        .map_err(failed)?;
+        let done: Vec<Name> =
+            diesel::sql_query("SELECT name FROM authz_cache_migrations").load(&mut conn).await.map_err(failed)?;
+        let mut sql = String::new();
+        for (name, body) in MIGRATIONS.iter().filter(|(name, _)| !done.iter().any(|d| d.name == *name)) {
             sql.push_str(body);
-            sql.push_str(&format!(
-                "\nINSERT INTO authz_cache_migrations (name) VALUES ('{name}') ON CONFLICT (name) DO NOTHING;\n"
-            ));
+            sql.push_str(&format!("\nINSERT INTO authz_cache_migrations (name) VALUES ('{name}');\n"));
         }
         // The global epoch exists from the start, at the current time in µs.
         sql.push_str(
             "INSERT INTO authz_cache_epochs (scope, hash, value) \
              VALUES ('g', 0, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint) ON CONFLICT DO NOTHING;\nCOMMIT;",
         );
-        let mut conn = self.shared.connect().await?;
-        conn.batch_execute(&sql).await.map_err(|e| PostgresTierError::migration(format!("migrations failed: {e}")))
+        conn.batch_execute(&sql).await.map_err(failed)
     }
 }
+
+/// The advisory lock `migrate` holds (apps seeding the reference tables may take it too).
+pub(crate) const MIGRATION_LOCK: i64 = 7_305_916_249_810_745_345;
 
 /// The Postgres tier could not be configured, reached or migrated.
 #[derive(Debug)]
