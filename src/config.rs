@@ -34,7 +34,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::AuthzCacheBuilder;
 
@@ -55,6 +55,10 @@ const MAX_STALENESS: &str = "AUTHZ_CACHE_MAX_STALENESS_MS";
 const AUTHORIZER_TIMEOUT: &str = "AUTHZ_CACHE_AUTHORIZER_TIMEOUT_MS";
 const NAMESPACE: &str = "AUTHZ_CACHE_NAMESPACE";
 const SECRET: &str = "AUTHZ_CACHE_SECRET";
+const ROTATION_SECRET: &str = "AUTHZ_CACHE_ROTATION_SECRET";
+const ROTATION_UNTIL: &str = "AUTHZ_CACHE_ROTATION_UNTIL";
+const ROTATION_UNTIL_ALLOWED: &str =
+    "expected the end of the rotation in whole seconds since the Unix epoch (e.g. date -d '+2 hours' +%s)";
 
 const MODE_ALLOWED: &str = "expected development, testing or production";
 const REDIS_URL_ALLOWED: &str = "expected a redis:// or rediss:// URL with a host, e.g. redis://127.0.0.1:6379";
@@ -201,6 +205,7 @@ pub struct CacheConfig {
     monitoring_interval: Duration,
     performance_alerts_enabled: bool,
     secret: Option<Secret>,
+    rotation: Option<(Secret, SystemTime)>,
 }
 
 impl fmt::Debug for CacheConfig {
@@ -223,6 +228,7 @@ impl fmt::Debug for CacheConfig {
             .field("monitoring_interval", &self.monitoring_interval)
             .field("performance_alerts_enabled", &self.performance_alerts_enabled)
             .field("secret", &self.secret)
+            .field("rotation", &self.rotation)
             .finish()
     }
 }
@@ -256,6 +262,7 @@ impl CacheConfig {
             monitoring_interval: Duration::from_secs(60),
             performance_alerts_enabled: false,
             secret: None,
+            rotation: None,
         };
         match mode {
             Mode::Development => development,
@@ -298,6 +305,8 @@ impl CacheConfig {
     /// | `AUTHZ_CACHE_AUTHORIZER_TIMEOUT_MS` | milliseconds | 1 to 60000 |
     /// | `AUTHZ_CACHE_NAMESPACE` | Redis key prefix | 1 to 64 of `A-Z a-z 0-9 - _ . /` |
     /// | `AUTHZ_CACHE_SECRET` | keys the hashes and MACs of shared entries | at least 16 bytes |
+    /// | `AUTHZ_CACHE_ROTATION_SECRET` | the other secret of a rotation, see [`AuthzCacheBuilder::rotation_secret`] | at least 16 bytes, with `AUTHZ_CACHE_ROTATION_UNTIL` |
+    /// | `AUTHZ_CACHE_ROTATION_UNTIL` | end of the rotation, seconds since the Unix epoch | 1 to 253402300799, with `AUTHZ_CACHE_ROTATION_SECRET` |
     ///
     /// An empty value is invalid, not unset. `AUTHZ_CACHE_SECRET` is required in production when
     /// `REDIS_URL` or `DATABASE_URL` is set.
@@ -310,6 +319,9 @@ impl CacheConfig {
     pub fn from_env() -> Result<Self, ConfigError> {
         if std::env::var_os(SECRET).is_some_and(|secret| secret.to_str().is_none()) {
             return Err(ConfigError::redacted(SECRET, "expected valid UTF-8 of at least 16 bytes"));
+        }
+        if std::env::var_os(ROTATION_SECRET).is_some_and(|secret| secret.to_str().is_none()) {
+            return Err(ConfigError::redacted(ROTATION_SECRET, "expected valid UTF-8 of at least 16 bytes"));
         }
         Self::from_lookup(|name| std::env::var_os(name).map(|value| value.to_string_lossy().into_owned()))
     }
@@ -424,6 +436,22 @@ impl CacheConfig {
             }
             config.secret = Some(Secret::new(raw));
         }
+        match (lookup(ROTATION_SECRET), var(ROTATION_UNTIL)) {
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(ConfigError::missing(ROTATION_UNTIL, "required with AUTHZ_CACHE_ROTATION_SECRET"));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::missing(ROTATION_SECRET, "required with AUTHZ_CACHE_ROTATION_UNTIL"));
+            }
+            (Some(secret), Some((name, raw))) => {
+                if secret.len() < SECRET_MIN_LEN {
+                    return Err(ConfigError::redacted(ROTATION_SECRET, SECRET_ALLOWED));
+                }
+                let secs = whole(name, &raw, 1, 253_402_300_799, ROTATION_UNTIL_ALLOWED)?;
+                config.rotation = Some((Secret::new(secret), UNIX_EPOCH + Duration::from_secs(secs)));
+            }
+        }
         config.check()?;
         Ok(config)
     }
@@ -456,6 +484,9 @@ impl CacheConfig {
                 &secs(self.deny_ttl),
                 format!("expected at most the allow ttl ({}, {ALLOW_TTL})", secs(self.allow_ttl)),
             ));
+        }
+        if self.rotation.as_ref().is_some_and(|(secret, _)| secret.expose().len() < SECRET_MIN_LEN) {
+            return Err(ConfigError::redacted(ROTATION_SECRET, SECRET_ALLOWED));
         }
         match &self.secret {
             Some(secret) if secret.expose().len() < SECRET_MIN_LEN => {
@@ -505,6 +536,9 @@ impl CacheConfig {
             .deny_ttl(self.deny_ttl)
             .authorizer_timeout(self.authorizer_timeout)
             .max_staleness(self.max_staleness);
+        if let Some((secret, until)) = &self.rotation {
+            builder = builder.rotation_secret(secret.expose(), *until);
+        }
         #[cfg(any(feature = "redis", feature = "postgres"))]
         if self.redis_url.is_some() || self.database_url.is_some() {
             // One secret for both tiers (the cache refuses two), and one warning when it is random.
@@ -681,6 +715,12 @@ impl CacheConfig {
         self.secret.as_ref()
     }
 
+    /// The other secret of a rotation and the end of the rotation
+    /// (`AUTHZ_CACHE_ROTATION_SECRET`, `AUTHZ_CACHE_ROTATION_UNTIL`).
+    pub fn rotation(&self) -> Option<(&Secret, SystemTime)> {
+        self.rotation.as_ref().map(|(secret, until)| (secret, *until))
+    }
+
     /// Sets the mode, which decides whether a shared tier needs a secret. The other values
     /// stay as they are: use [`preset`](Self::preset) to start from a mode's values.
     #[must_use]
@@ -799,6 +839,14 @@ impl CacheConfig {
     #[must_use]
     pub fn with_secret(mut self, secret: Option<Secret>) -> Self {
         self.secret = secret;
+        self
+    }
+
+    /// Sets the other secret of a rotation and its end (see
+    /// [`AuthzCacheBuilder::rotation_secret`]).
+    #[must_use]
+    pub fn with_rotation(mut self, rotation: Option<(Secret, SystemTime)>) -> Self {
+        self.rotation = rotation;
         self
     }
 }
@@ -1302,6 +1350,48 @@ mod tests {
         let err = &errors[2];
         assert_eq!((err.variable(), err.value()), ("AUTHZ_CACHE_SECRET", "<redacted>"));
         assert!(err.to_string().starts_with("AUTHZ_CACHE_SECRET=<redacted>: expected at least 16 bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_rotation_needs_both_variables_and_hides_its_secret() {
+        const OTHER: &str = "Rt5-DISTINCTIVE-rotation-secret-";
+        let base = [("AUTHZ_CACHE_MODE", "production"), ("AUTHZ_CACHE_SECRET", SECRET_VALUE)];
+        let config = from(&[
+            base[0],
+            base[1],
+            ("AUTHZ_CACHE_ROTATION_SECRET", OTHER),
+            ("AUTHZ_CACHE_ROTATION_UNTIL", "2000000000"),
+        ])
+        .unwrap();
+        let (secret, until) = config.rotation().expect("a rotation");
+        assert_eq!(secret.expose(), OTHER.as_bytes());
+        assert_eq!(until, UNIX_EPOCH + Duration::from_secs(2_000_000_000));
+        let debug = format!("{config:?} {config:#?}");
+        assert!(!debug.contains(OTHER) && debug.contains("rotation"), "{debug}");
+        assert_eq!(from(&base).unwrap().rotation().map(|(_, t)| t), None);
+
+        let err = error(&[base[0], base[1], ("AUTHZ_CACHE_ROTATION_SECRET", OTHER)]);
+        assert_eq!(err.variable(), "AUTHZ_CACHE_ROTATION_UNTIL", "{err}");
+        let err = error(&[base[0], base[1], ("AUTHZ_CACHE_ROTATION_UNTIL", "2000000000")]);
+        assert_eq!(err.variable(), "AUTHZ_CACHE_ROTATION_SECRET", "{err}");
+        let err = error(&[
+            base[0],
+            base[1],
+            ("AUTHZ_CACHE_ROTATION_SECRET", &OTHER[..15]),
+            ("AUTHZ_CACHE_ROTATION_UNTIL", "2000000000"),
+        ]);
+        assert_eq!((err.variable(), err.value()), ("AUTHZ_CACHE_ROTATION_SECRET", "<redacted>"));
+        assert!(!format!("{err} {err:?}").contains(&OTHER[..15]), "{err}");
+        for bad in ["soon", "0", "-5", "1.5", "99999999999999"] {
+            let err =
+                error(&[base[0], base[1], ("AUTHZ_CACHE_ROTATION_SECRET", OTHER), ("AUTHZ_CACHE_ROTATION_UNTIL", bad)]);
+            assert_names(&err, "AUTHZ_CACHE_ROTATION_UNTIL", bad);
+        }
+        let short = CacheConfig::preset(Mode::Development)
+            .with_rotation(Some((Secret::new("short"), SystemTime::now())))
+            .check()
+            .unwrap_err();
+        assert_eq!(short.variable(), "AUTHZ_CACHE_ROTATION_SECRET");
     }
 
     #[test]

@@ -172,10 +172,15 @@ impl Epochs {
     }
 
     pub(crate) fn hashes(&self, key: &CacheKey) -> ScopeHashes {
+        Self::hashes_under(&self.keys, key)
+    }
+
+    /// The scope hashes of `key` under other keys (the other secret of a rotation).
+    pub(crate) fn hashes_under(keys: &Keys, key: &CacheKey) -> ScopeHashes {
         ScopeHashes {
-            principal: self.keys.scope_hash(Scope::Principal, &key.principal),
-            resource: self.keys.scope_hash(Scope::Resource, &key.resource),
-            entry: self.keys.entry_hash(key),
+            principal: keys.scope_hash(Scope::Principal, &key.principal),
+            resource: keys.scope_hash(Scope::Resource, &key.resource),
+            entry: keys.entry_hash(key),
         }
     }
 
@@ -185,11 +190,16 @@ impl Epochs {
 
     /// The epochs that currently cover `key`.
     pub(crate) fn stamp(&self, key: &CacheKey) -> EpochStamp {
+        self.stamp_under(&self.keys, key)
+    }
+
+    /// The epochs that cover `key` under other keys (the other secret of a rotation).
+    pub(crate) fn stamp_under(&self, keys: &Keys, key: &CacheKey) -> EpochStamp {
         let global = self.global.load(Ordering::Acquire);
         let local = self.local.load(Ordering::Acquire);
-        let principal = self.principals.get(|| self.keys.scope_hash(Scope::Principal, &key.principal));
-        let resource = self.resources.get(|| self.keys.scope_hash(Scope::Resource, &key.resource));
-        let entry = self.entries.get(|| self.keys.entry_hash(key));
+        let principal = self.principals.get(|| keys.scope_hash(Scope::Principal, &key.principal));
+        let resource = self.resources.get(|| keys.scope_hash(Scope::Resource, &key.resource));
+        let entry = self.entries.get(|| keys.entry_hash(key));
         EpochStamp { global, principal, resource, entry, local }
     }
 

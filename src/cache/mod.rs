@@ -77,6 +77,8 @@ struct Inner {
     l1: MemoryTier,
     epochs: Arc<Epochs>,
     keys: Keys,
+    /// The other secret of a secret rotation, honoured until its deadline.
+    rotation: Option<Rotation>,
     flights: SingleFlight<Outcome>,
     authorizer: Box<dyn DynAuthorizer>,
     stats: Arc<Stats>,
@@ -98,8 +100,14 @@ struct Inner {
 }
 
 /// A shared-epoch target: `None` is the global epoch.
-#[cfg(feature = "postgres")]
 type Target = Option<(Scope, u64)>;
+
+/// The other secret of a rotation: shared entries under it are read (their copies kept no later
+/// than `until_ms`), and every invalidation is applied under it too, until `until_ms`.
+struct Rotation {
+    keys: Keys,
+    until_ms: u64,
+}
 
 /// Bumps owed to a shared store.
 #[cfg(feature = "postgres")]
@@ -166,6 +174,7 @@ impl AuthzCache {
             authorizer_timeout: Duration::from_secs(5),
             clock: Clock::System,
             max_staleness: Duration::from_secs(1),
+            rotation: None,
             #[cfg(feature = "redis")]
             l2: None,
             #[cfg(feature = "postgres")]
@@ -311,6 +320,7 @@ impl Inner {
         &self,
         tier: &'static str,
         counters: &crate::stats::RemoteCounters,
+        keys: &Keys,
         key: &CacheKey,
         key_id: &[u8; 32],
         hashes: &epoch::ScopeHashes,
@@ -331,7 +341,7 @@ impl Inner {
             Stats::incr(&counters.misses);
             return None;
         };
-        let mut entry = match Entry::decode(&bytes, &self.keys, key_id) {
+        let mut entry = match Entry::decode(&bytes, keys, key_id) {
             Ok(entry) => entry,
             Err(e) => {
                 Stats::incr(&counters.rejected);
@@ -346,7 +356,7 @@ impl Inner {
                 return None;
             }
         };
-        let current = self.epochs.stamp(key);
+        let current = self.epochs.stamp_under(keys, key);
         if now >= entry.valid_until_ms {
             Stats::incr(&counters.expired);
             Stats::incr(&counters.misses);
@@ -400,6 +410,22 @@ impl Inner {
     /// a valid entry's decision, promoted to L1 with its deadline unchanged.
     #[cfg(feature = "redis")]
     async fn lookup_l2(&self, key: &CacheKey, key_id: &[u8; 32]) -> Option<Decision> {
+        let hashes = self.epochs.hashes(key);
+        let entry = self.read_l2(&self.keys, key, key_id, &hashes).await?;
+        let decision = entry.decision();
+        self.l1.insert(key.clone(), entry);
+        Some(decision)
+    }
+
+    /// Reads and checks one L2 entry under `keys` (counted), without promoting it.
+    #[cfg(feature = "redis")]
+    async fn read_l2(
+        &self,
+        keys: &Keys,
+        key: &CacheKey,
+        key_id: &[u8; 32],
+        hashes: &epoch::ScopeHashes,
+    ) -> Option<Entry> {
         let l2 = self.l2.as_ref()?;
         #[cfg(feature = "postgres")]
         if !self.pending.lock().unwrap_or_else(|e| e.into_inner()).redis.is_empty() {
@@ -407,9 +433,8 @@ impl Inner {
             Stats::incr(&self.stats.l2.misses);
             return None;
         }
-        let hashes = self.epochs.hashes(key);
         let started = Instant::now();
-        let read = l2.redis.read(key_id, &hashes).await;
+        let read = l2.redis.read(key_id, hashes).await;
         if !matches!(read, Err(crate::cache::guard::GuardError::Open)) {
             let elapsed = started.elapsed();
             self.stats.l2.read_latency.record(elapsed);
@@ -424,17 +449,14 @@ impl Inner {
                 return None;
             }
         };
-        let entry = self.accept_shared("l2", &self.stats.l2, key, key_id, &hashes, read.value, read.epochs)?;
-        let decision = entry.decision();
-        self.l1.insert(key.clone(), entry);
-        Some(decision)
+        self.accept_shared("l2", &self.stats.l2, keys, key, key_id, hashes, read.value, read.epochs)
     }
 
     /// L3: the entry and the durable epochs in one statement; a valid entry is promoted to L1
     /// (and to L2), its deadline unchanged.
     #[cfg(feature = "postgres")]
     async fn lookup_l3(&self, key: &CacheKey, key_id: &[u8; 32]) -> Option<Decision> {
-        let entry = self.read_l3(key, key_id).await?;
+        let entry = self.read_l3(&self.keys, key, key_id, &self.epochs.hashes(key)).await?;
         let decision = entry.decision();
         #[cfg(feature = "redis")]
         self.write_l2(key_id, &entry);
@@ -444,16 +466,21 @@ impl Inner {
 
     /// Reads and checks one L3 entry (counted), without promoting it.
     #[cfg(feature = "postgres")]
-    async fn read_l3(&self, key: &CacheKey, key_id: &[u8; 32]) -> Option<Entry> {
+    async fn read_l3(
+        &self,
+        keys: &Keys,
+        key: &CacheKey,
+        key_id: &[u8; 32],
+        hashes: &epoch::ScopeHashes,
+    ) -> Option<Entry> {
         let l3 = self.l3.as_ref()?;
         if !self.pending.lock().unwrap_or_else(|e| e.into_inner()).pg.is_empty() {
             // The durable epochs missed an invalidation: L3 cannot be checked until they have it.
             Stats::incr(&self.stats.l3.misses);
             return None;
         }
-        let hashes = self.epochs.hashes(key);
         let started = Instant::now();
-        let read = l3.pg.read(key_id, &hashes).await;
+        let read = l3.pg.read(key_id, hashes).await;
         if !matches!(read, Err(crate::cache::guard::GuardError::Open)) {
             let elapsed = started.elapsed();
             self.stats.l3.read_latency.record(elapsed);
@@ -468,9 +495,39 @@ impl Inner {
                 return None;
             }
         };
-        let entry = self.accept_shared("l3", &self.stats.l3, key, key_id, &hashes, read.value, read.epochs)?;
+        let entry = self.accept_shared("l3", &self.stats.l3, keys, key, key_id, hashes, read.value, read.epochs)?;
         l3.pg.count_hit(key_id);
         Some(entry)
+    }
+
+    /// During a secret rotation, after a miss under the current secret: the entry under the other
+    /// secret (L2, then L3), checked against the epochs under that secret, kept in L1 until the
+    /// end of the rotation at the latest. Its L1 copy is stamped with the current epochs read
+    /// *before* the shared read, so an invalidation from then on (applied under both secrets by
+    /// every instance of the rotation) makes it stale. It is not copied to the shared tiers.
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    async fn lookup_rotation(&self, key: &CacheKey) -> Option<Decision> {
+        let rotation = self.rotation.as_ref().filter(|r| self.clock.now_ms() < r.until_ms)?;
+        let current = self.epochs.stamp(key);
+        let key_id = rotation.keys.key_id(key);
+        let hashes = Epochs::hashes_under(&rotation.keys, key);
+        #[cfg_attr(not(all(feature = "redis", feature = "postgres")), allow(unused_mut))]
+        let mut found = None;
+        #[cfg(feature = "redis")]
+        if found.is_none() {
+            found = self.read_l2(&rotation.keys, key, &key_id, &hashes).await;
+        }
+        #[cfg(feature = "postgres")]
+        if found.is_none() {
+            found = self.read_l3(&rotation.keys, key, &key_id, &hashes).await;
+        }
+        let mut entry = found?;
+        entry.valid_until_ms = entry.valid_until_ms.min(rotation.until_ms);
+        entry.stamp = current;
+        tracing::debug!(target: "authz_cache", principal = %ShortHash::of(&key.principal), "hit under the rotation's other secret");
+        let decision = entry.decision();
+        self.l1.insert(key.clone(), entry);
+        Some(decision)
     }
 
     /// Queues the shared copies of a fresh entry; a full queue drops them (counted).
@@ -560,6 +617,10 @@ impl Inner {
             if let Some(decision) = self.lookup_l3(key, key_id).await {
                 return Ok(decision);
             }
+            #[cfg(any(feature = "redis", feature = "postgres"))]
+            if let Some(decision) = self.lookup_rotation(key).await {
+                return Ok(decision);
+            }
         }
         for _ in 0..MAX_ATTEMPTS {
             // Epochs are read before the authorizer is asked (DESIGN.md invariant 3).
@@ -623,7 +684,28 @@ impl Inner {
             Invalidation::All => (None, &self.stats.inv_all),
         };
         Stats::incr(counter);
-        let outcome = self.bump_epochs(invalidation, target, now, by).await;
+        // During a rotation, the same scope under the other secret too: entries under either
+        // secret may be served until the rotation ends.
+        let other = self.rotation.as_ref().filter(|r| now < r.until_ms).and_then(|r| {
+            let (scope, _) = target?;
+            Some((
+                scope,
+                match invalidation {
+                    Invalidation::Principal(id) => r.keys.scope_hash(Scope::Principal, id),
+                    Invalidation::Resource(resource) => r.keys.scope_hash(Scope::Resource, resource),
+                    Invalidation::Entry { principal, permission } => {
+                        r.keys.entry_hash(&CacheKey::new(&Principal::new(principal.as_str()), permission))
+                    }
+                    Invalidation::All => return None,
+                },
+            ))
+        });
+        let mut outcome = self.bump_epochs(target, now).await;
+        if let Some(other) = other {
+            outcome &= self.bump_epochs(Some(other), now).await;
+        }
+        audit_invalidation(invalidation, outcome, by);
+        let outcome = if outcome { Ok(()) } else { Err(()) };
         // Space reclamation, after the epochs made the entries stale (see MemoryTier::remove).
         match invalidation {
             Invalidation::Entry { principal, permission } => {
@@ -635,13 +717,8 @@ impl Inner {
         outcome
     }
 
-    async fn bump_epochs(
-        &self,
-        invalidation: &Invalidation,
-        target: Option<(Scope, u64)>,
-        now: u64,
-        by: Option<&str>,
-    ) -> Result<(), ()> {
+    /// Bumps one target's epoch (shared, then local); whether every shared store got it.
+    async fn bump_epochs(&self, target: Target, now: u64) -> bool {
         // Shared first: the value the shared store assigns is the one every instance (and every
         // shared entry stamped from now on) agrees on. With L3, Postgres holds the durable epochs
         // and assigns the value, mirrored to Redis; otherwise Redis assigns it. A store that
@@ -699,8 +776,7 @@ impl Inner {
             }
         }
         let _ = forget;
-        audit_invalidation(invalidation, delivered, by);
-        if delivered { Ok(()) } else { Err(()) }
+        delivered
     }
 
     #[cfg(any(feature = "redis", feature = "postgres"))]
@@ -806,6 +882,7 @@ pub struct AuthzCacheBuilder {
     clock: Clock,
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     max_staleness: Duration,
+    rotation: Option<(Vec<u8>, std::time::SystemTime)>,
     #[cfg(feature = "redis")]
     l2: Option<crate::tier::redis::RedisTier>,
     #[cfg(feature = "postgres")]
@@ -857,6 +934,42 @@ impl AuthzCacheBuilder {
         self
     }
 
+    /// The other secret of a secret rotation, honoured until `until` (a wall-clock instant,
+    /// the same in every instance). Until then, a shared entry written under `secret` is still
+    /// served after a miss under the tiers' own secret (its in-process copy is kept no later
+    /// than `until`), and every invalidation is applied under both secrets; from `until` on,
+    /// entries under `secret` are never read again, whatever the configuration still says.
+    ///
+    /// A rotation from OLD to NEW, with `T` at least one allow ttl after the last step starts:
+    /// 1. every instance: tiers on OLD, `rotation_secret(NEW, T)` (invalidations now reach
+    ///    entries under NEW before any is written);
+    /// 2. every instance: tiers on NEW, `rotation_secret(OLD, T)` (writes under NEW; entries
+    ///    under OLD are served until `T`);
+    /// 3. after `T`: drop the rotation secret.
+    ///
+    /// An instance that knows only one of the two secrets must not run beside instances
+    /// writing under the other one: its invalidations would not reach their entries.
+    /// Has no effect without a shared tier. Configured from the environment by
+    /// `AUTHZ_CACHE_ROTATION_SECRET` and `AUTHZ_CACHE_ROTATION_UNTIL` (see
+    /// [`CacheConfig`](crate::CacheConfig)).
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use tower_authz_cache::{AuthzCache, Decision, Permission, Principal};
+    ///
+    /// let until = SystemTime::now() + Duration::from_secs(3600);
+    /// let cache = AuthzCache::builder(|_: Principal, _: Permission| async {
+    ///     Ok::<_, std::convert::Infallible>(Decision::allow())
+    /// })
+    /// .rotation_secret("the previous 32-byte secret......", until)
+    /// .build();
+    /// # drop(cache);
+    /// ```
+    pub fn rotation_secret(mut self, secret: impl AsRef<[u8]>, until: std::time::SystemTime) -> Self {
+        self.rotation = Some((secret.as_ref().to_vec(), until));
+        self
+    }
+
     /// Adds L2 on Redis and the Redis backplane (feature `redis`).
     #[cfg(feature = "redis")]
     pub fn l2(mut self, tier: crate::tier::redis::RedisTier) -> Self {
@@ -905,6 +1018,10 @@ impl AuthzCacheBuilder {
             }
             None => Keys::random(),
         };
+        let rotation = self.rotation.map(|(secret, until)| Rotation {
+            keys: Keys::derive(&secret),
+            until_ms: until.duration_since(std::time::UNIX_EPOCH).map_or(0, ms),
+        });
         let epochs = Arc::new(Epochs::new(keys.clone(), forget_after_ms));
         let stats = Arc::new(Stats::new());
         #[cfg(feature = "redis")]
@@ -950,6 +1067,7 @@ impl AuthzCacheBuilder {
             l1: MemoryTier::new(self.l1_max_bytes, longest_ttl.max(Duration::from_millis(1))),
             epochs,
             keys,
+            rotation,
             flights: SingleFlight::new(),
             authorizer: self.authorizer,
             stats,
