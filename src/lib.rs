@@ -82,6 +82,11 @@ mod tier;
 #[cfg(feature = "axum")]
 mod extract;
 
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+#[path = "internals.rs"]
+pub mod __internals;
+
 pub use crate::cache::guard::BreakerState;
 pub use crate::cache::warm::WarmReport;
 pub use crate::cache::{AuthzCache, AuthzCacheBuilder, CheckError, CheckErrorKind};
