@@ -739,14 +739,14 @@ impl Inner {
                     #[cfg(feature = "redis")]
                     if let Some(l2) = &self.l2 {
                         if let Err(e) = l2.redis.raise(target, value, forget).await {
-                            self.owe(|p| p.redis.push((target, value)), |p| p.redis = vec![(None, value)]);
+                            self.owe_redis(target, value);
                             delivered = false;
                             tracing::warn!(target: "authz_cache::audit", error = %e, "invalidation not mirrored to redis: l2 skipped until it is");
                         }
                     }
                 }
                 Err(e) => {
-                    self.owe(|p| p.pg.push(target), |p| p.pg = vec![None]);
+                    self.owe_pg(target);
                     delivered = false;
                     tracing::warn!(target: "authz_cache::audit", error = %e, "invalidation not recorded in postgres: l3 skipped until it is");
                 }
@@ -787,15 +787,39 @@ impl Inner {
         }
     }
 
-    /// Records a bump owed to a shared store; past `MAX_PENDING`, the debt collapses to a
-    /// global bump.
+    /// Records a bump owed to Postgres; past `MAX_PENDING`, the debt collapses to a global bump.
+    ///
+    /// One owed bump per target: it is paid with a value assigned at payment time, which covers
+    /// every failed attempt before it. (Owing one per attempt made a burst of bumps on the same
+    /// scope when the store came back, each restarting the computations in flight for it, and
+    /// checks failed as `Unstable`.) A pending global bump covers every other target.
     #[cfg(feature = "postgres")]
-    fn owe(&self, push: impl FnOnce(&mut Pending), collapse: impl FnOnce(&mut Pending)) {
+    fn owe_pg(&self, target: Target) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.pg.contains(&target) || pending.pg.contains(&None) {
+            return;
+        }
         if pending.pg.len() + pending.redis.len() >= MAX_PENDING {
-            collapse(&mut pending);
+            pending.pg = vec![None];
         } else {
-            push(&mut pending);
+            pending.pg.push(target);
+        }
+    }
+
+    /// A value Redis must be raised to for `target`; one per target (the highest), collapsing
+    /// like [`owe_pg`](Self::owe_pg).
+    #[cfg(all(feature = "postgres", feature = "redis"))]
+    fn owe_redis(&self, target: Target, value: u64) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(owed) = pending.redis.iter_mut().find(|(t, _)| *t == target) {
+            owed.1 = owed.1.max(value);
+            return;
+        }
+        if pending.pg.len() + pending.redis.len() >= MAX_PENDING {
+            let top = pending.redis.iter().map(|(_, v)| *v).max().unwrap_or(0).max(value);
+            pending.redis = vec![(None, top)];
+        } else {
+            pending.redis.push((target, value));
         }
     }
 
@@ -815,7 +839,7 @@ impl Inner {
                         self.merge_target(*target, value, self.clock.now_ms());
                         #[cfg(feature = "redis")]
                         if self.l2.is_some() {
-                            self.owe(|p| p.redis.push((*target, value)), |p| p.redis = vec![(None, value)]);
+                            self.owe_redis(*target, value);
                         }
                         done += 1;
                     }
