@@ -51,6 +51,7 @@ pub fn request(method: &str, path: &str, token: Option<&str>, body: &str) -> Req
     b.body(axum::body::Body::from(body.to_owned())).unwrap()
 }
 
+pub mod faults;
 #[cfg(feature = "postgres")]
 pub mod pg;
 pub mod proxy;
