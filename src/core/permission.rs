@@ -174,7 +174,9 @@ struct Route {
 /// Matching is per segment on the percent-decoded path. A path with an empty segment (`//`, a
 /// trailing `/`), a `.` or `..` segment (also encoded as `%2e`), an encoded `/` or `\`, a control
 /// character, invalid UTF-8, or more than 2 KiB or 32 segments matches nothing. A parameter value
-/// may not contain `:` or `*`, so it cannot reach into another resource's name.
+/// may not contain `:` or `*`, so it cannot reach into another resource's name; keep parameters
+/// apart with `:` in resource templates (`orgs:{org}:docs:{doc}`, not `{org}-{doc}`), or two
+/// paths can name one resource.
 ///
 /// Builder methods panic on a malformed template, as `axum::Router::route` does: templates are
 /// code, not input.
@@ -345,9 +347,10 @@ fn percent_decode(raw: &str) -> Option<Cow<'_, str>> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            // Two hex digits, nothing else (`from_str_radix` would also take a sign: `%+a`).
+            let digit = |j: usize| bytes.get(j).and_then(|b| (*b as char).to_digit(16));
+            let (hi, lo) = (digit(i + 1)?, digit(i + 2)?);
+            out.push((hi * 16 + lo) as u8);
             i += 3;
         } else {
             out.push(bytes[i]);
@@ -461,6 +464,9 @@ mod tests {
             "/documents/a%5cb",
             "/documents/%00",
             "/documents/%zz",
+            "/documents/%+a",
+            "/documents/a%+1b",
+            "/documents/%-0",
             "/documents/%c3",
             "/documents/%ff",
             "/health/../documents/7",
