@@ -1,5 +1,7 @@
 //! Hostile input through the whole layer: bad Authorization headers, principal ids and resources
-//! built to collide, glob-looking ids.
+//! built to collide, glob-looking ids, path tricks against the route table, and a flood of
+//! distinct principals (L1 bound, Redis expiries). Forged and corrupt shared entries are in
+//! tests/redis.rs and tests/postgres.rs; the parsers are fuzzed in fuzz/.
 
 mod support;
 
