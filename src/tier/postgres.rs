@@ -707,6 +707,9 @@ pub(crate) struct Write {
 /// Rows per upsert statement.
 const WRITE_BATCH: usize = 256;
 
+/// How long the writer waits for more rows after the first of a batch.
+const WRITE_LINGER: Duration = Duration::from_millis(5);
+
 /// Starts the write-behind worker: it drains the bounded queue in batches of up to
 /// `WRITE_BATCH` rows per statement, and stops when the returned sender is dropped.
 pub(crate) fn spawn_writer(
@@ -718,6 +721,16 @@ pub(crate) fn spawn_writer(
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(WRITE_BATCH);
         while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+            // Linger a little for more rows: an upsert costs Postgres about as much CPU for one
+            // row as for ten, and a write-behind copy is not urgent.
+            let linger = tokio::time::Instant::now() + WRITE_LINGER;
+            while batch.len() < WRITE_BATCH {
+                let room = WRITE_BATCH - batch.len();
+                match tokio::time::timeout_at(linger, rx.recv_many(&mut batch, room)).await {
+                    Ok(n) if n > 0 => {}
+                    _ => break,
+                }
+            }
             let now = clock.now_ms();
             batch.retain(|w| w.valid_until_ms > now);
             // One statement cannot upsert a key twice: keep the last write of each key.
