@@ -5,16 +5,25 @@
 //! `--max-requests`: it always stops by itself.
 //!
 //! ```text
-//! # Start the apps in-process on 127.0.0.1 ephemeral ports and compare them in one run:
-//! #   bare      the quickstart handlers, no authorization at all
-//! #   l1        the quickstart app, L1 only (as `cargo run --example quickstart`)
-//! #   no-cache  the quickstart app with L1 disabled: every request asks the authorizer
-//! #   l1+l2     with --redis-url: L1 and L2 on Redis (namespace loadtest-<pid>, deleted at the end)
+//! # Start the apps in-process on 127.0.0.1 ephemeral ports, one after the other (each on a
+//! # server runtime of its own, shut down before the next starts), and compare them:
+//! #   bare         the quickstart handlers, no authorization at all
+//! #   l1           the quickstart handlers behind the layer, L1 only, in-memory roles
+//! #   no-cache     the same with L1 disabled: every request asks the in-memory authorizer
+//! #   l1+l2        with --redis-url: L1 and L2 on Redis (namespace loadtest-<pid>), in-memory roles
+//! #   no-cache-pg  with --database-url: no cache at all, every request asks PostgresRbacAuthorizer
+//! #   l1+l2+l3     with both: L1, L2 on Redis, L3 on Postgres, PostgresRbacAuthorizer
+//! # Each Postgres configuration migrates and seeds a schema of its own (loadtest_<pid>_<n>), and
+//! # every schema and Redis key the run created is dropped at the end, on error or Ctrl-C too.
 //! cargo run --release --example loadtest -- --mode open --rate 2000 --users 1000 --duration 5
 //! cargo run --release --example loadtest -- --mode open --rate 2000 --users 1000 --duration 3 \
 //!     --configs bare,l1,no-cache --json /tmp/lt.json --svg /tmp/lt.svg
-//! cargo run --release --example loadtest -- --redis-url redis://127.0.0.1:6379 \
-//!     --users 15000 --mode closed --think-ms 50 --duration 3
+//!
+//! # The comparison: bare, no-cache-pg, l1, l1+l2, l1+l2+l3 on the same open-loop workload, each
+//! # as a ratio to bare (REDIS_URL / DATABASE_URL, or the local defaults):
+//! # (README "Performance": at 1,000 and 15,000 users, about 3 minutes each)
+//! cargo run --release --example loadtest -- --compare --users 15000 --rate 2000 --duration 30 \
+//!     --json docs/perf/loadtest-15k.json --svg docs/perf/loadtest-15k.svg
 //!
 //! # Is the generator the bottleneck at this rate? Drive a trivial in-process server:
 //! cargo run --release --example loadtest -- --self-test --rate 5000 --duration 3
@@ -25,23 +34,44 @@
 //! ```
 //!
 //! The workload: `--users` virtual users, each holding a principal drawn once from a Zipf
-//! distribution over `--population` principals, and requests whose resource is drawn from a Zipf
-//! distribution over `--resources` documents. The demo knows only three principals (alice, bob,
-//! carol): a sampled principal is mapped to one of their tokens (principal % 3), so the population
-//! only shapes the token mix; cache keys still differ per request through the resource id in
-//! `/documents/{id}`. The mix (`--mix read=90,write=9,admin=1`): read = `GET /documents/{id}` as
-//! the user, write = `PUT /documents/{id}` as carol (editor), admin = `GET /admin/stats` as alice.
+//! distribution over `--population` principals (`user-1` .. `user-<population>`, rank 1 the most
+//! active), and requests whose resource is drawn from a Zipf distribution over `--resources`
+//! documents. The mix (`--mix read=90,write=9,admin=1`): read = `GET /documents/{id}` and write =
+//! `PUT /documents/{id}` as the user (bearer token `user-<n>`, principal `user-<n>`), admin =
+//! `GET /admin/stats` as alice. Roles: every tenth user (`user-10`, `user-20`, ...) is an editor
+//! and may write, the others are viewers whose writes get 403, alice is an admin. The in-memory
+//! authorizer and the RBAC tables seeded in Postgres (in bulk, `generate_series`) encode the same
+//! roles, so every configuration answers the same requests with the same statuses; "success" is
+//! the share of requests answered as the roles say (2xx, or 403 for a viewer's write; bare has no
+//! authorization and answers 2xx to everything).
+//!
+//! Against `--target` (the quickstart, which knows only alice, bob and carol) a sampled principal
+//! is mapped to one of their tokens (principal % 3), writes go as carol (editor) and admin requests
+//! as alice: everything is allowed.
+//!
+//! The compulsory-miss bound: the generator counts the distinct (principal, resource, action)
+//! keys among the requests it sent; a cache without prefetching misses at least once per key, so
+//! no cache can hit more than 1 - keys / requests. Each cached configuration's hit rate (hits in
+//! any tier / checks, from `GET /admin/stats` before and after) is reported next to it. The cache
+//! ttls (`--allow-ttl-s`, `--deny-ttl-s`, 60 s both by default) outlast a run, so no entry expires
+//! while it is measured and the bound is reachable.
 //!
 //! The generator runs on its own runtime (threads `lt-client`, `--client-threads`) plus one pacer
 //! thread (`lt-pacer`, open loop); in-process apps run on another (`lt-server`,
 //! `--server-threads`). Each thread's CPU time is read from `/proc/self/task/*/schedstat`
-//! (nanoseconds), so the report separates the generator's CPU from the server's.
+//! (nanoseconds), so the report separates the generator's CPU from the server's; the whole
+//! machine's busy time (`/proc/stat`, Postgres and Redis included) and the load average are
+//! reported beside them.
+
+// Without the `redis` or `postgres` feature, the configurations on those servers are compiled out
+// and some of what they share is unused.
+#![cfg_attr(not(all(feature = "redis", feature = "postgres")), allow(dead_code, unused_variables))]
 
 #[allow(dead_code)]
 #[path = "quickstart.rs"]
 mod quickstart;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
@@ -53,7 +83,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
-use tower_authz_cache::AuthzCache;
+use tower_authz_cache::{AuthzCache, Decision, Permission, Principal};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -61,8 +91,15 @@ const USAGE: &str = "\
 usage: cargo run --release --example loadtest -- [options]
 
 what to drive (default: every in-process configuration available):
-  --configs LIST        in-process apps to run, one after the other: bare,l1,no-cache[,l1+l2]
+  --configs LIST        in-process apps to run, one after the other:
+                        bare,l1,no-cache[,l1+l2][,no-cache-pg][,l1+l2+l3]
+  --compare             bare,no-cache-pg,l1,l1+l2,l1+l2+l3 in open loop, as ratios to bare; the URLs
+                        default to $REDIS_URL / $DATABASE_URL, else the local servers below
   --redis-url URL       also run l1+l2 (L2 on Redis, namespace loadtest-<pid>, deleted at the end)
+                        (--compare default: redis://127.0.0.1:6379)
+  --database-url URL    also run no-cache-pg and, with --redis-url, l1+l2+l3 (each in a schema of
+                        its own, loadtest_<pid>_<n>, seeded with --population users, dropped at the
+                        end) (--compare default: postgres://postgres@127.0.0.1:5432/test)
   --target URL          drive one running app instead (http://host:port)
   --self-test           drive a trivial in-process server (fixed 200 \"ok\") in open loop at --rate
                         and report whether the generator keeps up
@@ -78,6 +115,9 @@ workload:
   --mix SPEC            read=90,write=9,admin=1 (the default)
   --seed N              PRNG seed (default 1); every configuration gets the same workload
   --connections C       keep-alive connections (default 64)
+  --allow-ttl-s S       how long the in-process caches keep an allow (default 60)
+  --deny-ttl-s S        ... and a deny (default 60, the library's default is 10: runs of up to a
+                        minute then see no expiry, and the compulsory-miss bound is reachable)
 
 bounds:
   --duration S          seconds of load per configuration (default 5)
@@ -94,6 +134,11 @@ output:
 
 // ---------------------------------------------------------------------------------------------
 // Options
+
+/// Every in-process configuration.
+const CONFIGS: [&str; 6] = ["bare", "l1", "no-cache", "l1+l2", "no-cache-pg", "l1+l2+l3"];
+/// The configurations `--compare` runs, in order.
+const COMPARE: [&str; 5] = ["bare", "no-cache-pg", "l1", "l1+l2", "l1+l2+l3"];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -118,7 +163,11 @@ struct Opts {
     timeout: Duration,
     drain: Duration,
     configs: Option<Vec<String>>,
+    compare: bool,
     redis_url: Option<String>,
+    database_url: Option<String>,
+    allow_ttl: Duration,
+    deny_ttl: Duration,
     target: Option<String>,
     self_test: bool,
     json: Option<String>,
@@ -145,7 +194,11 @@ impl Default for Opts {
             timeout: Duration::from_secs(2),
             drain: Duration::from_secs(2),
             configs: None,
+            compare: false,
             redis_url: None,
+            database_url: None,
+            allow_ttl: Duration::from_secs(60),
+            deny_ttl: Duration::from_secs(60),
             target: None,
             self_test: false,
             json: None,
@@ -220,7 +273,11 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>, String
             "--timeout-ms" => o.timeout = Duration::from_millis(num(&name, &value()?)?),
             "--drain-s" => o.drain = seconds(&name, &value()?)?,
             "--configs" => o.configs = Some(value()?.split(',').filter(|c| !c.is_empty()).map(str::to_owned).collect()),
+            "--compare" => o.compare = true,
             "--redis-url" => o.redis_url = Some(value()?),
+            "--database-url" => o.database_url = Some(value()?),
+            "--allow-ttl-s" => o.allow_ttl = seconds(&name, &value()?)?,
+            "--deny-ttl-s" => o.deny_ttl = seconds(&name, &value()?)?,
             "--target" => o.target = Some(value()?),
             "--json" => o.json = Some(value()?),
             "--svg" => o.svg = Some(value()?),
@@ -244,20 +301,47 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Opts>, String
     if o.client_threads == 0 || o.server_threads == 0 {
         return Err("--client-threads and --server-threads must be at least 1".into());
     }
-    if o.target.is_some() && (o.configs.is_some() || o.redis_url.is_some()) {
-        return Err("--target drives a running app: --configs and --redis-url start in-process apps".into());
+    let in_process = o.configs.is_some() || o.compare || o.redis_url.is_some() || o.database_url.is_some();
+    if o.target.is_some() && in_process {
+        return Err(
+            "--target drives a running app: --configs, --compare, --redis-url and --database-url start in-process apps"
+                .into(),
+        );
     }
-    if o.self_test && (o.target.is_some() || o.configs.is_some() || o.mode == Mode::Closed) {
+    if o.self_test && (o.target.is_some() || in_process || o.mode == Mode::Closed) {
         return Err("--self-test runs the open-loop driver against its own trivial server only".into());
+    }
+    if o.compare {
+        if o.configs.is_some() || o.mode == Mode::Closed {
+            return Err("--compare runs its own configurations in open loop: drop --configs and --mode closed".into());
+        }
+        o.configs = Some(COMPARE.iter().map(|c| (*c).to_owned()).collect());
+        if o.redis_url.is_none() {
+            o.redis_url = Some(std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()));
+        }
+        if o.database_url.is_none() {
+            o.database_url = Some(
+                std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
+            );
+        }
+    }
+    if o.population > u32::MAX as usize / 2 || o.resources > u32::MAX as usize / 2 {
+        return Err("--population and --resources must be below 2^31".into());
     }
     if let Some(configs) = &o.configs {
         for c in configs {
-            if !["bare", "l1", "no-cache", "l1+l2"].contains(&c.as_str()) {
-                return Err(format!("--configs: unknown configuration {c:?} (bare, l1, no-cache, l1+l2)"));
+            if !CONFIGS.contains(&c.as_str()) {
+                return Err(format!("--configs: unknown configuration {c:?} ({})", CONFIGS.join(", ")));
             }
-            if c == "l1+l2" && o.redis_url.is_none() {
-                return Err("--configs l1+l2 needs --redis-url".into());
+            if c.contains("l2") && o.redis_url.is_none() {
+                return Err(format!("--configs {c} needs --redis-url"));
             }
+            if (c.contains("l3") || c.ends_with("-pg")) && o.database_url.is_none() {
+                return Err(format!("--configs {c} needs --database-url"));
+            }
+        }
+        if configs.is_empty() {
+            return Err("--configs: no configuration given".into());
         }
     }
     Ok(Some(o))
@@ -335,19 +419,60 @@ enum Kind {
 
 const DEMO_USERS: [&str; 3] = ["alice", "bob", "carol"];
 
+/// Who the requests are made as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tokens {
+    /// The quickstart's three demo users (`--target`).
+    Demo,
+    /// The population itself: token and principal `user-<n>` (in-process apps).
+    Population,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Req {
     kind: Kind,
-    /// Index into `DEMO_USERS`.
-    user: u8,
+    /// The user's principal, a rank in 1..=population (admin requests are made as alice).
+    principal: u32,
     resource: u32,
 }
 
+/// The roles every in-process configuration encodes (in memory, or seeded into Postgres): alice
+/// is an admin, every tenth user an editor, the others viewers.
+fn is_editor(principal: u32) -> bool {
+    principal % 10 == 0
+}
+
+impl Req {
+    /// Whose token the request carries: 0 for alice, else `user-<n>` (population) or the demo
+    /// user's index + 1 (demo).
+    fn who(&self, tokens: Tokens) -> u32 {
+        match (tokens, self.kind) {
+            (_, Kind::Admin) => 0,
+            (Tokens::Population, _) => self.principal,
+            (Tokens::Demo, Kind::Read) => (self.principal - 1) % 3 + 1,
+            (Tokens::Demo, Kind::Write) => 3,
+        }
+    }
+
+    /// The decision cache's key for this request, packed: who, action, resource.
+    fn key(&self, tokens: Tokens) -> u64 {
+        let (action, resource) = match self.kind {
+            Kind::Read => (0, self.resource),
+            Kind::Write => (1, self.resource),
+            Kind::Admin => (2, 0),
+        };
+        (u64::from(self.who(tokens)) << 34) | (action << 32) | u64::from(resource)
+    }
+
+    /// Whether the roles deny it (a viewer's write; only in-process apps know the population).
+    fn denied(&self, tokens: Tokens) -> bool {
+        tokens == Tokens::Population && self.kind == Kind::Write && !is_editor(self.principal)
+    }
+}
+
 struct Workload {
-    /// Each virtual user's principal (a rank in 1..=population) ...
+    /// Each virtual user's principal (a rank in 1..=population).
     principals: Vec<u32>,
-    /// ... and the demo user it maps to.
-    tokens: Vec<u8>,
     resources: Zipf,
     mix: [u64; 3],
 }
@@ -357,8 +482,7 @@ impl Workload {
         let population = Zipf::new(o.population, o.zipf_s);
         let mut rng = Rng::new(o.seed ^ 0x7573_6572_7300_0001);
         let principals: Vec<u32> = (0..o.users).map(|_| population.sample(&mut rng)).collect();
-        let tokens = principals.iter().map(|p| ((p - 1) % 3) as u8).collect();
-        Workload { principals, tokens, resources: Zipf::new(o.resources, o.zipf_s), mix: o.mix }
+        Workload { principals, resources: Zipf::new(o.resources, o.zipf_s), mix: o.mix }
     }
 
     fn users(&self) -> usize {
@@ -369,25 +493,32 @@ impl Workload {
         let total: u64 = self.mix.iter().sum();
         let pick = rng.below(total);
         let resource = self.resources.sample(rng);
-        if pick < self.mix[0] {
-            Req { kind: Kind::Read, user: self.tokens[user], resource }
+        let principal = self.principals[user];
+        let kind = if pick < self.mix[0] {
+            Kind::Read
         } else if pick < self.mix[0] + self.mix[1] {
-            Req { kind: Kind::Write, user: 2, resource }
+            Kind::Write
         } else {
-            Req { kind: Kind::Admin, user: 0, resource }
-        }
+            Kind::Admin
+        };
+        Req { kind, principal, resource }
     }
 
+    /// Against the demo: how many users map to alice, bob and carol.
     fn token_share(&self) -> [usize; 3] {
         let mut share = [0; 3];
-        for &t in &self.tokens {
-            share[t as usize] += 1;
+        for &p in &self.principals {
+            share[((p - 1) % 3) as usize] += 1;
         }
         share
     }
 
     fn distinct_principals(&self) -> usize {
         self.principals.iter().collect::<BTreeSet<_>>().len()
+    }
+
+    fn editors(&self) -> usize {
+        self.principals.iter().filter(|p| is_editor(**p)).count()
     }
 }
 
@@ -433,22 +564,32 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ErrKi
     }
 }
 
-fn write_request(buf: &mut String, host: &str, req: Req) {
+fn write_request(buf: &mut String, host: &str, req: Req, tokens: Tokens) {
     buf.clear();
-    let token = DEMO_USERS[req.user as usize];
+    struct Token(Tokens, u32);
+    impl std::fmt::Display for Token {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            match *self {
+                Token(_, 0) => f.write_str("alice-token"),
+                Token(Tokens::Population, n) => write!(f, "user-{n}"),
+                Token(Tokens::Demo, n) => write!(f, "{}-token", DEMO_USERS[(n as usize - 1) % 3]),
+            }
+        }
+    }
+    let token = Token(tokens, req.who(tokens));
     let _ = match req.kind {
         Kind::Read => write!(
             buf,
-            "GET /documents/{} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}-token\r\n\r\n",
+            "GET /documents/{} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\r\n",
             req.resource
         ),
         Kind::Write => write!(
             buf,
-            "PUT /documents/{} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}-token\r\nContent-Length: 0\r\n\r\n",
+            "PUT /documents/{} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n",
             req.resource
         ),
         Kind::Admin => {
-            write!(buf, "GET /admin/stats HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}-token\r\n\r\n")
+            write!(buf, "GET /admin/stats HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\r\n")
         }
     };
 }
@@ -545,6 +686,12 @@ struct Target {
     stats: bool,
     /// Served by this process (its CPU shows as the app's).
     local: bool,
+    /// Who the requests are made as.
+    tokens: Tokens,
+    /// Authorizes (a denied request is expected to get 403; bare answers 2xx to everything).
+    authorizes: bool,
+    /// Has a decision cache (its hit rate is compared with the compulsory-miss bound).
+    cached: bool,
 }
 
 /// One request handed to a connection: its intended send time and, in closed loop, who waits.
@@ -558,6 +705,8 @@ struct Job {
 struct Progress {
     done: AtomicU64,
     errors: AtomicU64,
+    /// The largest latency (µs) since the last progress line.
+    max_us: AtomicU64,
 }
 
 /// One connection's observations, merged at the end. Latencies in microseconds.
@@ -570,8 +719,13 @@ struct Stats {
     /// From the intended send time to the actual write.
     lag: Vec<u32>,
     status: BTreeMap<u16, u64>,
+    /// Responses with the status the roles call for.
+    expected: u64,
     errors: [u64; ERR_KINDS.len()],
     last_done: Option<Instant>,
+    /// Distinct cache keys among the requests sent, and how many were sent.
+    keys: HashSet<u64>,
+    sent: u64,
 }
 
 fn us(d: Duration) -> u32 {
@@ -585,13 +739,19 @@ impl Stats {
         progress.errors.fetch_add(1, Relaxed);
     }
 
-    fn merge(&mut self, other: Stats) {
+    fn merge(&mut self, mut other: Stats) {
         self.latency.extend(other.latency);
         self.service.extend(other.service);
         self.lag.extend(other.lag);
         for (k, v) in other.status {
             *self.status.entry(k).or_default() += v;
         }
+        self.expected += other.expected;
+        self.sent += other.sent;
+        if self.keys.len() < other.keys.len() {
+            std::mem::swap(&mut self.keys, &mut other.keys);
+        }
+        self.keys.extend(other.keys);
         for (a, b) in self.errors.iter_mut().zip(other.errors) {
             *a += b;
         }
@@ -627,7 +787,10 @@ async fn connection_task(ctx: ConnCtx, mut stream: Option<TcpStream>, mut rx: mp
             st.error(ErrKind::Unsent, &ctx.progress);
             continue;
         }
-        write_request(&mut wbuf, &ctx.target.host, job.req);
+        let tokens = ctx.target.tokens;
+        write_request(&mut wbuf, &ctx.target.host, job.req, tokens);
+        st.keys.insert(job.req.key(tokens));
+        st.sent += 1;
         let deadline = (Instant::now() + ctx.timeout).min(ctx.hard_stop);
         let result = tokio::time::timeout_at(deadline.into(), async {
             if stream.is_none() {
@@ -642,10 +805,16 @@ async fn connection_task(ctx: ConnCtx, mut stream: Option<TcpStream>, mut rx: mp
         match result {
             Ok(Ok((sent, r))) => {
                 let done = Instant::now();
-                st.latency.push(us(done.saturating_duration_since(job.intended)));
+                let latency = us(done.saturating_duration_since(job.intended));
+                st.latency.push(latency);
+                ctx.progress.max_us.fetch_max(u64::from(latency), Relaxed);
                 st.service.push(us(done - sent));
                 st.lag.push(us(sent.saturating_duration_since(job.intended)));
                 *st.status.entry(r.status).or_default() += 1;
+                let denied = ctx.target.authorizes && job.req.denied(tokens);
+                if (denied && r.status == 403) || (!denied && (200..300).contains(&r.status)) {
+                    st.expected += 1;
+                }
                 st.last_done = Some(done);
                 ctx.progress.done.fetch_add(1, Relaxed);
                 if !r.keep_alive {
@@ -680,10 +849,11 @@ async fn print_progress(name: String, t0: Instant, progress: Arc<Progress>) {
         tick.tick().await;
         let done = progress.done.load(Relaxed);
         eprintln!(
-            "[{name}] {:>5.1}s  requests {done:>8}  rate {:>7}/s  errors {}",
+            "[{name}] {:>5.1}s  requests {done:>8}  rate {:>7}/s  errors {}  max latency {}",
             t0.elapsed().as_secs_f64(),
             done - last,
-            progress.errors.load(Relaxed)
+            progress.errors.load(Relaxed),
+            fmt_us(progress.max_us.swap(0, Relaxed) as f64)
         );
         last = done;
     }
@@ -846,7 +1016,7 @@ async fn drive(o: &Opts, target: Arc<Target>, wl: Arc<Workload>) -> Result<Drive
 async fn fetch_stats(t: &Target, timeout: Duration) -> Option<Value> {
     let mut s = connect(t.addr, timeout).await.ok()?;
     let mut wbuf = String::new();
-    write_request(&mut wbuf, &t.host, Req { kind: Kind::Admin, user: 0, resource: 0 });
+    write_request(&mut wbuf, &t.host, Req { kind: Kind::Admin, principal: 1, resource: 0 }, t.tokens);
     let mut rbuf = Vec::new();
     let r = tokio::time::timeout(timeout, exchange(&mut s, wbuf.as_bytes(), &mut rbuf)).await.ok()?.ok()?;
     if r.status != 200 {
@@ -859,11 +1029,38 @@ async fn fetch_stats(t: &Target, timeout: Duration) -> Option<Value> {
 struct CacheDelta {
     l1_hits: u64,
     l1_misses: u64,
+    /// L1 misses because L1 was not trusted (the backplane silent past `max_staleness`), and
+    /// because an entry was stale (epochs) or expired.
+    l1_untrusted: u64,
+    l1_stale: u64,
+    l1_expired: u64,
+    /// Remote calls that timed out, and background writes dropped (L2 + L3).
+    remote_timeouts: u64,
+    write_drops: u64,
     /// Hits, misses, errors.
     l2: Option<(u64, u64, u64)>,
+    /// Hits, misses, errors.
+    l3: Option<(u64, u64, u64)>,
     authorizer_calls: u64,
+    authorizer_errors: u64,
     single_flight_joins: u64,
     undecided: u64,
+}
+
+impl CacheDelta {
+    /// Checks made: every check reads L1 first (a hit or a miss there).
+    fn checks(&self) -> u64 {
+        self.l1_hits + self.l1_misses
+    }
+
+    /// Checks answered by a cache tier, any tier, without the authorizer.
+    fn hits(&self) -> u64 {
+        self.l1_hits + self.l2.map_or(0, |l| l.0) + self.l3.map_or(0, |l| l.0)
+    }
+
+    fn hit_rate(&self) -> Option<f64> {
+        (self.checks() > 0).then(|| self.hits() as f64 / self.checks() as f64)
+    }
 }
 
 fn cache_delta(before: &Value, after: &Value) -> CacheDelta {
@@ -872,8 +1069,15 @@ fn cache_delta(before: &Value, after: &Value) -> CacheDelta {
     CacheDelta {
         l1_hits: d("/tiers/l1/hits"),
         l1_misses: d("/tiers/l1/misses"),
+        l1_untrusted: d("/tiers/l1/untrusted"),
+        l1_stale: d("/tiers/l1/stale"),
+        l1_expired: d("/tiers/l1/expired"),
+        remote_timeouts: d("/tiers/l2/call_timeouts") + d("/tiers/l3/call_timeouts"),
+        write_drops: d("/tiers/l2/write_drops") + d("/tiers/l3/write_drops"),
         l2: after.pointer("/tiers/l2").map(|_| (d("/tiers/l2/hits"), d("/tiers/l2/misses"), d("/tiers/l2/errors"))),
+        l3: after.pointer("/tiers/l3").map(|_| (d("/tiers/l3/hits"), d("/tiers/l3/misses"), d("/tiers/l3/errors"))),
         authorizer_calls: d("/authorizer_calls"),
+        authorizer_errors: d("/authorizer_errors"),
         single_flight_joins: d("/single_flight_joins"),
         undecided: d("/undecided"),
     }
@@ -945,6 +1149,48 @@ fn cpu_between(before: &HashMap<u64, (Group, u64)>, after: &HashMap<u64, (Group,
 }
 
 // ---------------------------------------------------------------------------------------------
+// The machine: the servers' CPU time and the load average
+
+/// CPU clock ticks (utime + stime) of every visible `postgres` (index 0) and `redis-server`
+/// (index 1) process, by pid. Postgres serves each connection from a process of its own: the
+/// pools' backends are up before a run starts (warm-up) and still up when it ends.
+fn server_ticks() -> HashMap<u32, (usize, u64)> {
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        let which = match comm.trim_end() {
+            "postgres" => 0,
+            "redis-server" => 1,
+            _ => continue,
+        };
+        if let Some(ticks) = stat_ticks(&entry.path().join("stat")) {
+            out.insert(pid, (which, ticks));
+        }
+    }
+    out
+}
+
+/// Seconds of CPU the Postgres and Redis processes used between two `server_ticks` (100 Hz).
+fn server_cpu_between(before: &HashMap<u32, (usize, u64)>, after: &HashMap<u32, (usize, u64)>) -> [f64; 2] {
+    let mut s = [0.0; 2];
+    for (pid, (which, ticks)) in after {
+        s[*which] += ticks.saturating_sub(before.get(pid).map_or(0, |b| b.1)) as f64 / 100.0;
+    }
+    s
+}
+
+/// The 1-minute load average.
+fn loadavg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Running configurations
 
 struct Run {
@@ -952,14 +1198,24 @@ struct Run {
     driven: Driven,
     cache: Option<CacheDelta>,
     cpu: Cpu,
+    /// CPU seconds of the Postgres and Redis server processes over the run (every client's).
+    servers: [f64; 2],
+    /// The 1-minute load average before and after.
+    load: [Option<f64>; 2],
     local: bool,
+    cached: bool,
+    about: String,
 }
 
-async fn run_target(o: &Opts, target: Arc<Target>, wl: Arc<Workload>) -> Result<Run, BoxError> {
+async fn run_target(o: &Opts, target: Arc<Target>, wl: Arc<Workload>, about: String) -> Result<Run, BoxError> {
     let before = if target.stats { fetch_stats(&target, o.timeout).await } else { None };
+    let load0 = loadavg();
     let cpu0 = thread_cpu();
+    let servers0 = server_ticks();
     let driven = drive(o, target.clone(), wl).await?;
     let cpu = cpu_between(&cpu0, &thread_cpu());
+    let servers = server_cpu_between(&servers0, &server_ticks());
+    let load1 = loadavg();
     let after = if target.stats { fetch_stats(&target, o.timeout).await } else { None };
     let cache = match (&before, &after) {
         (Some(b), Some(a)) => Some(cache_delta(b, a)),
@@ -970,70 +1226,400 @@ async fn run_target(o: &Opts, target: Arc<Target>, wl: Arc<Workload>) -> Result<
             None
         }
     };
-    Ok(Run { name: target.name.clone(), driven, cache, cpu, local: target.local })
+    Ok(Run {
+        name: target.name.clone(),
+        driven,
+        cache,
+        cpu,
+        servers,
+        load: [load0, load1],
+        local: target.local,
+        cached: target.cached,
+        about,
+    })
 }
 
-fn local_target(name: &str, addr: SocketAddr, stats: bool) -> Arc<Target> {
-    Arc::new(Target { name: name.to_owned(), addr, host: addr.to_string(), stats, local: true })
+fn local_target(name: &str, addr: SocketAddr, authorizes: bool, cached: bool) -> Arc<Target> {
+    Arc::new(Target {
+        name: name.to_owned(),
+        addr,
+        host: addr.to_string(),
+        stats: authorizes,
+        local: true,
+        tokens: Tokens::Population,
+        authorizes,
+        cached,
+    })
 }
 
-/// Starts the selected quickstart configurations on 127.0.0.1 ephemeral ports (on the current
-/// runtime, which must be the server runtime).
-async fn start_apps(names: &[String], redis: Option<(&str, &str)>) -> Result<Vec<Arc<Target>>, BoxError> {
-    use quickstart::Roles;
-    #[cfg(not(feature = "redis"))]
-    if redis.is_some() {
-        return Err("--redis-url needs the `redis` feature".into());
+/// What the in-process configurations share: the servers, and what to clean up.
+struct Backends {
+    redis_url: Option<String>,
+    database_url: Option<String>,
+    population: u32,
+    allow_ttl: Duration,
+    deny_ttl: Duration,
+    leftovers: Arc<Leftovers>,
+}
+
+/// Everything this run created on the shared servers: its Redis namespace and its Postgres
+/// schemas. Cleaned after each configuration, at the end, on error (drop) and on Ctrl-C; never
+/// anything else (no FLUSHALL, no other schema).
+struct Leftovers {
+    redis: Option<(String, String)>,
+    redis_used: std::sync::atomic::AtomicBool,
+    database_url: Option<String>,
+    schemas: std::sync::Mutex<Vec<String>>,
+}
+
+impl Leftovers {
+    fn add_schema(&self, schema: &str) {
+        self.schemas.lock().unwrap_or_else(|e| e.into_inner()).push(schema.to_owned());
     }
-    let mut targets = Vec::new();
-    for name in names {
-        let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-        let addr = listener.local_addr()?;
-        match name.as_str() {
-            "bare" => {
-                let app = quickstart::unprotected_app(Roles::demo());
-                tokio::spawn(async move {
-                    let _ = axum::serve(listener, app).await;
-                });
+
+    fn is_empty(&self) -> bool {
+        !self.redis_used.load(Relaxed) && self.schemas.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+
+    /// Deletes what is left; says what it did.
+    async fn clean(&self) {
+        let schemas = std::mem::take(&mut *self.schemas.lock().unwrap_or_else(|e| e.into_inner()));
+        if let (Some(url), false) = (&self.database_url, schemas.is_empty()) {
+            match tokio::time::timeout(Duration::from_secs(30), drop_schemas(url, &schemas)).await {
+                Ok(Ok(())) => println!("postgres: dropped schema {}", schemas.join(", ")),
+                Ok(Err(e)) => eprintln!("postgres: could not drop schema {}: {e}", schemas.join(", ")),
+                Err(_) => eprintln!("postgres: dropping schema {} timed out", schemas.join(", ")),
             }
-            "l1" => {
-                let (app, _cache) = quickstart::app(Roles::demo());
-                tokio::spawn(async move {
-                    let _ = axum::serve(listener, axum::ServiceExt::into_make_service(app)).await;
-                });
-            }
-            "no-cache" => {
-                let roles = Roles::demo();
-                let cache = AuthzCache::builder(quickstart::authorizer(roles.clone())).l1_max_bytes(0).build();
-                let app = quickstart::app_from(roles, cache);
-                tokio::spawn(async move {
-                    let _ = axum::serve(listener, axum::ServiceExt::into_make_service(app)).await;
-                });
-            }
-            #[cfg(feature = "redis")]
-            "l1+l2" => {
-                let Some((url, namespace)) = redis else { return Err("l1+l2 needs --redis-url".into()) };
-                let app = l1_l2_app(url, namespace)?;
-                tokio::spawn(async move {
-                    let _ = axum::serve(listener, axum::ServiceExt::into_make_service(app)).await;
-                });
-            }
-            other => return Err(format!("unknown configuration {other:?}").into()),
         }
-        targets.push(local_target(name, addr, name != "bare"));
+        #[cfg(feature = "redis")]
+        if let (Some((url, namespace)), true) = (&self.redis, self.redis_used.swap(false, Relaxed)) {
+            match tokio::time::timeout(Duration::from_secs(10), delete_namespace(url, namespace)).await {
+                Ok(Ok(n)) => println!("redis: deleted {n} keys of namespace {namespace}"),
+                Ok(Err(e)) => eprintln!("redis: could not delete namespace {namespace}: {e}"),
+                Err(_) => eprintln!("redis: deleting namespace {namespace} timed out"),
+            }
+        }
     }
-    Ok(targets)
+
+    /// `clean` from outside any runtime (on a thread of its own, with its own runtime).
+    fn clean_blocking(self: &Arc<Self>) {
+        if self.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                rt.block_on(me.clean());
+            }
+        })
+        .join();
+    }
+}
+
+/// Cleans up when dropped: whatever way `run` ends, nothing it created stays behind.
+struct CleanOnDrop(Arc<Leftovers>);
+
+impl Drop for CleanOnDrop {
+    fn drop(&mut self) {
+        self.0.clean_blocking();
+    }
+}
+
+#[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+async fn drop_schemas(url: &str, schemas: &[String]) -> Result<(), BoxError> {
+    #[cfg(feature = "postgres")]
+    {
+        let client = pg_client(url).await?;
+        for schema in schemas {
+            // Only names this run made (loadtest_<pid>_<n>), never anything else.
+            if !schema.starts_with("loadtest_") || !schema.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                continue;
+            }
+            client.batch_execute(&format!("SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {schema} CASCADE")).await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(feature = "postgres")]
+async fn pg_client(url: &str) -> Result<tokio_postgres::Client, BoxError> {
+    let (client, connection) =
+        tokio::time::timeout(Duration::from_secs(5), tokio_postgres::connect(url, tokio_postgres::NoTls))
+            .await
+            .map_err(|_| format!("cannot reach postgres at {}", redact(url)))??;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// `url` without its password.
+fn redact(url: &str) -> String {
+    match url.split_once("://").and_then(|(scheme, rest)| Some((scheme, rest.rsplit_once('@')?))) {
+        Some((scheme, (userinfo, host))) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// The quickstart's route table.
+fn routes() -> tower_authz_cache::RouteTable {
+    use axum::http::Method;
+    tower_authz_cache::RouteTable::new()
+        .public("/health")
+        .public_route(Method::GET, "/metrics")
+        .public_route(Method::GET, "/ready")
+        .route(Method::GET, "/documents/{id}", "documents:{id}", "read")
+        .route(Method::PUT, "/documents/{id}", "documents:{id}", "write")
+        .route(Method::DELETE, "/documents/{id}", "documents:{id}", "delete")
+        .route(Method::PUT, "/admin/users/{user}/role", "admin", "manage")
+        .route(Method::POST, "/admin/invalidate", "admin", "manage")
+        .route(Method::GET, "/admin/stats", "admin", "manage")
+}
+
+/// The quickstart's handlers, with `GET /admin/stats` answering `cache`'s counters.
+fn handlers(cache: AuthzCache) -> axum::Router {
+    axum::Router::new()
+        .route(
+            "/admin/stats",
+            axum::routing::get(move || {
+                let stats = cache.stats();
+                async move { axum::Json(stats) }
+            }),
+        )
+        .fallback_service(quickstart::unprotected_app(quickstart::Roles::demo()))
+}
+
+/// The handlers alone: the same router as every other configuration, without the layer.
+fn bare_app() -> axum::Router {
+    let idle = AuthzCache::builder(|_: Principal, _: Permission| async {
+        Ok::<_, std::convert::Infallible>(Decision::deny())
+    })
+    .build();
+    handlers(idle)
+}
+
+/// The population's bearer tokens: `user-<n>` (n in 1..=population, canonical) is principal
+/// `user-<n>`; `alice-token` is alice.
+fn principal_of(token: &str, population: u32) -> Option<Principal> {
+    if token == "alice-token" {
+        return Some(Principal::new("alice"));
+    }
+    let digits = token.strip_prefix("user-")?;
+    if digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u32 = digits.parse().ok()?;
+    (1..=population).contains(&n).then(|| Principal::new(token))
+}
+
+/// The handlers behind the layer, as the quickstart wires them, resolving the population's tokens.
+fn population_app(cache: AuthzCache, population: u32) -> impl quickstart::App {
+    use axum::response::IntoResponse;
+    let tokens = tower_authz_cache::BearerToken::new(move |token: String| {
+        let principal = principal_of(&token, population);
+        async move { Ok::<_, std::convert::Infallible>(principal) }
+    })
+    .with_realm("loadtest");
+    tower::ServiceBuilder::new()
+        .map_response(IntoResponse::into_response)
+        .layer(tower_authz_cache::CachedAuthorizationLayer::new(cache.clone(), tokens, routes()))
+        .service(handlers(cache))
+}
+
+/// The roles in memory (what the Postgres configurations seed into the RBAC tables): alice is
+/// an admin, `user-<n>` an editor when n % 10 == 0 and a viewer otherwise.
+fn memory_authorizer() -> impl tower_authz_cache::Authorizer {
+    |principal: Principal, permission: Permission| async move {
+        let (resource, action) = (permission.resource(), permission.action());
+        let documents = resource.starts_with("documents:");
+        let allowed = match principal.id() {
+            "alice" => {
+                (documents && matches!(action, "read" | "write" | "delete"))
+                    || (resource, action) == ("admin", "manage")
+            }
+            id => match id.strip_prefix("user-").and_then(|n| n.parse::<u32>().ok()) {
+                Some(n) => documents && (action == "read" || (action == "write" && is_editor(n))),
+                None => false,
+            },
+        };
+        Ok::<_, std::convert::Infallible>(if allowed {
+            Decision::allow()
+        } else {
+            Decision::deny().with_reason(format!("no role grants {action} on {resource}"))
+        })
+    }
+}
+
+/// Before the clock starts: waits (at most 5 s) until the backplane is subscribed and trusts L1,
+/// and with L3 a little longer for its LISTEN connection (which `stats()` does not show): each
+/// new subscription drops whatever L1 holds, so one landing mid-run would turn hits into
+/// misses. Then checks a few keys no request uses, so that the pools (authorizer, Redis,
+/// Postgres) are connected.
+async fn warm_up(cache: &AuthzCache, l3: bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    while cache.stats().backplane.is_some_and(|b| !(b.connected && b.l1_trusted)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if l3 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..16 {
+        let cache = cache.clone();
+        set.spawn(async move {
+            let principal = Principal::new(format!("warm-up-{i}"));
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                cache.check(&principal, &Permission::new("documents:0", "read")),
+            )
+            .await;
+        });
+    }
+    while set.join_next().await.is_some() {}
+}
+
+/// The configuration's secret for L2/L3: one per configuration, so that no configuration can
+/// read another's entries.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+fn secret(n: usize) -> String {
+    format!("loadtest {} configuration {n}: not a production secret", std::process::id())
+}
+
+fn cache_builder<A: tower_authz_cache::Authorizer>(
+    authorizer: A,
+    b: &Backends,
+) -> tower_authz_cache::AuthzCacheBuilder {
+    AuthzCache::builder(authorizer).allow_ttl(b.allow_ttl).deny_ttl(b.deny_ttl)
+}
+
+/// Starts configuration `name` (the `n`th of the run) on 127.0.0.1, on the current runtime
+/// (the configuration's own server runtime). Returns its target and what it is.
+async fn start_app(name: &str, n: usize, b: &Backends) -> Result<(Arc<Target>, String), BoxError> {
+    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let addr = listener.local_addr()?;
+    let memory = "in-memory roles";
+    let (cache, about) = match name {
+        "bare" => (None, "the handlers alone, no authorization".to_owned()),
+        "l1" => (Some(cache_builder(memory_authorizer(), b).build()), format!("L1; {memory}")),
+        "no-cache" => (
+            Some(cache_builder(memory_authorizer(), b).l1_max_bytes(0).build()),
+            format!("no cache (L1 disabled); {memory}"),
+        ),
+        #[cfg(feature = "redis")]
+        "l1+l2" => {
+            let tier = redis_tier(b, n)?;
+            (Some(cache_builder(memory_authorizer(), b).l2(tier).build()), format!("L1 + L2 (redis); {memory}"))
+        }
+        #[cfg(feature = "postgres")]
+        "no-cache-pg" => {
+            let (schema, _) = pg_schema(b, n).await?;
+            let url = b.database_url.as_deref().unwrap_or_default();
+            let rbac = tower_authz_cache::PostgresRbacAuthorizer::new(url, &schema)?;
+            let cache = cache_builder(rbac, b).l1_max_bytes(0).build();
+            (Some(cache), format!("no cache (L1 disabled); PostgresRbacAuthorizer, schema {schema}"))
+        }
+        #[cfg(all(feature = "redis", feature = "postgres"))]
+        "l1+l2+l3" => {
+            let l2 = redis_tier(b, n)?;
+            let (schema, l3) = pg_schema(b, n).await?;
+            let url = b.database_url.as_deref().unwrap_or_default();
+            let rbac = tower_authz_cache::PostgresRbacAuthorizer::new(url, &schema)?;
+            let cache = cache_builder(rbac, b).l2(l2).l3(l3).build();
+            (Some(cache), format!("L1 + L2 (redis) + L3 (postgres, schema {schema}); PostgresRbacAuthorizer"))
+        }
+        other => {
+            return Err(
+                format!("configuration {other:?} is not available in this build (features redis, postgres)").into()
+            );
+        }
+    };
+    let target = match cache {
+        None => {
+            let app = bare_app();
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            });
+            local_target(name, addr, false, false)
+        }
+        Some(cache) => {
+            warm_up(&cache, name.contains("l3")).await;
+            let app = population_app(cache, b.population);
+            tokio::spawn(async move {
+                let _ = axum::serve(listener, axum::ServiceExt::into_make_service(app)).await;
+            });
+            local_target(name, addr, true, !name.starts_with("no-cache"))
+        }
+    };
+    Ok((target, about))
 }
 
 #[cfg(feature = "redis")]
-fn l1_l2_app(url: &str, namespace: &str) -> Result<impl quickstart::App, BoxError> {
-    let roles = quickstart::Roles::demo();
-    let tier = tower_authz_cache::RedisTier::builder(url, b"loadtest secret, 32 bytes long..")
+fn redis_tier(b: &Backends, n: usize) -> Result<tower_authz_cache::RedisTier, BoxError> {
+    let (Some(url), Some((_, namespace))) = (&b.redis_url, &b.leftovers.redis) else {
+        return Err("this configuration needs --redis-url".into());
+    };
+    b.leftovers.redis_used.store(true, Relaxed);
+    Ok(tower_authz_cache::RedisTier::builder(url, secret(n))
         .namespace(namespace)
         .build()
-        .map_err(|e| format!("--redis-url: {e}"))?;
-    let cache = AuthzCache::builder(quickstart::authorizer(roles.clone())).l2(tier).build();
-    Ok(quickstart::app_from(roles, cache))
+        .map_err(|e| format!("--redis-url: {e}"))?)
+}
+
+/// Creates, migrates and seeds this configuration's schema, `loadtest_<pid>_<n>`; returns it
+/// and an L3 tier on it.
+#[cfg(feature = "postgres")]
+async fn pg_schema(b: &Backends, n: usize) -> Result<(String, tower_authz_cache::PostgresTier), BoxError> {
+    let Some(url) = &b.database_url else { return Err("this configuration needs --database-url".into()) };
+    let schema = format!("loadtest_{}_{n}", std::process::id());
+    // Registered before it exists: whatever happens next, it is dropped at the end.
+    b.leftovers.add_schema(&schema);
+    let started = Instant::now();
+    let tier = tower_authz_cache::PostgresTier::builder(url, secret(n))
+        .schema(&schema)
+        .build()
+        .map_err(|e| format!("--database-url: {e}"))?;
+    tokio::time::timeout(Duration::from_secs(60), tier.migrate())
+        .await
+        .map_err(|_| "--database-url: migrating timed out")?
+        .map_err(|e| format!("--database-url: {e}"))?;
+    let client = pg_client(url).await?;
+    let p = b.population;
+    // In bulk: one statement per table. The row triggers (one notification per user) and the
+    // per-statement view refresh are off while the users go in; the views are refreshed once.
+    let seed = format!(
+        "BEGIN;
+         SET LOCAL search_path TO {schema};
+         INSERT INTO roles VALUES ('viewer'), ('editor'), ('admin');
+         INSERT INTO role_permissions VALUES
+            ('viewer', 'documents:*', 'read'),
+            ('editor', 'documents:*', 'read'), ('editor', 'documents:*', 'write'),
+            ('admin', 'documents:*', 'read'), ('admin', 'documents:*', 'write'), ('admin', 'documents:*', 'delete'),
+            ('admin', 'admin', 'manage');
+         ALTER TABLE user_roles DISABLE TRIGGER USER;
+         INSERT INTO users SELECT 'user-' || g FROM generate_series(1, {p}) g;
+         INSERT INTO users VALUES ('alice');
+         INSERT INTO user_roles
+            SELECT 'user-' || g, CASE WHEN g % 10 = 0 THEN 'editor' ELSE 'viewer' END FROM generate_series(1, {p}) g;
+         INSERT INTO user_roles VALUES ('alice', 'admin');
+         ALTER TABLE user_roles ENABLE TRIGGER USER;
+         REFRESH MATERIALIZED VIEW mv_user_authorization_context;
+         REFRESH MATERIALIZED VIEW mv_team_collaboration_patterns;
+         COMMIT;
+         ANALYZE {schema}.users, {schema}.user_roles, {schema}.role_permissions, {schema}.mv_user_authorization_context;"
+    );
+    tokio::time::timeout(Duration::from_secs(120), client.batch_execute(&seed))
+        .await
+        .map_err(|_| "--database-url: seeding timed out")?
+        .map_err(|e| format!("--database-url: seeding {schema}: {e}"))?;
+    eprintln!(
+        "[postgres] schema {schema}: migrated and seeded with {p} users in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok((schema, tier))
 }
 
 #[cfg(feature = "redis")]
@@ -1117,7 +1703,16 @@ fn parse_target(url: &str) -> Result<Arc<Target>, BoxError> {
     };
     let addr =
         with_port.to_socket_addrs()?.next().ok_or_else(|| format!("--target {url:?}: {authority} does not resolve"))?;
-    Ok(Arc::new(Target { name: "target".into(), addr, host: authority.to_owned(), stats: true, local: false }))
+    Ok(Arc::new(Target {
+        name: "target".into(),
+        addr,
+        host: authority.to_owned(),
+        stats: true,
+        local: false,
+        tokens: Tokens::Demo,
+        authorizes: true,
+        cached: true,
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1150,9 +1745,15 @@ fn pcts_json(p: &Pcts) -> Value {
 
 struct Summary {
     name: String,
+    about: String,
     issued: u64,
     responses: u64,
     ok: u64,
+    /// Answered as the roles say (2xx, or 403 where they deny).
+    expected: u64,
+    /// Requests sent and the distinct cache keys among them.
+    sent: u64,
+    keys: u64,
     status: BTreeMap<u16, u64>,
     errors: Vec<(ErrKind, u64)>,
     latency: Pcts,
@@ -1163,22 +1764,29 @@ struct Summary {
     wall_s: f64,
     cache: Option<CacheDelta>,
     cpu: Cpu,
+    servers: [f64; 2],
+    load: [Option<f64>; 2],
     /// The app ran in this process (its CPU is known).
     local: bool,
+    cached: bool,
 }
 
 impl Summary {
     fn new(run: Run) -> Self {
-        let Run { name, driven, cache, cpu, local } = run;
+        let Run { name, driven, cache, cpu, servers, load, local, cached, about } = run;
         let Driven { mut stats, issued, t0, finished } = driven;
         let responses: u64 = stats.status.values().sum();
         let ok = stats.status.iter().filter(|(s, _)| (200..300).contains(*s)).map(|(_, n)| n).sum();
         let span = stats.last_done.unwrap_or(finished).saturating_duration_since(t0).as_secs_f64();
         Summary {
             name,
+            about,
             issued,
             responses,
             ok,
+            expected: stats.expected,
+            sent: stats.sent,
+            keys: stats.keys.len() as u64,
             errors: ERR_KINDS.iter().copied().zip(stats.errors).collect(),
             status: std::mem::take(&mut stats.status),
             latency: pcts(&mut stats.latency),
@@ -1188,12 +1796,26 @@ impl Summary {
             wall_s: finished.saturating_duration_since(t0).as_secs_f64(),
             cache,
             cpu,
+            servers,
+            load,
             local,
+            cached,
         }
     }
 
+    /// Answered as the roles say, out of every request issued (errors and unsent included).
     fn success(&self) -> f64 {
-        if self.issued == 0 { 0.0 } else { self.ok as f64 / self.issued as f64 }
+        if self.issued == 0 { 0.0 } else { self.expected as f64 / self.issued as f64 }
+    }
+
+    /// The best hit rate any cache without prefetching could reach on the requests sent.
+    fn bound(&self) -> Option<f64> {
+        (self.sent > 0).then(|| 1.0 - self.keys as f64 / self.sent as f64)
+    }
+
+    /// The hit rate of a cached configuration (any tier).
+    fn hit_rate(&self) -> Option<f64> {
+        self.cache.as_ref().filter(|_| self.cached).and_then(CacheDelta::hit_rate)
     }
 
     fn cpu_share(&self, ns: u64) -> f64 {
@@ -1203,9 +1825,11 @@ impl Summary {
     fn json(&self, base: Option<&Summary>, client_threads: usize) -> Value {
         let mut v = json!({
             "name": self.name,
+            "what": self.about,
             "requests": self.issued,
             "responses": self.responses,
             "success_2xx": self.ok,
+            "answered_as_expected": self.expected,
             "success_rate": self.success(),
             "status": self.status.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "errors": self.errors.iter().filter(|e| e.1 > 0).map(|(k, v)| (k.name().to_owned(), json!(v))).collect::<serde_json::Map<_, _>>(),
@@ -1223,20 +1847,40 @@ impl Summary {
                 "server_core_share": self.local.then(|| self.cpu_share(self.cpu.server_ns)),
                 "other_s": self.cpu.other_ns as f64 / 1e9,
                 "source": "/proc/self/task/*/schedstat (ns)",
+                "postgres_s": self.servers[0],
+                "redis_s": self.servers[1],
+                "servers_source": "/proc/<pid>/stat of every postgres and redis-server process (every client's, not only this run's), 100 Hz",
+            },
+            "load_average_1m": { "before": self.load[0], "after": self.load[1] },
+            "workload": {
+                "requests_sent": self.sent,
+                "distinct_keys": self.keys,
+                "compulsory_miss_bound_hit_rate": self.bound(),
             },
         });
         if let Some(c) = &self.cache {
             v["cache"] = json!({
                 "l1_hits": c.l1_hits,
                 "l1_misses": c.l1_misses,
+                "l1_untrusted": c.l1_untrusted,
+                "l1_stale": c.l1_stale,
+                "l1_expired": c.l1_expired,
+                "remote_call_timeouts": c.remote_timeouts,
+                "write_drops": c.write_drops,
                 "l2": c.l2.map(|(h, m, e)| json!({ "hits": h, "misses": m, "errors": e })),
+                "l3": c.l3.map(|(h, m, e)| json!({ "hits": h, "misses": m, "errors": e })),
+                "checks": c.checks(),
                 "authorizer_calls": c.authorizer_calls,
+                "authorizer_errors": c.authorizer_errors,
                 "single_flight_joins": c.single_flight_joins,
                 "undecided": c.undecided,
+                "hit_rate": self.hit_rate(),
+                "hit_rate_minus_bound_points": self.hit_rate().zip(self.bound()).map(|(h, b)| (h - b) * 100.0),
             });
         }
         if let Some(b) = base {
             v["vs_bare"] = json!({
+                "p50": ratio(self.latency.p50, b.latency.p50),
                 "p99": ratio(self.latency.p99, b.latency.p99),
                 "throughput": ratio(self.throughput, b.throughput),
             });
@@ -1281,7 +1925,7 @@ fn print_table(sums: &[Summary]) {
         |label: &str, f: &dyn Fn(&Summary) -> String| rows.push((label.to_owned(), sums.iter().map(f).collect()));
     row("requests", &|s| s.issued.to_string());
     row("responses", &|s| s.responses.to_string());
-    row("success (2xx / requests)", &|s| format!("{:.2}%", s.success() * 100.0));
+    row("success (as the roles say)", &|s| format!("{:.2}%", s.success() * 100.0));
     let codes: BTreeSet<u16> = sums.iter().flat_map(|s| s.status.keys().copied()).collect();
     for code in codes {
         row(&format!("  status {code}"), &|s| s.status.get(&code).copied().unwrap_or(0).to_string());
@@ -1301,19 +1945,51 @@ fn print_table(sums: &[Summary]) {
     row("throughput", &|s| format!("{:.0} /s", s.throughput));
     if let Some(b) = base {
         let fmt_ratio = |r: Option<f64>| r.map_or("-".to_owned(), |r| format!("{r:.2}x"));
+        row("p50 / bare p50", &|s| fmt_ratio(ratio(s.latency.p50, b.latency.p50)));
         row("p99 / bare p99", &|s| fmt_ratio(ratio(s.latency.p99, b.latency.p99)));
         row("throughput / bare", &|s| fmt_ratio(ratio(s.throughput, b.throughput)));
     }
     let cache = |f: fn(&CacheDelta) -> String| move |s: &Summary| s.cache.as_ref().map_or("-".to_owned(), f);
+    let pct = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{:.2}%", v * 100.0));
+    row("distinct keys / sent", &|s| format!("{} / {}", s.keys, s.sent));
+    row("compulsory-miss bound", &|s| pct(s.bound()));
     if sums.iter().any(|s| s.cache.is_some()) {
+        row("hit rate (any tier)", &|s| pct(s.hit_rate()));
+        row("hit rate - bound", &|s| {
+            s.hit_rate().zip(s.bound()).map_or("-".to_owned(), |(h, b)| format!("{:+.2} pt", (h - b) * 100.0))
+        });
         row("L1 hits", &cache(|c| c.l1_hits.to_string()));
         row("L1 misses", &cache(|c| c.l1_misses.to_string()));
+        row(
+            "  untrusted / stale / expired",
+            &cache(|c| format!("{} / {} / {}", c.l1_untrusted, c.l1_stale, c.l1_expired)),
+        );
+        if sums.iter().any(|s| s.cache.is_some_and(|c| c.l2.is_some() || c.l3.is_some())) {
+            row("remote timeouts / write drops", &cache(|c| format!("{} / {}", c.remote_timeouts, c.write_drops)));
+        }
         if sums.iter().any(|s| s.cache.is_some_and(|c| c.l2.is_some())) {
-            row("L2 hits", &cache(|c| c.l2.map_or("-".to_owned(), |l| l.0.to_string())));
-            row("L2 misses", &cache(|c| c.l2.map_or("-".to_owned(), |l| l.1.to_string())));
-            row("L2 errors", &cache(|c| c.l2.map_or("-".to_owned(), |l| l.2.to_string())));
+            row(
+                "L2 hits / misses / errors",
+                &cache(|c| c.l2.map_or("-".to_owned(), |l| format!("{} / {} / {}", l.0, l.1, l.2))),
+            );
+        }
+        if sums.iter().any(|s| s.cache.is_some_and(|c| c.l3.is_some())) {
+            row(
+                "L3 hits / misses / errors",
+                &cache(|c| c.l3.map_or("-".to_owned(), |l| format!("{} / {} / {}", l.0, l.1, l.2))),
+            );
         }
         row("authorizer calls", &cache(|c| c.authorizer_calls.to_string()));
+        row(
+            "authorizer calls / check",
+            &cache(|c| {
+                if c.checks() == 0 {
+                    "-".to_owned()
+                } else {
+                    format!("{:.3}", c.authorizer_calls as f64 / c.checks() as f64)
+                }
+            }),
+        );
         row("single-flight joins", &cache(|c| c.single_flight_joins.to_string()));
         row("undecided (503)", &cache(|c| c.undecided.to_string()));
     }
@@ -1326,6 +2002,15 @@ fn print_table(sums: &[Summary]) {
             return "-".to_owned();
         }
         format!("{:.2} s {:.0}%", s.cpu.server_ns as f64 / 1e9, s.cpu_share(s.cpu.server_ns) * 100.0)
+    });
+    row("app CPU / request", &|s| {
+        if s.local { format!("{:.1} µs", per_request_us(s.cpu.server_ns, s.issued)) } else { "-".to_owned() }
+    });
+    row("postgres CPU / request", &|s| format!("{:.1} µs", s.servers[0] * 1e6 / s.issued.max(1) as f64));
+    row("redis CPU / request", &|s| format!("{:.1} µs", s.servers[1] * 1e6 / s.issued.max(1) as f64));
+    row("load average (1 min)", &|s| {
+        let f = |l: Option<f64>| l.map_or("?".to_owned(), |l| format!("{l:.2}"));
+        format!("{} -> {}", f(s.load[0]), f(s.load[1]))
     });
 
     let label_w = rows.iter().map(|r| r.0.chars().count()).max().unwrap_or(0).max("configuration".len());
@@ -1354,11 +2039,16 @@ fn xml_escape(s: &str) -> String {
 }
 
 /// A line chart of p50..p99.9 per configuration, log-scale y axis, by hand.
-fn svg_chart(sums: &[Summary], subtitle: &str) -> String {
+/// Below it, with a `bare` configuration, each configuration's p50, p99 and throughput as
+/// ratios to bare (log scale, bars from 1x).
+fn svg_chart(sums: &[Summary], subtitle: &[String]) -> String {
     const COLORS: [&str; 6] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
     let labels = ["p50", "p90", "p95", "p99", "p99.9"];
     let values = |s: &Summary| [s.latency.p50, s.latency.p90, s.latency.p95, s.latency.p99, s.latency.p999];
-    let (w, h, ml, mr, mt, mb) = (840.0, 440.0, 80.0, 230.0, 56.0, 50.0);
+    let (w, h, ml, mr, mt, mb) = (940.0, 440.0, 80.0, 330.0, 40.0 + 16.0 * subtitle.len() as f64, 50.0);
+    let base = sums.iter().find(|s| s.name == "bare");
+    let panel2 = if base.is_some() && sums.len() > 1 { 300.0 } else { 0.0 };
+    let total_h = h + panel2;
     let all: Vec<f64> = sums.iter().flat_map(values).filter(|v| *v > 0.0).collect();
     let lo = all.iter().copied().fold(f64::INFINITY, f64::min).max(1.0);
     let hi = all.iter().copied().fold(0.0, f64::max).max(lo);
@@ -1369,14 +2059,16 @@ fn svg_chart(sums: &[Summary], subtitle: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{total_h}" viewBox="0 0 {w} {total_h}" font-family="sans-serif" font-size="12">"#
     );
-    let _ = writeln!(s, r#"<rect width="{w}" height="{h}" fill="white"/>"#);
+    let _ = writeln!(s, r#"<rect width="{w}" height="{total_h}" fill="white"/>"#);
     let _ = writeln!(
         s,
         r#"<text x="{ml}" y="22" font-size="15" font-weight="bold">Latency percentiles from the intended send time (log scale)</text>"#
     );
-    let _ = writeln!(s, r##"<text x="{ml}" y="40" fill="#555">{}</text>"##, xml_escape(subtitle));
+    for (i, line) in subtitle.iter().enumerate() {
+        let _ = writeln!(s, r##"<text x="{ml}" y="{}" fill="#555">{}</text>"##, 40 + 16 * i, xml_escape(line));
+    }
     let mut d = dlo;
     while d <= dhi {
         for (m, major) in [(1.0, true), (2.0, false), (5.0, false)] {
@@ -1423,20 +2115,121 @@ fn svg_chart(sums: &[Summary], subtitle: &str) -> String {
         for (a, b) in &pts {
             let _ = writeln!(s, r#"<circle cx="{a:.1}" cy="{b:.1}" r="3.5" fill="{color}"/>"#);
         }
-        let ly = mt + 10.0 + k as f64 * 20.0;
+        let ly = mt + 10.0 + k as f64 * 36.0;
         let lx = w - mr + 16.0;
+        let vs_bare = match base.filter(|b| b.name != sum.name) {
+            Some(b) => format!(", {:.2}x bare", ratio(sum.latency.p99, b.latency.p99).unwrap_or(f64::NAN)),
+            None => String::new(),
+        };
         let _ = writeln!(
             s,
-            r#"<line x1="{lx}" y1="{ly}" x2="{:.1}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{} (p99 {})</text>"#,
+            r#"<line x1="{lx}" y1="{ly}" x2="{:.1}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{} (p99 {}{})</text>"#,
             lx + 18.0,
             lx + 24.0,
             ly + 4.0,
             xml_escape(&sum.name),
-            xml_escape(&fmt_us(sum.latency.p99))
+            xml_escape(&fmt_us(sum.latency.p99)),
+            xml_escape(&vs_bare)
         );
+        let detail = match (sum.hit_rate(), sum.bound()) {
+            (Some(hr), Some(b)) => {
+                format!("success {:.2}%, hit rate {:.2}% (bound {:.2}%)", sum.success() * 100.0, hr * 100.0, b * 100.0)
+            }
+            _ => format!("success {:.2}%", sum.success() * 100.0),
+        };
+        let _ = writeln!(
+            s,
+            r##"<text x="{:.1}" y="{:.1}" font-size="11" fill="#555">{}</text>"##,
+            lx + 24.0,
+            ly + 18.0,
+            xml_escape(&detail)
+        );
+    }
+    if let (Some(b), true) = (base, panel2 > 0.0) {
+        ratio_panel(&mut s, sums, b, h, w, panel2);
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// The ratio panel of `svg_chart`, from `top`, `height` high.
+fn ratio_panel(s: &mut String, sums: &[Summary], base: &Summary, top: f64, w: f64, height: f64) {
+    const SERIES: [(&str, &str); 3] = [("p50", "#4c78a8"), ("p99", "#e45756"), ("throughput", "#72b7b2")];
+    let ratios: Vec<[f64; 3]> = sums
+        .iter()
+        .map(|x| {
+            [
+                ratio(x.latency.p50, base.latency.p50).unwrap_or(1.0),
+                ratio(x.latency.p99, base.latency.p99).unwrap_or(1.0),
+                ratio(x.throughput, base.throughput).unwrap_or(1.0),
+            ]
+        })
+        .collect();
+    let (ml, mr, mt, mb) = (80.0, 330.0, 44.0, 40.0);
+    let all = ratios.iter().flatten().copied().filter(|r| *r > 0.0 && r.is_finite());
+    let (lo, hi) = all.fold((1.0f64, 1.0f64), |(lo, hi), r| (lo.min(r), hi.max(r)));
+    let (dlo, dhi) = ((lo.log10() - 0.05).floor().min(-1.0), (hi.log10() + 0.05).ceil().max(1.0));
+    let y = |r: f64| top + mt + (dhi - r.max(1e-3).log10()) / (dhi - dlo) * (height - mt - mb);
+    let _ = writeln!(
+        s,
+        r#"<text x="{ml}" y="{:.1}" font-size="15" font-weight="bold">Ratio to bare (log scale; bars start at 1x)</text>"#,
+        top + 22.0
+    );
+    let mut d = dlo;
+    while d <= dhi {
+        let v = 10f64.powf(d);
+        let yy = y(v);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{ml}" y1="{yy:.1}" x2="{:.1}" y2="{yy:.1}" stroke="{}"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}x</text>"##,
+            w - mr,
+            if d == 0.0 { "#333" } else { "#ddd" },
+            ml - 8.0,
+            yy + 4.0,
+            v
+        );
+        d += 1.0;
+    }
+    let group = (w - ml - mr) / sums.len() as f64;
+    let bar = (group * 0.8 / SERIES.len() as f64).min(28.0);
+    for (k, (sum, r)) in sums.iter().zip(&ratios).enumerate() {
+        let gx = ml + k as f64 * group + (group - bar * SERIES.len() as f64) / 2.0;
+        for (j, ((_, color), v)) in SERIES.iter().zip(r).enumerate() {
+            let (y0, y1) = (y(1.0), y(*v));
+            let (top_y, bottom_y) = (y0.min(y1), y0.max(y1));
+            let x = gx + j as f64 * bar;
+            let _ = writeln!(
+                s,
+                r#"<rect x="{x:.1}" y="{top_y:.1}" width="{:.1}" height="{:.1}" fill="{color}"/>"#,
+                bar - 2.0,
+                (bottom_y - top_y).max(1.0)
+            );
+            let ly = if y1 <= y0 { top_y - 4.0 } else { bottom_y + 12.0 };
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{ly:.1}" text-anchor="middle" font-size="10">{v:.2}</text>"#,
+                x + bar / 2.0 - 1.0
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            ml + (k as f64 + 0.5) * group,
+            top + height - mb + 22.0,
+            xml_escape(&sum.name)
+        );
+    }
+    for (j, (label, color)) in SERIES.iter().enumerate() {
+        let ly = top + mt + 10.0 + j as f64 * 20.0;
+        let lx = w - mr + 16.0;
+        let _ = writeln!(
+            s,
+            r#"<rect x="{lx}" y="{:.1}" width="14" height="10" fill="{color}"/><text x="{:.1}" y="{:.1}">{label} / bare {label}</text>"#,
+            ly - 5.0,
+            lx + 20.0,
+            ly + 4.0
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1470,45 +2263,40 @@ fn main() -> ExitCode {
 fn run(o: Opts) -> Result<(), BoxError> {
     let process_start = stat_ticks(std::path::Path::new("/proc/self/stat"));
     let started = Instant::now();
+    let load_at_start = loadavg();
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(o.client_threads)
         .thread_name("lt-client")
         .enable_all()
         .build()?;
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(o.server_threads)
-        .thread_name("lt-server")
-        .enable_all()
-        .build()?;
-    let workload = Arc::new(Workload::new(&o));
-    let redis_namespace = format!("loadtest-{}", std::process::id());
-
-    let targets: Vec<Arc<Target>> = if o.self_test {
-        server_rt.block_on(async {
-            let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-            let addr = listener.local_addr()?;
-            tokio::spawn(trivial_server(listener));
-            Ok::<_, BoxError>(vec![local_target("self-test", addr, false)])
-        })?
-    } else if let Some(url) = &o.target {
-        vec![parse_target(url)?]
-    } else {
-        let names = o.configs.clone().unwrap_or_else(|| {
-            let mut all: Vec<String> = ["bare", "l1", "no-cache"].map(str::to_owned).into();
-            if o.redis_url.is_some() {
-                all.push("l1+l2".into());
-            }
-            all
-        });
-        #[cfg(feature = "redis")]
-        if let Some(url) = &o.redis_url {
-            client_rt.block_on(redis_connection(url)).map_err(|e| format!("--redis-url: {e}"))?;
-        }
-        let redis = o.redis_url.as_deref().map(|u| (u, redis_namespace.as_str()));
-        server_rt.block_on(start_apps(&names, redis))?
+    let server_rt = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(o.server_threads)
+            .thread_name("lt-server")
+            .enable_all()
+            .build()
     };
+    let workload = Arc::new(Workload::new(&o));
+    let pid = std::process::id();
+    let leftovers = Arc::new(Leftovers {
+        redis: o.redis_url.clone().map(|url| (url, format!("loadtest-{pid}"))),
+        redis_used: std::sync::atomic::AtomicBool::new(false),
+        database_url: o.database_url.clone(),
+        schemas: std::sync::Mutex::new(Vec::new()),
+    });
+    // Whatever way this function ends (error, panic), the schemas and keys go; on Ctrl-C too.
+    let _clean = CleanOnDrop(leftovers.clone());
+    {
+        let leftovers = leftovers.clone();
+        client_rt.spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupted: cleaning up");
+                leftovers.clean().await;
+                std::process::exit(130);
+            }
+        });
+    }
 
-    let [alice, bob, carol] = workload.token_share();
     let mix_total: u64 = o.mix.iter().sum();
     println!(
         "loadtest: mode {} | {} | {} users, {} connections, {} s{} | seed {}",
@@ -1521,6 +2309,11 @@ fn run(o: Opts) -> Result<(), BoxError> {
         o.seed
     );
     println!(
+        "machine: {} cpus, load average {} (1 min) at start",
+        cpus(),
+        load_at_start.map_or("?".to_owned(), |l| format!("{l:.2}"))
+    );
+    println!(
         "workload: principals Zipf(s={}) over {} ({} distinct among the users), resources Zipf(s={}) over {}, mix read {:.1}% / write {:.1}% / admin {:.1}%",
         o.zipf_s,
         o.population,
@@ -1531,39 +2324,86 @@ fn run(o: Opts) -> Result<(), BoxError> {
         o.mix[1] as f64 * 100.0 / mix_total as f64,
         o.mix[2] as f64 * 100.0 / mix_total as f64,
     );
-    println!(
-        "note: the demo has 3 principals: a sampled principal maps to alice/bob/carol (principal % 3), so the population only shapes the token mix (users: alice {alice}, bob {bob}, carol {carol}); cache keys differ by the resource id in /documents/{{id}}"
-    );
-    for t in &targets {
-        println!("{}: http://{}", t.name, t.addr);
+    if let Some(url) = &o.target {
+        let [alice, bob, carol] = workload.token_share();
+        println!(
+            "note: the demo has 3 principals: a sampled principal maps to alice/bob/carol (principal % 3) (users: alice {alice}, bob {bob}, carol {carol}), writes go as carol, admin requests as alice"
+        );
+        println!("target: {url}");
+    } else if !o.self_test {
+        println!(
+            "roles: token user-<n> is principal user-<n>; every tenth user is an editor ({} of the {} users), the others viewers (their writes get 403); admin requests as alice (admin); ttl allow {} s, deny {} s",
+            workload.editors(),
+            workload.users(),
+            o.allow_ttl.as_secs_f64(),
+            o.deny_ttl.as_secs_f64()
+        );
     }
 
     let mut runs = Vec::new();
-    let mut failure: Option<BoxError> = None;
-    for t in targets {
-        match client_rt.block_on(run_target(&o, t.clone(), workload.clone())) {
-            Ok(r) => runs.push(r),
-            Err(e) => {
-                failure = Some(e);
-                break;
+    if o.self_test {
+        let rt = server_rt()?;
+        let target = rt.block_on(async {
+            let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+            let addr = listener.local_addr()?;
+            tokio::spawn(trivial_server(listener));
+            Ok::<_, BoxError>(local_target("self-test", addr, false, false))
+        })?;
+        let about = "a trivial server answering 200 \"ok\"".to_owned();
+        let run = client_rt.block_on(run_target(&o, target, workload.clone(), about));
+        rt.shutdown_timeout(Duration::from_secs(1));
+        runs.push(run?);
+    } else if let Some(url) = &o.target {
+        let about = "an app already running".to_owned();
+        runs.push(client_rt.block_on(run_target(&o, parse_target(url)?, workload.clone(), about))?);
+    } else {
+        let names = o.configs.clone().unwrap_or_else(|| {
+            let mut all: Vec<String> = ["bare", "l1", "no-cache"].map(str::to_owned).into();
+            if o.redis_url.is_some() {
+                all.push("l1+l2".into());
             }
+            if o.database_url.is_some() {
+                all.push("no-cache-pg".into());
+                if o.redis_url.is_some() {
+                    all.push("l1+l2+l3".into());
+                }
+            }
+            all
+        });
+        // Reachable before anything starts, with a message saying which one is not.
+        #[cfg(feature = "redis")]
+        if let Some(url) = &o.redis_url {
+            client_rt.block_on(redis_connection(url)).map_err(|e| format!("--redis-url: {e}"))?;
+        }
+        #[cfg(feature = "postgres")]
+        if let Some(url) = &o.database_url {
+            client_rt
+                .block_on(async { pg_client(url).await?.batch_execute("SELECT 1").await.map_err(BoxError::from) })
+                .map_err(|e| format!("--database-url {}: {e}", redact(url)))?;
+        }
+        let backends = Backends {
+            redis_url: o.redis_url.clone(),
+            database_url: o.database_url.clone(),
+            population: o.population as u32,
+            allow_ttl: o.allow_ttl,
+            deny_ttl: o.deny_ttl,
+            leftovers: leftovers.clone(),
+        };
+        // One configuration at a time, each on a server runtime of its own: when it is shut
+        // down, the app, its cache and the cache's background tasks are gone before the next
+        // configuration starts, and what it created is deleted.
+        for (n, name) in names.iter().enumerate() {
+            let rt = server_rt()?;
+            let run = rt.block_on(start_app(name, n + 1, &backends)).and_then(|(target, about)| {
+                println!("{name}: http://{} ({about})", target.addr);
+                client_rt.block_on(run_target(&o, target, workload.clone(), about))
+            });
+            rt.shutdown_timeout(Duration::from_secs(1));
+            client_rt.block_on(leftovers.clean());
+            runs.push(run?);
         }
     }
-    server_rt.shutdown_timeout(Duration::from_secs(1));
-    #[cfg(feature = "redis")]
-    if let Some(url) = &o.redis_url {
-        std::thread::sleep(Duration::from_millis(100));
-        match client_rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), delete_namespace(url, &redis_namespace)).await
-        }) {
-            Ok(Ok(n)) => println!("redis: deleted {n} keys of namespace {redis_namespace}"),
-            Ok(Err(e)) => eprintln!("redis: could not delete namespace {redis_namespace}: {e}"),
-            Err(_) => eprintln!("redis: deleting namespace {redis_namespace} timed out"),
-        }
-    }
-    if let Some(e) = failure {
-        return Err(e);
-    }
+    client_rt.block_on(leftovers.clean());
 
     let sums: Vec<Summary> = runs.into_iter().map(Summary::new).collect();
     println!();
@@ -1579,14 +2419,72 @@ fn run(o: Opts) -> Result<(), BoxError> {
     println!(
         "errors (timeouts, requests still queued at the hard stop) are not in the latency percentiles: read those with the success rate."
     );
+    println!(
+        "success: answered as the roles say (2xx, or 403 for a viewer's write where the app authorizes) / requests issued."
+    );
+    println!(
+        "compulsory-miss bound: 1 - distinct (principal, resource, action) keys / requests sent: the best hit rate a cache without prefetching can reach on this request stream."
+    );
     if sums.iter().any(|s| s.cache.is_some()) {
         println!(
-            "cache counters: GET /admin/stats (alice-token) before and after the run; the second read counts its own check."
+            "cache counters: GET /admin/stats (alice-token) before and after the run; the second read counts its own check. hit rate = hits in any tier / checks (L1 hits + L1 misses)."
         );
     }
     println!(
-        "CPU: per thread from /proc/self/task/*/schedstat (ns): generator = lt-client + lt-pacer threads, app = lt-server threads; % of one core over the run."
+        "CPU: per thread from /proc/self/task/*/schedstat (ns): generator = lt-client + lt-pacer threads, app = lt-server threads; % of one core over the run. postgres / redis CPU: every postgres and redis-server process (/proc/<pid>/stat, 10 ms ticks), whoever their clients: a configuration that uses neither shows the other clients' share."
     );
+    if let Some(b) = sums.iter().find(|s| s.name == "bare") {
+        let mut checks = Vec::new();
+        for s in sums.iter().filter(|s| s.cached) {
+            checks.push((
+                format!("{}: success {:.2}% (target 100%)", s.name, s.success() * 100.0),
+                s.expected == s.issued,
+            ));
+            if let (Some(h), Some(bound)) = (s.hit_rate(), s.bound()) {
+                checks.push((
+                    format!(
+                        "{}: hit rate {:.2}% vs compulsory-miss bound {:.2}%: {:+.2} points (target within 1)",
+                        s.name,
+                        h * 100.0,
+                        bound * 100.0,
+                        (h - bound) * 100.0
+                    ),
+                    (h - bound).abs() <= 0.01,
+                ));
+            }
+        }
+        if let Some(l1) = sums.iter().find(|s| s.name == "l1") {
+            let r = ratio(l1.latency.p99, b.latency.p99).unwrap_or(f64::INFINITY);
+            checks.push((format!("l1: p99 {r:.2}x bare (target at most 1.5x)"), r <= 1.5));
+        }
+        if b.latency.p99 > 0.0 {
+            checks.push((
+                format!("bare: p99 {} (target under 5 ms at this rate)", fmt_us(b.latency.p99)),
+                b.latency.p99 < 5000.0,
+            ));
+        }
+        if !checks.is_empty() {
+            println!(
+                "
+targets:"
+            );
+            for (what, met) in checks {
+                println!("  [{}] {what}", if met { "met" } else { "MISSED" });
+            }
+        }
+        if let Some(pg) = sums.iter().find(|s| s.name == "no-cache-pg") {
+            for s in sums.iter().filter(|s| s.cached) {
+                println!(
+                    "  {} vs no-cache-pg: p50 {:.2}x, p99 {:.2}x, authorizer calls {} vs {}",
+                    s.name,
+                    ratio(s.latency.p50, pg.latency.p50).unwrap_or(f64::NAN),
+                    ratio(s.latency.p99, pg.latency.p99).unwrap_or(f64::NAN),
+                    s.cache.map_or(0, |c| c.authorizer_calls),
+                    pg.cache.map_or(0, |c| c.authorizer_calls),
+                );
+            }
+        }
+    }
 
     for s in &sums {
         let busy = s.cpu_share(s.cpu.generator_ns);
@@ -1636,15 +2534,32 @@ fn run(o: Opts) -> Result<(), BoxError> {
         }
     }
 
-    let subtitle = format!(
-        "{} loop, {}, {} users, {} connections, {} s, seed {}",
-        if o.mode == Mode::Open { "open" } else { "closed" },
-        if o.mode == Mode::Open { format!("{} req/s", o.rate) } else { format!("think {} ms", o.think.as_millis()) },
-        o.users,
-        o.connections,
-        o.duration.as_secs_f64(),
-        o.seed
-    );
+    let load = [load_at_start, loadavg()];
+    let subtitle = vec![
+        format!(
+            "{} loop, {}, {} users (principals Zipf over {}), {} connections, {} s per configuration, seed {}",
+            if o.mode == Mode::Open { "open" } else { "closed" },
+            if o.mode == Mode::Open {
+                format!("{} req/s", o.rate)
+            } else {
+                format!("think {} ms", o.think.as_millis())
+            },
+            o.users,
+            o.population,
+            o.connections,
+            o.duration.as_secs_f64(),
+            o.seed,
+        ),
+        format!(
+            "{} cpus, load average {}{}",
+            cpus(),
+            load.map(|l| l.map_or("?".to_owned(), |l| format!("{l:.2}"))).join(" -> "),
+            sums.first().and_then(Summary::bound).map_or(String::new(), |b| format!(
+                "; compulsory-miss bound (best possible hit rate) {:.2}%",
+                b * 100.0
+            )),
+        ),
+    ];
     if let Some(path) = &o.json {
         let base = sums.iter().find(|s| s.name == "bare");
         let doc = json!({
@@ -1662,12 +2577,29 @@ fn run(o: Opts) -> Result<(), BoxError> {
                 "duration_s": o.duration.as_secs_f64(),
                 "max_requests": (o.max_requests != u64::MAX).then_some(o.max_requests),
                 "self_test": o.self_test,
+                "compare": o.compare,
             },
-            "workload": {
-                "demo_principals": 3,
-                "note": "the demo has 3 principals: a sampled principal maps to alice/bob/carol (principal % 3), so the population only shapes the token mix; cache keys differ by the resource id in /documents/{id}",
-                "distinct_principals": workload.distinct_principals(),
-                "users_by_token": { "alice": alice, "bob": bob, "carol": carol },
+            "workload": if o.target.is_some() {
+                let [alice, bob, carol] = workload.token_share();
+                json!({
+                    "tokens": "demo",
+                    "note": "the demo has 3 principals: a sampled principal maps to alice/bob/carol (principal % 3); writes as carol, admin requests as alice",
+                    "distinct_principals": workload.distinct_principals(),
+                    "users_by_token": { "alice": alice, "bob": bob, "carol": carol },
+                })
+            } else {
+                json!({
+                    "tokens": "population",
+                    "note": "token user-<n> is principal user-<n>; every tenth user is an editor, the others viewers (writes denied); admin requests as alice",
+                    "distinct_principals": workload.distinct_principals(),
+                    "editors_among_users": workload.editors(),
+                    "allow_ttl_s": o.allow_ttl.as_secs_f64(),
+                    "deny_ttl_s": o.deny_ttl.as_secs_f64(),
+                })
+            },
+            "machine": {
+                "cpus": cpus(),
+                "load_average_1m": { "start": load[0], "end": load[1] },
             },
             "latency_note": "latency_us from the intended send time; service_time_us from the actual write; send_lag_us between the two",
             "configs": sums.iter().map(|s| s.json(base, o.client_threads)).collect::<Vec<_>>(),
