@@ -1453,20 +1453,12 @@ fn memory_authorizer() -> impl tower_authz_cache::Authorizer {
     }
 }
 
-/// Before the clock starts: waits (at most 5 s) until the backplane is subscribed and trusts L1,
-/// and with L3 a little longer for its LISTEN connection (which `stats()` does not show): each
-/// new subscription drops whatever L1 holds, so one landing mid-run would turn hits into
-/// misses. Then checks a few keys no request uses, so that the pools (authorizer, Redis,
-/// Postgres) are connected.
-async fn warm_up(cache: &AuthzCache, l3: bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    #[cfg(any(feature = "redis", feature = "postgres"))]
-    while cache.stats().backplane.is_some_and(|b| !(b.connected && b.l1_trusted)) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    if l3 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+/// Before the clock starts: waits (at most 5 s) until every subscription is up
+/// (`AuthzCache::ready`): each new subscription drops whatever L1 holds, so one landing mid-run
+/// would turn hits into misses. Then checks a few keys no request uses, so that the pools
+/// (authorizer, Redis, Postgres) are connected.
+async fn warm_up(cache: &AuthzCache) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), cache.ready()).await;
     let mut set = tokio::task::JoinSet::new();
     for i in 0..16 {
         let cache = cache.clone();
@@ -1546,7 +1538,7 @@ async fn start_app(name: &str, n: usize, b: &Backends) -> Result<(Arc<Target>, S
             local_target(name, addr, false, false)
         }
         Some(cache) => {
-            warm_up(&cache, name.contains("l3")).await;
+            warm_up(&cache).await;
             let app = population_app(cache, b.population);
             tokio::spawn(async move {
                 let _ = axum::serve(listener, axum::ServiceExt::into_make_service(app)).await;

@@ -541,6 +541,11 @@ async fn run() -> Result<(), String> {
     #[cfg(not(feature = "postgres"))]
     let builder = AuthzCache::builder(authorizer(roles.clone()));
     let cache = config.apply(builder).map_err(|e| e.to_string())?.build();
+    // Serve once the backplane and the Postgres listener are up (their first subscription drops
+    // L1); if a store is down, serve anyway: L1 is not read until the backplane is heard.
+    if tokio::time::timeout(std::time::Duration::from_secs(5), cache.ready()).await.is_err() {
+        println!("note: the invalidation backplane is not up yet; serving, L1 unused until it is");
+    }
     // Hit rate and latency against CACHE_HIT_RATE_TARGET / AUTHORIZATION_RESPONSE_TIME_TARGET every
     // CACHE_MONITORING_INTERVAL; alerts are `warn!` events on target authz_cache::monitor.
     let _monitor = Monitor::builder(cache.clone()).from_config(&config).build().spawn();

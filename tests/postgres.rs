@@ -463,3 +463,33 @@ async fn warming_loads_the_most_hit_rows_and_a_principals_teammates() {
     let report = c.warm((6..=8).map(|d| (carol.clone(), read(d)))).await;
     assert_eq!(report.already_cached, 3);
 }
+
+/// `ready()` waits for every subscription (here the Postgres listener, whose first subscription
+/// drops L1, beside a Redis backplane that is already up), and entries made after it stay in L1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_waits_for_the_postgres_listener_and_l1_survives_after_it() {
+    let schema = migrated("ready").await;
+    let ns = Namespace::new("ready");
+    let proxy = FaultProxy::start(pg::addr()).await;
+    proxy.set_mode(Mode::Down);
+    let policy = Policy::default();
+    let cache = policy
+        .builder()
+        .l2(RedisTier::builder(support::redis::url(), SECRET).namespace(&ns.0).build().unwrap())
+        .l3(l3(&schema, &pg::url_via(proxy.addr())).build().unwrap())
+        .build();
+    support::redis::wait_trusted(&cache).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), cache.ready()).await.is_err(),
+        "ready before the Postgres listener could subscribe"
+    );
+    proxy.set_mode(Mode::Pass);
+    tokio::time::timeout(Duration::from_secs(10), cache.ready()).await.expect("ready once Postgres is reachable");
+    let bob = Principal::new("bob");
+    for _ in 0..3 {
+        assert!(cache.check(&bob, &read(1)).await.unwrap().is_allowed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(policy.calls(), 1, "after ready, nothing drops the entry: {:?}", cache.stats().tiers.l1);
+    assert_eq!(cache.stats().tiers.l1.hits, 2);
+}

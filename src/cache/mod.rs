@@ -225,6 +225,26 @@ impl AuthzCache {
         outcome
     }
 
+    /// Resolves once every subscription the cache keeps is up: the Redis backplane (L2) heard,
+    /// and the Postgres listener (L3: change feed, and backplane without L2) subscribed. At
+    /// once without a shared tier. A first subscription drops L1 (invalidations sent before it
+    /// were not heard), so an app that warms up or serves before this may lose those entries;
+    /// await it before serving. Never resolves while a store stays unreachable: bound it.
+    ///
+    /// ```
+    /// # async fn run(cache: tower_authz_cache::AuthzCache) {
+    /// use std::time::Duration;
+    /// if tokio::time::timeout(Duration::from_secs(5), cache.ready()).await.is_err() {
+    ///     eprintln!("backplane not up yet: serving anyway, L1 is not read until it is");
+    /// }
+    /// # }
+    /// ```
+    pub async fn ready(&self) {
+        while !self.inner.subscribed() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// The health of each part of the cache; see [`Health`](crate::Health).
     pub fn health(&self) -> crate::Health {
         let stats = self.stats();
@@ -286,6 +306,15 @@ impl Inner {
             return Some(&l3.listener.state);
         }
         None
+    }
+
+    /// Whether every subscription is up (see [`AuthzCache::ready`]).
+    fn subscribed(&self) -> bool {
+        #[cfg(feature = "postgres")]
+        if self.l3.as_ref().is_some_and(|l3| !l3.listener.state.connected()) {
+            return false;
+        }
+        self.l1_trusted()
     }
 
     /// Whether L1 may be read: always without a backplane; with one, only while it is heard.

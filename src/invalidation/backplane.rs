@@ -76,6 +76,12 @@ impl BackplaneState {
         self.start.elapsed().as_millis() as u64
     }
 
+    /// Whether the subscription is up.
+    #[cfg(feature = "postgres")]
+    pub(crate) fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
     /// Whether L1 may be read.
     pub(crate) fn trusted(&self) -> bool {
         self.trusted.load(Ordering::Acquire)
