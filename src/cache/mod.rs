@@ -462,23 +462,35 @@ impl Inner {
             Stats::incr(&self.stats.l2.misses);
             return None;
         }
+        let read = self.timed_read("l2", &self.stats.l2, l2.redis.read(key_id, hashes)).await?;
+        self.accept_shared("l2", &self.stats.l2, keys, key, key_id, hashes, read.value, read.epochs)
+    }
+
+    /// Awaits one remote read: its latency recorded (unless the breaker answered), a failure
+    /// counted and logged, and a miss.
+    #[cfg(any(feature = "redis", feature = "postgres"))]
+    async fn timed_read<T, E: fmt::Display>(
+        &self,
+        tier: &'static str,
+        counters: &crate::stats::RemoteCounters,
+        read: impl Future<Output = Result<T, crate::cache::guard::GuardError<E>>>,
+    ) -> Option<T> {
         let started = Instant::now();
-        let read = l2.redis.read(key_id, hashes).await;
+        let read = read.await;
         if !matches!(read, Err(crate::cache::guard::GuardError::Open)) {
             let elapsed = started.elapsed();
-            self.stats.l2.read_latency.record(elapsed);
+            counters.read_latency.record(elapsed);
             #[cfg(feature = "metrics")]
-            crate::exposition::record(crate::exposition::TIER_READ_DURATION, &[("tier", "l2")], elapsed);
+            crate::exposition::record(crate::exposition::TIER_READ_DURATION, &[("tier", tier)], elapsed);
         }
-        let read = match read {
-            Ok(read) => read,
+        match read {
+            Ok(read) => Some(read),
             Err(e) => {
-                Stats::incr(&self.stats.l2.errors);
-                tracing::debug!(target: "authz_cache", error = %e, "l2 read failed: miss");
-                return None;
+                Stats::incr(&counters.errors);
+                tracing::debug!(target: "authz_cache", tier, error = %e, "remote read failed: miss");
+                None
             }
-        };
-        self.accept_shared("l2", &self.stats.l2, keys, key, key_id, hashes, read.value, read.epochs)
+        }
     }
 
     /// L3: the entry and the durable epochs in one statement; a valid entry is promoted to L1
@@ -508,22 +520,7 @@ impl Inner {
             Stats::incr(&self.stats.l3.misses);
             return None;
         }
-        let started = Instant::now();
-        let read = l3.pg.read(key_id, hashes).await;
-        if !matches!(read, Err(crate::cache::guard::GuardError::Open)) {
-            let elapsed = started.elapsed();
-            self.stats.l3.read_latency.record(elapsed);
-            #[cfg(feature = "metrics")]
-            crate::exposition::record(crate::exposition::TIER_READ_DURATION, &[("tier", "l3")], elapsed);
-        }
-        let read = match read {
-            Ok(read) => read,
-            Err(e) => {
-                Stats::incr(&self.stats.l3.errors);
-                tracing::debug!(target: "authz_cache", error = %e, "l3 read failed: miss");
-                return None;
-            }
-        };
+        let read = self.timed_read("l3", &self.stats.l3, l3.pg.read(key_id, hashes)).await?;
         let entry = self.accept_shared("l3", &self.stats.l3, keys, key, key_id, hashes, read.value, read.epochs)?;
         l3.pg.count_hit(key_id);
         Some(entry)
