@@ -696,39 +696,23 @@ impl Inner {
 
     async fn apply_invalidation(&self, invalidation: &Invalidation, by: Option<&str>) -> Result<(), ()> {
         let now = self.clock.now_ms();
-        let (target, counter) = match invalidation {
-            Invalidation::Principal(id) => {
-                (Some((Scope::Principal, self.epochs.scope_hash(Scope::Principal, id))), &self.stats.inv_principal)
-            }
-            Invalidation::Resource(resource) => {
-                (Some((Scope::Resource, self.epochs.scope_hash(Scope::Resource, resource))), &self.stats.inv_resource)
-            }
-            Invalidation::Entry { principal, permission } => {
-                let key = CacheKey::new(&Principal::new(principal.as_str()), permission);
-                (Some((Scope::Entry, self.epochs.hashes(&key).entry)), &self.stats.inv_entry)
-            }
-            Invalidation::All => (None, &self.stats.inv_all),
-        };
-        Stats::incr(counter);
-        // During a rotation, the same scope under the other secret too: entries under either
-        // secret may be served until the rotation ends.
-        let other = self.rotation.as_ref().filter(|r| now < r.until_ms).and_then(|r| {
-            let (scope, _) = target?;
-            Some((
-                scope,
-                match invalidation {
-                    Invalidation::Principal(id) => r.keys.scope_hash(Scope::Principal, id),
-                    Invalidation::Resource(resource) => r.keys.scope_hash(Scope::Resource, resource),
-                    Invalidation::Entry { principal, permission } => {
-                        r.keys.entry_hash(&CacheKey::new(&Principal::new(principal.as_str()), permission))
-                    }
-                    Invalidation::All => return None,
-                },
-            ))
+        Stats::incr(match invalidation {
+            Invalidation::Principal(_) => &self.stats.inv_principal,
+            Invalidation::Resource(_) => &self.stats.inv_resource,
+            Invalidation::Entry { .. } => &self.stats.inv_entry,
+            Invalidation::All => &self.stats.inv_all,
         });
+        let target = epoch_target(&self.keys, invalidation);
+        // During a rotation, the same scope under the other secret too: entries under either
+        // secret may be served until the rotation ends. (The global epoch has no hash.)
+        let other = self
+            .rotation
+            .as_ref()
+            .filter(|r| now < r.until_ms && target.is_some())
+            .map(|r| epoch_target(&r.keys, invalidation));
         let mut outcome = self.bump_epochs(target, now).await;
         if let Some(other) = other {
-            outcome &= self.bump_epochs(Some(other), now).await;
+            outcome &= self.bump_epochs(other, now).await;
         }
         audit_invalidation(invalidation, outcome, by);
         let outcome = if outcome { Ok(()) } else { Err(()) };
@@ -898,6 +882,18 @@ impl Inner {
         }
         let _ = redis;
     }
+}
+
+/// The epoch an invalidation bumps, named under `keys`: `None` is the global epoch.
+fn epoch_target(keys: &Keys, invalidation: &Invalidation) -> Target {
+    Some(match invalidation {
+        Invalidation::Principal(id) => (Scope::Principal, keys.scope_hash(Scope::Principal, id)),
+        Invalidation::Resource(resource) => (Scope::Resource, keys.scope_hash(Scope::Resource, resource)),
+        Invalidation::Entry { principal, permission } => {
+            (Scope::Entry, keys.entry_hash(&CacheKey::new(&Principal::new(principal.as_str()), permission)))
+        }
+        Invalidation::All => return None,
+    })
 }
 
 /// The audit event of an invalidation: its scope and target, whether it reached the shared tier,
