@@ -61,8 +61,13 @@ fn sample_hit() -> bool {
     })
 }
 
-/// How many times an answer is recomputed when invalidations keep landing while it is computed.
-const MAX_ATTEMPTS: usize = 3;
+/// How many times an answer is computed when invalidations keep landing while it is computed:
+/// at least `MIN_ATTEMPTS`, then more (up to `MAX_ATTEMPTS`) while the first attempt started less
+/// than the authorizer timeout ago. A burst of invalidations (owed bumps repaid after an outage,
+/// on every instance at once) is ridden out; a scope invalidated faster than the authorizer
+/// answers, for longer than its timeout, fails as `Unstable`.
+const MIN_ATTEMPTS: usize = 3;
+const MAX_ATTEMPTS: usize = 16;
 
 type Outcome = Result<Decision, CheckError>;
 
@@ -648,7 +653,8 @@ impl Inner {
                 return Ok(decision);
             }
         }
-        for _ in 0..MAX_ATTEMPTS {
+        let first = Instant::now();
+        for attempt in 1..=MAX_ATTEMPTS {
             // Epochs are read before the authorizer is asked (DESIGN.md invariant 3).
             let stamp = self.epochs.stamp(key);
             Stats::incr(&self.stats.authorizer_calls);
@@ -677,6 +683,9 @@ impl Inner {
                 // An invalidation landed while the authorizer was thinking: its answer may
                 // predate the change. Ask again.
                 Stats::incr(&self.stats.invalidation_races);
+                if attempt >= MIN_ATTEMPTS && first.elapsed() >= self.authorizer_timeout {
+                    break;
+                }
                 continue;
             }
             let configured = if decision.is_allowed() { self.allow_ttl_ms } else { self.deny_ttl_ms };
@@ -1222,7 +1231,8 @@ pub enum CheckErrorKind {
     Timeout,
     /// The authorizer panicked.
     Panicked,
-    /// Invalidations kept landing while the decision was computed.
+    /// Invalidations kept landing while the decision was computed: at least three times, and
+    /// for longer than the authorizer timeout (or sixteen times).
     Unstable,
 }
 
@@ -1387,6 +1397,50 @@ mod tests {
             let alice_recomputed = sw.calls() - before - 1;
             assert_eq!(alice_recomputed, usize::from(inv == Invalidation::All), "{inv:?} and alice/documents:2");
         }
+    }
+
+    /// An authorizer that invalidates bob while answering, for its first `burst` calls.
+    fn churning(burst: usize, pause: Duration, timeout: Duration) -> (AuthzCache, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let handle: Arc<std::sync::OnceLock<AuthzCache>> = Arc::default();
+        let (c, h) = (calls.clone(), handle.clone());
+        let cache = AuthzCache::builder(move |_: Principal, _: Permission| {
+            let (c, h) = (c.clone(), h.clone());
+            async move {
+                tokio::time::sleep(pause).await;
+                if c.fetch_add(1, Ordering::SeqCst) < burst {
+                    let cache = h.get().expect("set").clone();
+                    cache.invalidate(&Invalidation::principal("bob")).await.unwrap();
+                }
+                Ok::<_, BoxError>(Decision::allow())
+            }
+        })
+        .authorizer_timeout(timeout)
+        .build();
+        let _ = handle.set(cache.clone());
+        (cache, calls)
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_invalidations_longer_than_three_attempts_is_ridden_out() {
+        let (cache, calls) = churning(5, Duration::ZERO, Duration::from_secs(5));
+        assert!(cache.check(&bob(), &read(1)).await.expect("decided after the burst").is_allowed());
+        assert_eq!(calls.load(Ordering::SeqCst), 6);
+        assert_eq!(cache.stats().invalidation_races, 5);
+    }
+
+    #[tokio::test]
+    async fn invalidations_landing_for_longer_than_the_authorizer_timeout_fail_as_unstable() {
+        // Slow churn: at least three attempts, then stops once the timeout (30 ms) has passed.
+        let (cache, calls) = churning(usize::MAX, Duration::from_millis(10), Duration::from_millis(30));
+        let err = cache.check(&bob(), &read(1)).await.expect_err("never stable");
+        assert_eq!(err.kind(), CheckErrorKind::Unstable);
+        let n = calls.load(Ordering::SeqCst);
+        assert!((MIN_ATTEMPTS..MAX_ATTEMPTS).contains(&n), "{n} attempts");
+        // Fast churn: the attempt cap ends it well inside the timeout.
+        let (cache, calls) = churning(usize::MAX, Duration::ZERO, Duration::from_secs(5));
+        assert_eq!(cache.check(&bob(), &read(1)).await.unwrap_err().kind(), CheckErrorKind::Unstable);
+        assert_eq!(calls.load(Ordering::SeqCst), MAX_ATTEMPTS);
     }
 
     /// An authorizer that answers `allow` from the state it read *before* blocking, the way a
