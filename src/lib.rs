@@ -109,8 +109,8 @@ pub use crate::rbac::PostgresRbacAuthorizer;
 pub use crate::response::{Rejection, RejectionKind, ResponseBody};
 pub use crate::service::CachedAuthorization;
 pub use crate::stats::{
-    InvalidationsSnapshot, LatenciesSnapshot, LatencySnapshot, RemoteTierSnapshot, StatsSnapshot, TierSnapshot,
-    TiersSnapshot,
+    ChangeFeedSnapshot, InvalidationsSnapshot, LatenciesSnapshot, LatencySnapshot, RemoteTierSnapshot, StatsSnapshot,
+    TierSnapshot, TiersSnapshot,
 };
 #[cfg(feature = "postgres")]
 pub use crate::tier::postgres::{PostgresTier, PostgresTierBuilder, PostgresTierError};

@@ -263,6 +263,31 @@ pub struct StatsSnapshot {
     #[cfg(any(feature = "redis", feature = "postgres"))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backplane: Option<crate::BackplaneSnapshot>,
+    /// The durable change feed of the permission tables, with L3.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change_feed: Option<ChangeFeedSnapshot>,
+}
+
+/// The durable change feed (with L3): changes to the permission tables are recorded in Postgres
+/// by the changing transaction and applied to the shared epochs by whichever instance drains
+/// them first. While it is not `caught_up`, L1 and L2 are not read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ChangeFeedSnapshot {
+    /// This instance saw the feed caught up (nothing waiting) within `max_staleness`.
+    pub caught_up: bool,
+    /// Milliseconds since the last poll that found nothing waiting started.
+    pub behind_ms: u64,
+    /// Changes this instance applied.
+    pub applied: u64,
+    /// Drain transactions this instance committed.
+    pub drains: u64,
+    /// Redis mirror debts (of any instance) this instance paid.
+    pub mirrored: u64,
+    /// Times L1 and L2 were distrusted because the feed could not be confirmed in time.
+    pub distrusts: u64,
+    /// Catch-up rounds that failed (Postgres or Redis unreachable).
+    pub failures: u64,
 }
 
 impl StatsSnapshot {
@@ -387,6 +412,7 @@ impl Stats {
             },
             #[cfg(any(feature = "redis", feature = "postgres"))]
             backplane: None,
+            change_feed: None,
         }
     }
 }

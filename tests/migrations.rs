@@ -1,8 +1,9 @@
 //! The SQL in migrations/ against the real PostgreSQL (DATABASE_URL, default
 //! postgres://postgres@127.0.0.1:5432/test), in a schema of this test's own that is dropped
 //! afterwards: it applies twice, the materialized views hold the grants and the team-mates, the
-//! change feed notifies the affected principals, the epoch bump is monotonic and notifies, and
-//! the sweep removes expired rows only.
+//! change feed records the affected principals durably (with the bulk rule) and hints, draining
+//! applies and deletes them, the epoch bump only rises whatever the floors and notifies, and the
+//! sweep removes expired rows only.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -128,13 +129,27 @@ async fn the_migrations_apply_twice_and_do_what_they_say() {
             .get(0);
         assert_eq!(mates, 1);
 
-        // The change feed: a role change notifies the principal; a permission change, its holders.
+        // The change feed: a change is recorded durably in the changing transaction (the NOTIFY
+        // is only a hint); a role change names the principal, a permission change its holders.
         // Channels carry the schema's name: other schemas in the database never hear them.
         let (changes, epochs) = (format!("{ns}.authz_cache_changes"), format!("{ns}.authz_cache_epochs"));
         listener.batch_execute(&format!("LISTEN \"{changes}\"; LISTEN \"{epochs}\"")).await.unwrap();
+        let recorded = async || -> Vec<Option<String>> {
+            let rows = db
+                .query("DELETE FROM authz_cache_changes RETURNING principal", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect::<Vec<Option<String>>>();
+            let mut rows = rows;
+            rows.sort();
+            rows
+        };
+        recorded().await; // the seeding above
         db.execute("UPDATE user_roles SET role_id = 'editor' WHERE user_id = $1", &[&bob]).await.unwrap();
-        let want = format!("principal {bob}");
-        expect(&mut notes, &changes, |p| p == want).await;
+        expect(&mut notes, &changes, |p| p == "changed").await;
+        assert_eq!(recorded().await, [Some(bob.clone())]);
         // ... and the view already agrees when the notification arrives.
         let can_write: bool = db
             .query_one(
@@ -146,11 +161,50 @@ async fn the_migrations_apply_twice_and_do_what_they_say() {
             .get(0);
         assert!(can_write, "the statement trigger refreshed the view in the change's transaction");
         db.execute("INSERT INTO role_permissions VALUES ('editor', 'documents:*', 'delete')", &[]).await.unwrap();
-        let mut waiting: Vec<String> = [&bob, &carol].iter().map(|who| format!("principal {who}")).collect();
-        while !waiting.is_empty() {
-            let got = expect(&mut notes, &changes, |p| waiting.iter().any(|w| w == p)).await;
-            waiting.retain(|w| *w != got);
-        }
+        let mut holders = vec![Some(bob.clone()), Some(carol.clone())];
+        holders.sort();
+        assert_eq!(recorded().await, holders);
+        // Nothing is recorded unless the transaction commits.
+        db.batch_execute(&format!("BEGIN; DELETE FROM user_roles WHERE user_id = '{alice}'; ROLLBACK")).await.unwrap();
+        assert!(recorded().await.is_empty());
+        // The bulk rule: more than authz_cache_bulk_limit() principals in one statement, a role with
+        // more holders than that, and TRUNCATE record one change covering everything.
+        db.execute("INSERT INTO roles VALUES ('crowd')", &[]).await.unwrap();
+        db.execute(&format!("INSERT INTO users SELECT 'crowd-{nanos}-' || g FROM generate_series(1, 1001) g"), &[])
+            .await
+            .unwrap();
+        recorded().await;
+        db.execute(
+            &format!("INSERT INTO user_roles SELECT 'crowd-{nanos}-' || g, 'crowd' FROM generate_series(1, 1001) g"),
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!(recorded().await, [None], "1,001 principals in one statement: everything");
+        db.execute("INSERT INTO role_permissions VALUES ('crowd', 'documents:*', 'read')", &[]).await.unwrap();
+        assert_eq!(recorded().await, [None], "a role with 1,001 holders: everything");
+        db.execute(&format!("DELETE FROM user_roles WHERE user_id = 'crowd-{nanos}-1'"), &[]).await.unwrap();
+        assert_eq!(recorded().await.len(), 1, "one holder leaving is one principal");
+        db.batch_execute("TRUNCATE role_permissions").await.unwrap();
+        assert_eq!(recorded().await, [None], "TRUNCATE: everything");
+        db.batch_execute("TRUNCATE user_roles").await.unwrap();
+        assert_eq!(recorded().await, [None], "TRUNCATE: everything");
+
+        // Draining: the changes a transaction took are applied (epochs bumped, values recorded for
+        // Redis) and deleted together.
+        db.execute("SELECT authz_cache_record_changes(ARRAY['x', 'y'])", &[]).await.unwrap();
+        let applied = db
+            .query(
+                "SELECT out_scope::text, out_hash, out_value FROM authz_cache_apply_changes(\
+                 ARRAY(SELECT seq FROM authz_cache_changes), ARRAY['p', 'g']::\"char\"[], ARRAY[7, 0]::bigint[], 5, 60000, true)",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(applied.len(), 2);
+        let left: i64 = db.query_one("SELECT count(*) FROM authz_cache_changes", &[]).await.unwrap().get(0);
+        let mirrored: i64 = db.query_one("SELECT count(*) FROM authz_cache_mirror", &[]).await.unwrap().get(0);
+        assert_eq!((left, mirrored), (0, 2));
 
         // The epoch bump: floored at the caller's clock, increasing, notified in the backplane format.
         let floor = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as i64;
@@ -167,6 +221,35 @@ async fn the_migrations_apply_twice_and_do_what_they_say() {
             .unwrap()
             .get(0);
         assert_eq!(stored, v2);
+        // A bump never returns a value at or below the stored one, whatever the floors (clocks
+        // minutes apart, a floor far in the past), from two connections at once.
+        let (other, _) = connect().await;
+        other.batch_execute(&format!("SET search_path TO {ns}")).await.unwrap();
+        let skewed = [floor + 300_000_000, floor - 300_000_000, 0, floor, floor + 300_000_001];
+        let bump = async |c: &Client, f: i64| -> i64 {
+            c.query_one("SELECT authz_cache_bump('r', 42, $1, 60000)", &[&f]).await.unwrap().get(0)
+        };
+        let stored_r = async || -> i64 {
+            db.query_one(
+                "SELECT COALESCE((SELECT value FROM authz_cache_epochs WHERE scope = 'r' AND hash = 42), 0)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
+        };
+        for round in 0..40 {
+            let before = stored_r().await;
+            let (a, b) = tokio::join!(bump(&db, skewed[round % 5]), bump(&other, skewed[(round + 2) % 5]));
+            assert!(a > before && b > before && a != b, "round {round}: {before} -> {a}, {b}");
+            assert_eq!(stored_r().await, a.max(b), "round {round}: the stored value is the highest answered");
+        }
+        // Saturation: the largest bigint stays the largest, with no error.
+        db.execute("UPDATE authz_cache_epochs SET value = 9223372036854775807 WHERE scope = 'r' AND hash = 42", &[])
+            .await
+            .unwrap();
+        assert_eq!(bump(&db, 0).await, i64::MAX);
+        assert_eq!(bump(&db, i64::MAX).await, i64::MAX);
 
         // The sweep removes expired entries, in batches, and nothing else.
         db.execute(

@@ -122,6 +122,8 @@ async fn restart_and_redis_flush_the_first_request_is_an_l3_hit() {
         .l2(RedisTier::builder(support::redis::url(), SECRET).namespace(&ns.0).build().unwrap())
         .l3(l3(&schema, &pg::url()).build().unwrap())
         .build();
+    // L2 is read once the change feed is known to be caught up.
+    tokio::time::timeout(Duration::from_secs(5), c.ready()).await.expect("ready");
     assert!(c.check(&bob, &read(1)).await.unwrap().is_allowed());
     assert_eq!((c.stats().tiers.l2.unwrap().hits, c_policy.calls()), (1, 0));
 
@@ -224,12 +226,11 @@ async fn change_feed_trials(schema: &Schema, redis: Option<&Namespace>, trials: 
         }
         delays.push(start.elapsed());
     }
-    let stats = a.stats();
-    assert!(stats.change_feed_invalidations as usize >= trials, "{stats:?}");
-    assert_eq!(
-        stats.invalidations.principal, stats.change_feed_invalidations,
-        "nobody called the invalidation service"
-    );
+    // Each change was applied once, by whichever instance drained it first.
+    let (sa, sb) = (a.stats(), b.stats());
+    let applied = sa.change_feed_invalidations + sb.change_feed_invalidations;
+    assert!(applied as usize >= trials, "{sa:?} {sb:?}");
+    assert_eq!(sa.invalidations.principal + sb.invalidations.principal, 0, "nobody called the invalidation service");
     percentiles(&mut delays)
 }
 

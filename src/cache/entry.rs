@@ -28,13 +28,15 @@ const HEADER: usize = 44;
 const TAG: usize = 32;
 pub(crate) const MAX_REASON: usize = 1024;
 
-/// A cached decision. `valid_until_ms` is fixed when the authorizer answered and is copied,
-/// never extended, when an entry moves between tiers.
+/// A cached decision. `valid_until_ms` (wall clock) is fixed when the authorizer answered and is
+/// copied, never extended, when an entry moves between tiers. `local_until_ms` is the L1 copy's
+/// deadline on this process's monotonic clock, set when the entry enters L1 (never shared).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Entry {
     pub(crate) allowed: bool,
     pub(crate) reason: Option<Arc<str>>,
     pub(crate) valid_until_ms: u64,
+    pub(crate) local_until_ms: u64,
     pub(crate) stamp: EpochStamp,
 }
 
@@ -45,6 +47,7 @@ impl Entry {
             // An empty reason is no reason: the envelope cannot tell them apart.
             reason: decision.reason().filter(|r| !r.is_empty()).map(|r| Arc::from(truncate(r, MAX_REASON))),
             valid_until_ms,
+            local_until_ms: 0,
             stamp,
         }
     }
@@ -110,6 +113,7 @@ impl Entry {
             allowed: flags & 1 == 1,
             reason: (!reason.is_empty()).then(|| Arc::from(reason)),
             valid_until_ms: u64_at(2),
+            local_until_ms: 0,
             stamp: EpochStamp::from_shared([u64_at(10), u64_at(18), u64_at(26), u64_at(34)]),
         })
     }
@@ -155,6 +159,7 @@ mod tests {
             allowed: true,
             reason: Some("ok".into()),
             valid_until_ms: 1_700_000_060_000,
+            local_until_ms: 0,
             stamp: EpochStamp::from_shared([1, 2, 3, 4]),
         }
     }

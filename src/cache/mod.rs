@@ -26,6 +26,8 @@
 pub(crate) mod clock;
 pub(crate) mod entry;
 pub(crate) mod epoch;
+#[cfg(feature = "postgres")]
+pub(crate) mod feed;
 pub(crate) mod guard;
 pub(crate) mod key;
 #[cfg(test)]
@@ -90,6 +92,12 @@ struct Inner {
     clock: Clock,
     allow_ttl_ms: u64,
     deny_ttl_ms: u64,
+    /// The longer of the two ttls: no L1 deadline and no accepted shared deadline lies further
+    /// ahead than this.
+    longest_ttl_ms: u64,
+    /// How long shared stores keep an epoch after its last bump (their own clocks).
+    #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+    shared_retention_ms: u64,
     authorizer_timeout: Duration,
     #[cfg(feature = "redis")]
     l2: Option<L2>,
@@ -97,15 +105,17 @@ struct Inner {
     l3: Option<L3>,
     /// Shared-epoch bumps that could not be written where they belong yet (retried in the
     /// background); while any is pending, the tier that missed it is not read.
-    #[cfg(feature = "postgres")]
+    #[cfg(any(feature = "redis", feature = "postgres"))]
     pending: std::sync::Mutex<Pending>,
     /// Principals seen recently, for team-mate warming.
     #[cfg(feature = "postgres")]
     active: Option<mini_moka::sync::Cache<Arc<str>, ()>>,
+    /// The background tasks (debts, change feed, L3 upkeep, warming).
+    #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+    tasks: Tasks,
 }
 
-/// A shared-epoch target: `None` is the global epoch.
-type Target = Option<(Scope, u64)>;
+use epoch::Target;
 
 /// The other secret of a rotation: shared entries under it are read (their copies kept no later
 /// than `until_ms`), and every invalidation is applied under it too, until `until_ms`.
@@ -115,17 +125,19 @@ struct Rotation {
 }
 
 /// Bumps owed to a shared store.
-#[cfg(feature = "postgres")]
+#[cfg(any(feature = "redis", feature = "postgres"))]
 #[derive(Default)]
 struct Pending {
     /// Bumps Postgres (the durable epochs) has not recorded.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pg: Vec<Target>,
-    /// Values Redis has not been raised to.
-    redis: Vec<(Target, u64)>,
+    /// What Redis has not recorded: values to raise to, or (Redis alone) bumps.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    redis: Vec<(Target, Owed)>,
 }
 
 /// More pending bumps than this collapse into one global bump.
-#[cfg(feature = "postgres")]
+#[cfg(any(feature = "redis", feature = "postgres"))]
 const MAX_PENDING: usize = 10_000;
 
 /// L3 and what runs for it.
@@ -135,19 +147,11 @@ struct L3 {
     writes: tokio::sync::mpsc::Sender<crate::tier::postgres::Write>,
     /// LISTEN on the epochs and changes channels (the backplane when there is no Redis).
     listener: crate::invalidation::backplane::Backplane,
-    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The durable change feed: whether it is known to be caught up, and its hint.
+    feed: Arc<feed::FeedState>,
     /// Team-mates warmed per active principal (0: off).
     teammates: usize,
     warmers: Arc<tokio::sync::Semaphore>,
-}
-
-#[cfg(feature = "postgres")]
-impl Drop for L3 {
-    fn drop(&mut self) {
-        for t in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            t.abort();
-        }
-    }
 }
 
 /// L2 and what runs for it.
@@ -280,6 +284,10 @@ impl AuthzCache {
         {
             snapshot.backplane = self.inner.backplane().map(|b| b.snapshot());
         }
+        #[cfg(feature = "postgres")]
+        {
+            snapshot.change_feed = self.inner.l3.as_ref().map(|l3| l3.feed.snapshot());
+        }
         snapshot
     }
 
@@ -322,11 +330,23 @@ impl Inner {
         self.l1_trusted()
     }
 
-    /// Whether L1 may be read: always without a backplane; with one, only while it is heard.
+    /// Whether L1 may be read: always without a backplane; with one, only while it is heard,
+    /// and with L3 only while the change feed is known to be caught up (see `feed.rs`).
     fn l1_trusted(&self) -> bool {
         #[cfg(any(feature = "redis", feature = "postgres"))]
         if let Some(b) = self.backplane() {
-            return b.trusted();
+            return b.trusted() && self.feed_trusted();
+        }
+        true
+    }
+
+    /// With L3: whether this process saw the change feed caught up within `max_staleness`
+    /// (every change in the permission tables applied to the epochs, and, with L2, mirrored to
+    /// Redis). Until then neither L1 nor L2 can vouch for anything. Always true without L3.
+    fn feed_trusted(&self) -> bool {
+        #[cfg(feature = "postgres")]
+        if let Some(l3) = &self.l3 {
+            return l3.feed.trusted();
         }
         true
     }
@@ -344,10 +364,20 @@ impl Inner {
         false
     }
 
+    /// Puts an entry into L1 with its local deadline: the shared deadline turned into this
+    /// process's monotonic clock, and never more than the longest ttl away, whatever clock wrote
+    /// the shared one.
+    fn insert_l1(&self, key: CacheKey, mut entry: Entry) {
+        let left = entry.valid_until_ms.saturating_sub(self.clock.now_ms()).min(self.longest_ttl_ms);
+        entry.local_until_ms = self.clock.mono_ms().saturating_add(left);
+        self.l1.insert(key, entry);
+    }
+
     /// Checks what a shared tier returned for `key`: merges the shared epochs read with it into
     /// this process's, authenticates the envelope, checks deadline and epochs. Counts on
     /// `counters`; failed verification is an audit event. The entry, when valid, has its local
-    /// stamp set to the current one (ready for L1).
+    /// stamp set to the current one (ready for L1) and its deadline capped at this process's
+    /// `now + longest ttl` (another process's clock may be far ahead).
     #[cfg(any(feature = "redis", feature = "postgres"))]
     #[allow(clippy::too_many_arguments)]
     fn accept_shared(
@@ -360,20 +390,19 @@ impl Inner {
         hashes: &epoch::ScopeHashes,
         value: Option<Vec<u8>>,
         epochs: Option<[u64; 4]>,
-    ) -> Option<Entry> {
+    ) -> SharedRead {
         let Some([g, p, r, k]) = epochs else {
             Stats::incr(&counters.rejected);
             tracing::warn!(target: "authz_cache::audit", tier, "shared epoch value unreadable: not trusting the tier for this key");
-            return None;
+            return SharedRead::Unread;
         };
-        let now = self.clock.now_ms();
         self.epochs.merge_global(g);
-        self.epochs.merge(Scope::Principal, hashes.principal, p, now);
-        self.epochs.merge(Scope::Resource, hashes.resource, r, now);
-        self.epochs.merge(Scope::Entry, hashes.entry, k, now);
+        self.epochs.merge(Scope::Principal, hashes.principal, p);
+        self.epochs.merge(Scope::Resource, hashes.resource, r);
+        self.epochs.merge(Scope::Entry, hashes.entry, k);
         let Some(bytes) = value else {
             Stats::incr(&counters.misses);
-            return None;
+            return SharedRead::Miss;
         };
         let mut entry = match Entry::decode(&bytes, keys, key_id) {
             Ok(entry) => entry,
@@ -387,23 +416,25 @@ impl Inner {
                     error = %e,
                     "security: shared entry failed verification, treated as a miss"
                 );
-                return None;
+                return SharedRead::Miss;
             }
         };
         let current = self.epochs.stamp_under(keys, key);
+        let now = self.clock.now_ms();
         if now >= entry.valid_until_ms {
             Stats::incr(&counters.expired);
             Stats::incr(&counters.misses);
-            return None;
+            return SharedRead::Miss;
         }
         if entry.stamp.shared() != current.shared() {
             Stats::incr(&counters.stale);
             Stats::incr(&counters.misses);
-            return None;
+            return SharedRead::Miss;
         }
         Stats::incr(&counters.hits);
         entry.stamp.local = current.local;
-        Some(entry)
+        entry.valid_until_ms = entry.valid_until_ms.min(now.saturating_add(self.longest_ttl_ms));
+        SharedRead::Hit(entry)
     }
 
     /// A valid L1 entry's decision. `count` says whether to update hit/miss counters.
@@ -418,7 +449,7 @@ impl Inner {
         let found = self.l1.get(key);
         let result = match &found {
             None => None,
-            Some(e) if self.clock.now_ms() >= e.valid_until_ms => {
+            Some(e) if self.clock.mono_ms() >= e.local_until_ms => {
                 if count {
                     Stats::incr(&self.stats.l1_expired);
                 }
@@ -440,34 +471,31 @@ impl Inner {
     }
 
     /// L2: the entry and the shared epochs in one round trip. The shared epochs are merged
-    /// into this process's first, so the stamp of a fill that follows includes them. Returns
-    /// a valid entry's decision, promoted to L1 with its deadline unchanged.
+    /// into this process's first, so the stamp of a fill that follows includes them. A valid
+    /// entry is promoted to L1 with its deadline unchanged.
     #[cfg(feature = "redis")]
-    async fn lookup_l2(&self, key: &CacheKey, key_id: &[u8; 32]) -> Option<Decision> {
+    async fn lookup_l2(&self, key: &CacheKey, key_id: &[u8; 32]) -> SharedRead {
         let hashes = self.epochs.hashes(key);
-        let entry = self.read_l2(&self.keys, key, key_id, &hashes).await?;
-        let decision = entry.decision();
-        self.l1.insert(key.clone(), entry);
-        Some(decision)
+        let read = self.read_l2(&self.keys, key, key_id, &hashes).await;
+        if let SharedRead::Hit(entry) = &read {
+            self.insert_l1(key.clone(), entry.clone());
+        }
+        read
     }
 
     /// Reads and checks one L2 entry under `keys` (counted), without promoting it.
     #[cfg(feature = "redis")]
-    async fn read_l2(
-        &self,
-        keys: &Keys,
-        key: &CacheKey,
-        key_id: &[u8; 32],
-        hashes: &epoch::ScopeHashes,
-    ) -> Option<Entry> {
-        let l2 = self.l2.as_ref()?;
-        #[cfg(feature = "postgres")]
-        if !self.pending.lock().unwrap_or_else(|e| e.into_inner()).redis.is_empty() {
-            // Redis missed an invalidation: its epochs cannot vouch for anything until it has it.
+    async fn read_l2(&self, keys: &Keys, key: &CacheKey, key_id: &[u8; 32], hashes: &epoch::ScopeHashes) -> SharedRead {
+        let Some(l2) = self.l2.as_ref() else { return SharedRead::Unread };
+        if !self.pending.lock().unwrap_or_else(|e| e.into_inner()).redis.is_empty() || !self.feed_trusted() {
+            // Redis missed an invalidation (this process owes it one, or the change feed is not
+            // known to be caught up): its epochs cannot vouch for anything until then.
             Stats::incr(&self.stats.l2.misses);
-            return None;
+            return SharedRead::Unread;
         }
-        let read = self.timed_read("l2", &self.stats.l2, l2.redis.read(key_id, hashes)).await?;
+        let Some(read) = self.timed_read("l2", &self.stats.l2, l2.redis.read(key_id, hashes)).await else {
+            return SharedRead::Unread;
+        };
         self.accept_shared("l2", &self.stats.l2, keys, key, key_id, hashes, read.value, read.epochs)
     }
 
@@ -501,34 +529,42 @@ impl Inner {
     /// L3: the entry and the durable epochs in one statement; a valid entry is promoted to L1
     /// (and to L2), its deadline unchanged.
     #[cfg(feature = "postgres")]
-    async fn lookup_l3(&self, key: &CacheKey, key_id: &[u8; 32]) -> Option<Decision> {
-        let entry = self.read_l3(&self.keys, key, key_id, &self.epochs.hashes(key)).await?;
-        let decision = entry.decision();
-        #[cfg(feature = "redis")]
-        self.write_l2(key_id, &entry);
-        self.l1.insert(key.clone(), entry);
-        Some(decision)
+    async fn lookup_l3(&self, key: &CacheKey, key_id: &[u8; 32]) -> SharedRead {
+        let read = self.read_l3(&self.keys, key, key_id, &self.epochs.hashes(key)).await;
+        if let SharedRead::Hit(entry) = &read {
+            #[cfg(feature = "redis")]
+            self.write_l2(key_id, entry);
+            self.insert_l1(key.clone(), entry.clone());
+        }
+        read
     }
 
     /// Reads and checks one L3 entry (counted), without promoting it.
     #[cfg(feature = "postgres")]
-    async fn read_l3(
-        &self,
-        keys: &Keys,
-        key: &CacheKey,
-        key_id: &[u8; 32],
-        hashes: &epoch::ScopeHashes,
-    ) -> Option<Entry> {
-        let l3 = self.l3.as_ref()?;
+    async fn read_l3(&self, keys: &Keys, key: &CacheKey, key_id: &[u8; 32], hashes: &epoch::ScopeHashes) -> SharedRead {
+        let Some(l3) = self.l3.as_ref() else { return SharedRead::Unread };
         if !self.pending.lock().unwrap_or_else(|e| e.into_inner()).pg.is_empty() {
             // The durable epochs missed an invalidation: L3 cannot be checked until they have it.
             Stats::incr(&self.stats.l3.misses);
-            return None;
+            return SharedRead::Unread;
         }
-        let read = self.timed_read("l3", &self.stats.l3, l3.pg.read(key_id, hashes)).await?;
-        let entry = self.accept_shared("l3", &self.stats.l3, keys, key, key_id, hashes, read.value, read.epochs)?;
-        l3.pg.count_hit(key_id);
-        Some(entry)
+        let read = l3.pg.read(key_id, hashes, self.longest_ttl_ms);
+        let Some(read) = self.timed_read("l3", &self.stats.l3, read).await else { return SharedRead::Unread };
+        let value = if read.changes_pending {
+            // A change in the permission tables is recorded but not applied to the epochs yet:
+            // no entry can be vouched for until it is (the epochs read are still merged, and a
+            // stamp taken from them still misses once the change is applied). Apply it now.
+            Stats::incr(&self.stats.l3.stale);
+            l3.feed.hint();
+            None
+        } else {
+            read.value
+        };
+        let read = self.accept_shared("l3", &self.stats.l3, keys, key, key_id, hashes, value, read.epochs);
+        if matches!(read, SharedRead::Hit(_)) {
+            l3.pg.count_hit(key_id);
+        }
+        read
     }
 
     /// During a secret rotation, after a miss under the current secret: the entry under the other
@@ -546,28 +582,33 @@ impl Inner {
         let mut found = None;
         #[cfg(feature = "redis")]
         if found.is_none() {
-            found = self.read_l2(&rotation.keys, key, &key_id, &hashes).await;
+            found = self.read_l2(&rotation.keys, key, &key_id, &hashes).await.hit();
         }
         #[cfg(feature = "postgres")]
         if found.is_none() {
-            found = self.read_l3(&rotation.keys, key, &key_id, &hashes).await;
+            found = self.read_l3(&rotation.keys, key, &key_id, &hashes).await.hit();
         }
         let mut entry = found?;
         entry.valid_until_ms = entry.valid_until_ms.min(rotation.until_ms);
         entry.stamp = current;
         tracing::debug!(target: "authz_cache", principal = %ShortHash::of(&key.principal), "hit under the rotation's other secret");
         let decision = entry.decision();
-        self.l1.insert(key.clone(), entry);
+        self.insert_l1(key.clone(), entry);
         Some(decision)
     }
 
-    /// Queues the shared copies of a fresh entry; a full queue drops them (counted).
-    fn write_behind(&self, key: &CacheKey, key_id: &[u8; 32], entry: &Entry) {
+    /// Queues the shared copies of a fresh entry, to the tiers whose epochs `fresh` says its
+    /// stamp was checked against (see [`Fresh`]); a full queue drops them (counted).
+    fn write_behind(&self, key: &CacheKey, key_id: &[u8; 32], entry: &Entry, fresh: Fresh) {
         #[cfg(feature = "redis")]
-        self.write_l2(key_id, entry);
+        if fresh.l2 || fresh.l3 {
+            self.write_l2(key_id, entry);
+        }
         #[cfg(feature = "postgres")]
-        self.write_l3(key, key_id, entry);
-        let _ = (key, key_id, entry);
+        if fresh.l3 {
+            self.write_l3(key, key_id, entry);
+        }
+        let _ = (key, key_id, entry, fresh);
     }
 
     #[cfg(feature = "postgres")]
@@ -580,6 +621,7 @@ impl Inner {
             subject,
             principal_hash: self.epochs.scope_hash(Scope::Principal, &key.principal),
             valid_until_ms: entry.valid_until_ms,
+            queued_at: Instant::now(),
         };
         if l3.writes.try_send(write).is_err() {
             Stats::incr(&self.stats.l3.write_drops);
@@ -638,15 +680,21 @@ impl Inner {
         }
         // The shared-tier key id (an HMAC), computed once for the reads and the write-behind.
         let key_id = self.has_shared_tier().then(|| self.keys.key_id(key));
+        #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(unused_mut))]
+        let mut fresh = Fresh::default();
         if let Some(key_id) = &key_id {
             let _ = key_id;
             #[cfg(feature = "redis")]
-            if let Some(decision) = self.lookup_l2(key, key_id).await {
-                return Ok(decision);
+            match self.lookup_l2(key, key_id).await {
+                SharedRead::Hit(entry) => return Ok(entry.decision()),
+                SharedRead::Miss => fresh.l2 = true,
+                SharedRead::Unread => {}
             }
             #[cfg(feature = "postgres")]
-            if let Some(decision) = self.lookup_l3(key, key_id).await {
-                return Ok(decision);
+            match self.lookup_l3(key, key_id).await {
+                SharedRead::Hit(entry) => return Ok(entry.decision()),
+                SharedRead::Miss => fresh.l3 = true,
+                SharedRead::Unread => {}
             }
             #[cfg(any(feature = "redis", feature = "postgres"))]
             if let Some(decision) = self.lookup_rotation(key).await {
@@ -694,9 +742,9 @@ impl Inner {
                 let valid_until_ms = self.clock.now_ms().saturating_add(ttl);
                 let entry = Entry::new(&decision, valid_until_ms, stamp);
                 if let Some(key_id) = &key_id {
-                    self.write_behind(key, key_id, &entry);
+                    self.write_behind(key, key_id, &entry, fresh);
                 }
-                self.l1.insert(key.clone(), entry);
+                self.insert_l1(key.clone(), entry);
             }
             return Ok(decision);
         }
@@ -719,9 +767,9 @@ impl Inner {
             .as_ref()
             .filter(|r| now < r.until_ms && target.is_some())
             .map(|r| epoch_target(&r.keys, invalidation));
-        let mut outcome = self.bump_epochs(target, now).await;
+        let mut outcome = self.bump_epochs(target).await;
         if let Some(other) = other {
-            outcome &= self.bump_epochs(other, now).await;
+            outcome &= self.bump_epochs(other).await;
         }
         audit_invalidation(invalidation, outcome, by);
         let outcome = if outcome { Ok(()) } else { Err(()) };
@@ -737,28 +785,33 @@ impl Inner {
     }
 
     /// Bumps one target's epoch (shared, then local); whether every shared store got it.
-    async fn bump_epochs(&self, target: Target, now: u64) -> bool {
-        // Shared first: the value the shared store assigns is the one every instance (and every
-        // shared entry stamped from now on) agrees on. With L3, Postgres holds the durable epochs
-        // and assigns the value, mirrored to Redis; otherwise Redis assigns it. A store that
-        // cannot be reached is owed the bump (retried in the background, and its tier is not read
-        // until then); this process is covered either way, and the caller learns that the others
-        // may not be.
+    ///
+    /// Shared first: the value the shared store assigns is the one every instance (and every
+    /// shared entry stamped from now on) agrees on. With L3, Postgres holds the durable epochs and
+    /// assigns the value, mirrored to Redis; otherwise Redis assigns it. The floor sent is above
+    /// every value this process has seen. A store that cannot be reached is owed the bump (paid
+    /// in the background; its tier is not read until then, and a Redis mirror debt is also
+    /// recorded in Postgres for every instance to pay); this process is covered either way (a
+    /// local bump), and the caller learns that the others may not be.
+    async fn bump_epochs(&self, target: Target) -> bool {
+        let before = self.epochs.current_of(target);
+        let retention = self.shared_retention_ms;
         #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(unused_mut))]
         let mut delivered = true;
         #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(unused_mut))]
-        let mut assigned = false;
-        let forget = self.epochs.forget_after_ms();
+        let mut assigned: Option<u64> = None;
         #[cfg(feature = "postgres")]
         if let Some(l3) = &self.l3 {
-            match l3.pg.bump(target, epoch::now_us(), forget).await {
+            match l3.pg.bump(target, self.epochs.floor(), retention).await {
                 Ok(value) => {
-                    self.merge_target(target, value, now);
-                    assigned = true;
+                    assigned = Some(value);
                     #[cfg(feature = "redis")]
                     if let Some(l2) = &self.l2 {
-                        if let Err(e) = l2.redis.raise(target, value, forget).await {
-                            self.owe_redis(target, value);
+                        if let Err(e) = l2.redis.raise(target, value, retention).await {
+                            self.owe_redis(target, Owed::Raise(value));
+                            if l3.pg.owe_mirror(target, value).await.is_err() {
+                                tracing::debug!(target: "authz_cache", "redis mirror debt not recorded in postgres");
+                            }
                             delivered = false;
                             tracing::warn!(target: "authz_cache::audit", error = %e, "invalidation not mirrored to redis: l2 skipped until it is");
                         }
@@ -772,38 +825,34 @@ impl Inner {
             }
         }
         #[cfg(feature = "redis")]
-        if let (false, Some(l2)) = (assigned, &self.l2) {
-            match l2.redis.bump(target, epoch::now_us(), forget).await {
-                Ok(value) => {
-                    self.merge_target(target, value, now);
-                    assigned = true;
-                }
+        if let (None, Some(l2)) = (assigned, &self.l2) {
+            match l2.redis.bump(target, self.epochs.floor(), retention).await {
+                Ok(value) => assigned = Some(value),
                 Err(e) => {
+                    #[cfg(feature = "postgres")]
+                    let authority = self.l3.is_none();
+                    #[cfg(not(feature = "postgres"))]
+                    let authority = true;
+                    if authority {
+                        // Redis keeps the epochs: it is owed the bump, as Postgres would be.
+                        self.owe_redis(target, Owed::Bump);
+                    }
                     delivered = false;
-                    tracing::warn!(target: "authz_cache::audit", error = %e, "invalidation not delivered to other instances; applied locally");
+                    tracing::warn!(target: "authz_cache::audit", error = %e, "invalidation not delivered to other instances; applied locally, owed to redis");
                 }
             }
         }
-        if !assigned {
-            match target {
-                None => {
-                    self.epochs.bump_all();
-                }
-                Some((scope, hash)) => {
-                    self.epochs.bump(scope, hash, now);
-                }
+        match assigned {
+            Some(value) => {
+                self.epochs.settle_from(target, before, value);
+            }
+            None if self.has_shared_tier() => self.epochs.bump_local_only(target),
+            None => {
+                self.epochs.bump_target(target);
             }
         }
-        let _ = forget;
+        let _ = retention;
         delivered
-    }
-
-    #[cfg(any(feature = "redis", feature = "postgres"))]
-    fn merge_target(&self, target: Option<(Scope, u64)>, value: u64, now: u64) {
-        match target {
-            None => self.epochs.merge_global(value),
-            Some((scope, hash)) => self.epochs.merge(scope, hash, value, now),
-        }
     }
 
     /// Records a bump owed to Postgres; past `MAX_PENDING`, the debt collapses to a global bump.
@@ -825,40 +874,42 @@ impl Inner {
         }
     }
 
-    /// A value Redis must be raised to for `target`; one per target (the highest), collapsing
-    /// like [`owe_pg`](Self::owe_pg).
-    #[cfg(all(feature = "postgres", feature = "redis"))]
-    fn owe_redis(&self, target: Target, value: u64) {
+    /// Records what Redis is owed for `target`: one debt per target (a bump covers any raise; of
+    /// two raises the higher), collapsing like [`owe_pg`](Self::owe_pg).
+    #[cfg(feature = "redis")]
+    fn owe_redis(&self, target: Target, owed: Owed) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(owed) = pending.redis.iter_mut().find(|(t, _)| *t == target) {
-            owed.1 = owed.1.max(value);
+        if let Some(debt) = pending.redis.iter_mut().find(|(t, _)| *t == target) {
+            debt.1 = debt.1.max(owed);
             return;
         }
         if pending.pg.len() + pending.redis.len() >= MAX_PENDING {
-            let top = pending.redis.iter().map(|(_, v)| *v).max().unwrap_or(0).max(value);
+            let top = pending.redis.iter().map(|(_, o)| *o).fold(owed, Owed::max);
             pending.redis = vec![(None, top)];
         } else {
-            pending.redis.push((target, value));
+            pending.redis.push((target, owed));
         }
     }
 
     /// Pays what is owed to the shared stores, oldest first; stops at the first failure.
-    #[cfg(feature = "postgres")]
+    #[cfg(any(feature = "redis", feature = "postgres"))]
     async fn retry_pending(&self) {
         let (pg, redis) = {
             let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             (p.pg.clone(), p.redis.clone())
         };
-        let forget = self.epochs.forget_after_ms();
+        let retention = self.shared_retention_ms;
+        #[cfg(feature = "postgres")]
         if let (Some(l3), false) = (&self.l3, pg.is_empty()) {
             let mut done = 0;
             for target in &pg {
-                match l3.pg.bump(*target, epoch::now_us(), forget).await {
+                let before = self.epochs.current_of(*target);
+                match l3.pg.bump(*target, self.epochs.floor(), retention).await {
                     Ok(value) => {
-                        self.merge_target(*target, value, self.clock.now_ms());
+                        self.epochs.settle_from(*target, before, value);
                         #[cfg(feature = "redis")]
                         if self.l2.is_some() {
-                            self.owe_redis(*target, value);
+                            self.owe_redis(*target, Owed::Raise(value));
                         }
                         done += 1;
                     }
@@ -873,24 +924,83 @@ impl Inner {
                 tracing::info!(target: "authz_cache::audit", "owed invalidations recorded in postgres: l3 read again");
             }
         }
+        // Paying Postgres may have added raises.
+        #[cfg(feature = "postgres")]
+        let redis =
+            if pg.is_empty() { redis } else { self.pending.lock().unwrap_or_else(|e| e.into_inner()).redis.clone() };
         #[cfg(feature = "redis")]
         if let (Some(l2), false) = (&self.l2, redis.is_empty()) {
             let mut done = 0;
-            for (target, value) in &redis {
-                match l2.redis.raise(*target, *value, forget).await {
-                    Ok(()) => done += 1,
-                    Err(_) => break,
+            for (target, owed) in &redis {
+                let paid = match owed {
+                    Owed::Raise(value) => l2.redis.raise(*target, *value, retention).await.is_ok(),
+                    Owed::Bump => {
+                        let before = self.epochs.current_of(*target);
+                        match l2.redis.bump(*target, self.epochs.floor(), retention).await {
+                            Ok(value) => {
+                                self.epochs.settle_from(*target, before, value);
+                                true
+                            }
+                            Err(_) => false,
+                        }
+                    }
+                };
+                if !paid {
+                    break;
                 }
+                done += 1;
             }
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             let done = redis[..done].iter().zip(&p.redis).take_while(|(a, b)| a == b).count();
             p.redis.drain(..done);
             if done > 0 && p.redis.is_empty() {
-                tracing::info!(target: "authz_cache::audit", "owed invalidations mirrored to redis: l2 read again");
+                tracing::info!(target: "authz_cache::audit", "owed invalidations paid to redis: l2 read again");
             }
         }
-        let _ = redis;
+        let _ = (pg, redis, retention);
     }
+}
+
+/// What one shared-tier read found.
+#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+enum SharedRead {
+    /// A valid entry (its local stamp and capped deadline set, ready for L1).
+    Hit(Entry),
+    /// No valid entry, but the tier's epochs for the key were read and merged.
+    Miss,
+    /// The tier was not read (failed, gated, or its epochs were unreadable).
+    Unread,
+}
+
+impl SharedRead {
+    #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+    fn hit(self) -> Option<Entry> {
+        match self {
+            SharedRead::Hit(entry) => Some(entry),
+            _ => None,
+        }
+    }
+}
+
+/// Which shared tiers' epochs a computation's stamp was checked against. A fresh entry is
+/// written only to those tiers (L2 also when L3, the authority Redis mirrors, was read): an
+/// entry whose stamp missed an invalidation a tier already had would otherwise sit in that tier
+/// for a whole ttl, and outlive the epoch that ended it once that epoch is forgotten.
+#[derive(Debug, Clone, Copy, Default)]
+struct Fresh {
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    l2: bool,
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    l3: bool,
+}
+
+/// A debt to Redis: raise an epoch to a value Postgres assigned, or (Redis keeping the epochs)
+/// bump it. A bump covers any raise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+enum Owed {
+    Raise(u64),
+    Bump,
 }
 
 /// The epoch an invalidation bumps, named under `keys`: `None` is the global epoch.
@@ -1047,6 +1157,15 @@ impl AuthzCacheBuilder {
         self
     }
 
+    /// Unstable, for the crate's own clock-skew tests (feature `internals`): this cache's wall
+    /// clock runs `offset_ms` ahead of the system's (negative: behind).
+    #[cfg(feature = "internals")]
+    #[doc(hidden)]
+    pub fn __wall_clock_offset(mut self, offset_ms: i64) -> Self {
+        self.clock = Clock::offset(offset_ms);
+        self
+    }
+
     /// Builds the cache.
     ///
     /// # Panics
@@ -1054,10 +1173,14 @@ impl AuthzCacheBuilder {
     /// With an L2, outside a Tokio runtime: the backplane and the write-behind queue are tasks.
     pub fn build(self) -> AuthzCache {
         let longest_ttl = self.allow_ttl.max(self.deny_ttl);
-        // An entry stamped before a bump expires at most `longest_ttl` after the authorizer
-        // answered, which is at most `authorizer_timeout` after the stamp: past that, the bump's
-        // scope can be forgotten (see epoch.rs).
+        // An L1 entry stamped before a bump expires at most `longest_ttl` after it entered L1
+        // (monotonic, capped), which is at most `authorizer_timeout` after the stamp: past that,
+        // the bump's scope can be forgotten here (see epoch.rs). Shared stores keep epochs longer
+        // by `SHARED_RETENTION_MARGIN`, on their own clocks: rows and keys they hold are judged by
+        // the same clocks (Redis expiries, Postgres `written_at`), so writers' clocks only need
+        // to agree within that margin for the write-behind delay, never for correctness of a read.
         let forget_after_ms = ms(longest_ttl).saturating_add(ms(self.authorizer_timeout)).saturating_add(1000);
+        let shared_retention_ms = forget_after_ms.saturating_add(ms(SHARED_RETENTION_MARGIN));
         #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(unused_mut))]
         let mut secrets: Vec<&[u8]> = Vec::new();
         #[cfg(feature = "redis")]
@@ -1077,7 +1200,7 @@ impl AuthzCacheBuilder {
             keys: Keys::derive(&secret),
             until_ms: until.duration_since(std::time::UNIX_EPOCH).map_or(0, ms),
         });
-        let epochs = Arc::new(Epochs::new(keys.clone(), forget_after_ms));
+        let epochs = Arc::new(Epochs::new(keys.clone(), forget_after_ms, self.clock.clone()));
         let stats = Arc::new(Stats::new());
         #[cfg(feature = "redis")]
         let l2 = self.l2.map(|tier| L2 {
@@ -1085,32 +1208,26 @@ impl AuthzCacheBuilder {
             backplane: crate::invalidation::backplane::start(
                 crate::invalidation::backplane::Source::Redis(tier.shared.clone()),
                 epochs.clone(),
-                self.clock.clone(),
                 self.max_staleness,
             ),
             redis: tier.shared,
         });
         #[cfg(feature = "postgres")]
-        let (l3, changes) = match self.l3 {
-            None => (None, None),
-            Some(tier) => {
-                let (tx, rx) = tokio::sync::mpsc::channel(10_000);
-                let l3 = L3 {
-                    writes: crate::tier::postgres::spawn_writer(tier.shared.clone(), stats.clone(), self.clock.clone()),
-                    listener: crate::invalidation::backplane::start(
-                        crate::invalidation::backplane::Source::Postgres { pg: tier.shared.clone(), changes: tx },
-                        epochs.clone(),
-                        self.clock.clone(),
-                        self.max_staleness,
-                    ),
-                    tasks: std::sync::Mutex::new(Vec::new()),
-                    teammates: tier.shared.warm_teammates,
-                    warmers: Arc::new(tokio::sync::Semaphore::new(2)),
-                    pg: tier.shared,
-                };
-                (Some(l3), Some(rx))
+        let l3 = self.l3.map(|tier| {
+            let feed = Arc::new(feed::FeedState::new(self.max_staleness));
+            L3 {
+                writes: crate::tier::postgres::spawn_writer(tier.shared.clone(), stats.clone(), self.clock.clone()),
+                listener: crate::invalidation::backplane::start(
+                    crate::invalidation::backplane::Source::Postgres { pg: tier.shared.clone(), feed: feed.clone() },
+                    epochs.clone(),
+                    self.max_staleness,
+                ),
+                feed,
+                teammates: tier.shared.warm_teammates,
+                warmers: Arc::new(tokio::sync::Semaphore::new(2)),
+                pg: tier.shared,
             }
-        };
+        });
         #[cfg(feature = "postgres")]
         let active = l3.as_ref().filter(|l3| l3.teammates > 0).map(|_| {
             mini_moka::sync::Cache::builder()
@@ -1129,71 +1246,97 @@ impl AuthzCacheBuilder {
             clock: self.clock,
             allow_ttl_ms: ms(self.allow_ttl),
             deny_ttl_ms: ms(self.deny_ttl),
+            longest_ttl_ms: ms(longest_ttl),
+            shared_retention_ms,
             authorizer_timeout: self.authorizer_timeout,
             #[cfg(feature = "redis")]
             l2,
             #[cfg(feature = "postgres")]
             l3,
-            #[cfg(feature = "postgres")]
+            #[cfg(any(feature = "redis", feature = "postgres"))]
             pending: std::sync::Mutex::new(Pending::default()),
             #[cfg(feature = "postgres")]
             active,
+            tasks: Tasks::default(),
         });
-        #[cfg(feature = "postgres")]
-        if let (Some(l3), Some(changes)) = (&inner.l3, changes) {
-            let tasks = vec![
-                tokio::spawn(apply_changes(Arc::downgrade(&inner), changes)),
-                tokio::spawn(janitor(Arc::downgrade(&inner))),
-                tokio::spawn(warm::on_start(Arc::downgrade(&inner), l3.pg.warm_on_start)),
-            ];
-            *l3.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
+        #[cfg(any(feature = "redis", feature = "postgres"))]
+        if inner.has_shared_tier() {
+            #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
+            let mut tasks = vec![tokio::spawn(janitor(Arc::downgrade(&inner)))];
+            #[cfg(feature = "postgres")]
+            if let Some(l3) = &inner.l3 {
+                tasks.push(tokio::spawn(feed::run(Arc::downgrade(&inner), l3.feed.clone())));
+                tasks.push(tokio::spawn(feed::watchdog(l3.feed.clone())));
+                tasks.push(tokio::spawn(warm::on_start(Arc::downgrade(&inner), l3.pg.warm_on_start)));
+            }
+            *inner.tasks.0.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
         }
         AuthzCache { inner }
     }
 }
 
-/// The change feed: every principal a permission-table trigger named is invalidated, here and
-/// (through the shared epochs) everywhere.
-#[cfg(feature = "postgres")]
-async fn apply_changes(inner: std::sync::Weak<Inner>, mut changes: tokio::sync::mpsc::Receiver<String>) {
-    while let Some(id) = changes.recv().await {
-        let Some(inner) = inner.upgrade() else { return };
-        Stats::incr(&inner.stats.change_feed);
-        let _ = inner.apply_invalidation(&Invalidation::Principal(id), Some("postgres change feed")).await;
+/// How much longer than this process's own retention shared stores keep an epoch (see
+/// [`AuthzCacheBuilder::build`]).
+const SHARED_RETENTION_MARGIN: Duration = Duration::from_secs(10);
+
+/// Background tasks of a cache, aborted when it is dropped.
+#[derive(Default)]
+struct Tasks(std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in self.0.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            t.abort();
+        }
     }
 }
 
-/// Background upkeep of L3: pays owed invalidations, flushes hit counters, sweeps expired rows.
-#[cfg(feature = "postgres")]
+/// Background upkeep of the shared tiers: pays owed invalidations; with L3, also flushes hit
+/// counters and sweeps expired rows.
+#[cfg(any(feature = "redis", feature = "postgres"))]
 async fn janitor(inner: std::sync::Weak<Inner>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_flush = Instant::now();
-    let mut last_sweep = Instant::now();
-    #[cfg_attr(not(feature = "redis"), allow(unused_mut, unused_variables))]
-    let mut global_mirrored = false;
+    #[cfg(feature = "postgres")]
+    let mut upkeep = L3Upkeep { last_flush: Instant::now(), last_sweep: Instant::now(), global_mirrored: false };
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         inner.retry_pending().await;
+        #[cfg(feature = "postgres")]
+        upkeep.run(&inner).await;
+    }
+}
+
+#[cfg(feature = "postgres")]
+struct L3Upkeep {
+    last_flush: Instant,
+    last_sweep: Instant,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    global_mirrored: bool,
+}
+
+#[cfg(feature = "postgres")]
+impl L3Upkeep {
+    async fn run(&mut self, inner: &Inner) {
         let Some(l3) = &inner.l3 else { return };
         // With L2 too: Redis starts from the durable global epoch (after a flush it has none), so
         // that entries stamped with it validate in L2 as well as in L3.
         #[cfg(feature = "redis")]
-        if let (false, Some(l2)) = (global_mirrored, &inner.l2) {
+        if let (false, Some(l2)) = (self.global_mirrored, &inner.l2) {
             if let Ok(g) = l3.pg.global_epoch().await {
                 inner.epochs.merge_global(g);
-                global_mirrored = l2.redis.raise(None, g, 0).await.is_ok();
+                self.global_mirrored = l2.redis.raise(None, g, 0).await.is_ok();
             }
         }
-        if last_flush.elapsed() >= Duration::from_secs(1) {
-            last_flush = Instant::now();
+        if self.last_flush.elapsed() >= Duration::from_secs(1) {
+            self.last_flush = Instant::now();
             if let Err(e) = l3.pg.flush_hits().await {
                 tracing::debug!(target: "authz_cache", error = %e, "l3 hit counters not flushed");
             }
         }
-        if last_sweep.elapsed() >= l3.pg.sweep_every {
-            last_sweep = Instant::now();
+        if self.last_sweep.elapsed() >= l3.pg.sweep_every {
+            self.last_sweep = Instant::now();
             // Batches until one comes back short; bounded, so one sweep cannot run forever.
             for _ in 0..1000 {
                 match l3.pg.sweep_once().await {

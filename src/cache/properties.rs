@@ -67,10 +67,11 @@ proptest! {
     /// equals it.
     #[test]
     fn a_stamp_taken_before_a_covering_bump_never_validates_after_it(
-        ops in proptest::collection::vec((0u8..8, 0u8..3, 0u64..40), 1..120),
+        ops in proptest::collection::vec((0u8..10, 0u8..3, 0u64..40), 1..120),
     ) {
         const FORGET_AFTER: u64 = 100;
-        let e = Epochs::new(Keys::derive(b"property test secret............"), FORGET_AFTER);
+        let clock = crate::cache::clock::Clock::manual();
+        let e = Epochs::new(Keys::derive(b"property test secret............"), FORGET_AFTER, clock.clone());
         let watched = key("bob", "doc", "read");
         let hashes = e.hashes(&watched);
         let mut now = 0u64;
@@ -82,15 +83,15 @@ proptest! {
             match op {
                 0 => {
                     let h = if covering { hashes.principal } else { e.scope_hash(Scope::Principal, &format!("u{arg}")) };
-                    e.bump(Scope::Principal, h, now);
+                    e.bump(Scope::Principal, h);
                 }
                 1 => {
                     let h = if covering { hashes.resource } else { e.scope_hash(Scope::Resource, &format!("r{arg}")) };
-                    e.bump(Scope::Resource, h, now);
+                    e.bump(Scope::Resource, h);
                 }
                 2 => {
                     let h = if covering { hashes.entry } else { arg };
-                    e.bump(Scope::Entry, h, now);
+                    e.bump(Scope::Entry, h);
                 }
                 3 => {
                     e.bump_all();
@@ -101,14 +102,26 @@ proptest! {
                 5 => {
                     // A value from elsewhere, possibly older than what we have: never lowers.
                     let before = e.stamp(&watched);
-                    e.merge(Scope::Principal, hashes.principal, arg, now);
+                    e.merge(Scope::Principal, hashes.principal, arg);
                     let after = e.stamp(&watched);
                     prop_assert!(after.principal >= before.principal || after.principal == 0);
                     continue;
                 }
                 6 => {
                     now += arg;
+                    clock.advance(std::time::Duration::from_millis(arg));
                     continue;
+                }
+                7 => {
+                    // A bump a store could not record: local only.
+                    let h = if covering { hashes.principal } else { e.scope_hash(Scope::Principal, &format!("u{arg}")) };
+                    e.bump_local_only(Some((Scope::Principal, h)));
+                }
+                8 => {
+                    // A store answering a bump with an old value (it lost its state).
+                    let h = if covering { hashes.resource } else { e.scope_hash(Scope::Resource, &format!("r{arg}")) };
+                    let t = Some((Scope::Resource, h));
+                    e.settle_from(t, e.current_of(t), arg);
                 }
                 _ => {
                     live.push((e.stamp(&watched), now));

@@ -162,7 +162,7 @@ impl AuthzCache {
                     tracing::warn!(target: "authz_cache::audit", "security: l3 subject failed verification, not warmed");
                 }
                 Some(key) if self.inner.lookup_l1(&key, false, true).is_some() => report.already_cached += 1,
-                Some(key) => match self.inner.lookup_l3(&key, &row.key_id).await {
+                Some(key) => match self.inner.lookup_l3(&key, &row.key_id).await.hit() {
                     Some(_) => report.loaded += 1,
                     None => report.skipped += 1,
                 },

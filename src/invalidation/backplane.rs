@@ -1,7 +1,8 @@
 //! The backplane, on Redis pub/sub or Postgres LISTEN/NOTIFY: invalidations published by any
 //! instance reach every other instance's epochs within milliseconds, and a heartbeat tells each
 //! instance whether it is still hearing them. On Postgres the same connection also carries the
-//! change feed (`principal <id>` from the permission tables' triggers), handed to the cache.
+//! change feed's hints (the permission tables' triggers record each change durably first; see
+//! `cache/feed.rs`).
 //!
 //! Three tasks per backplane:
 //! - the subscriber holds one dedicated connection (pub/sub, or LISTEN); it applies invalidation messages
@@ -23,7 +24,6 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
-use crate::cache::clock::Clock;
 use crate::cache::epoch::Epochs;
 use crate::cache::key::Scope;
 
@@ -31,9 +31,9 @@ use crate::cache::key::Scope;
 pub(crate) enum Source {
     #[cfg(feature = "redis")]
     Redis(Arc<crate::tier::redis::RedisShared>),
-    /// Postgres; change-feed payloads (the principal ids) go to `changes`.
+    /// Postgres; a message on the changes channel (or a new subscription) hints `feed`.
     #[cfg(feature = "postgres")]
-    Postgres { pg: Arc<crate::tier::postgres::PostgresShared>, changes: tokio::sync::mpsc::Sender<String> },
+    Postgres { pg: Arc<crate::tier::postgres::PostgresShared>, feed: Arc<crate::cache::feed::FeedState> },
 }
 
 /// What the backplane is doing, for stats and health.
@@ -127,7 +127,7 @@ impl Drop for Backplane {
 }
 
 /// Parses and applies one message; returns false when it did not parse.
-fn apply(payload: &str, epochs: &Epochs, clock: &Clock, state: &BackplaneState) -> bool {
+fn apply(payload: &str, epochs: &Epochs, state: &BackplaneState) -> bool {
     let mut parts = payload.split(' ');
     match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some("h"), Some(_), None, None, None) => true,
@@ -138,7 +138,7 @@ fn apply(payload: &str, epochs: &Epochs, clock: &Clock, state: &BackplaneState) 
             if tag == "g" {
                 epochs.merge_global(value);
             } else if let Some(scope) = Scope::from_tag(tag) {
-                epochs.merge(scope, hash, value, clock.now_ms());
+                epochs.merge(scope, hash, value);
             } else {
                 return false;
             }
@@ -149,7 +149,7 @@ fn apply(payload: &str, epochs: &Epochs, clock: &Clock, state: &BackplaneState) 
     }
 }
 
-pub(crate) fn start(source: Source, epochs: Arc<Epochs>, clock: Clock, max_staleness: Duration) -> Backplane {
+pub(crate) fn start(source: Source, epochs: Arc<Epochs>, max_staleness: Duration) -> Backplane {
     let max_staleness_ms = (max_staleness.as_millis() as u64).max(10);
     let state = Arc::new(BackplaneState {
         start: Instant::now(),
@@ -176,9 +176,9 @@ pub(crate) fn start(source: Source, epochs: Arc<Epochs>, clock: Clock, max_stale
             loop {
                 let heard_any = match &*source {
                     #[cfg(feature = "redis")]
-                    Source::Redis(redis) => redis_session(redis, &epochs, &clock, &state, silence).await,
+                    Source::Redis(redis) => redis_session(redis, &epochs, &state, silence).await,
                     #[cfg(feature = "postgres")]
-                    Source::Postgres { pg, changes } => pg_session(pg, changes, &epochs, &clock, &state, silence).await,
+                    Source::Postgres { pg, feed } => pg_session(pg, feed, &epochs, &state, silence).await,
                 };
                 if heard_any {
                     backoff = Duration::from_millis(100);
@@ -239,9 +239,9 @@ fn subscribed(epochs: &Epochs, state: &BackplaneState) {
 }
 
 /// Applies one message and records that something was heard.
-fn received(payload: Option<&str>, epochs: &Epochs, clock: &Clock, state: &BackplaneState) {
+fn received(payload: Option<&str>, epochs: &Epochs, state: &BackplaneState) {
     state.messages.fetch_add(1, Ordering::Relaxed);
-    if payload.is_some_and(|p| apply(p, epochs, clock, state)) {
+    if payload.is_some_and(|p| apply(p, epochs, state)) {
         state.heard(epochs);
     } else {
         state.malformed.fetch_add(1, Ordering::Relaxed);
@@ -254,7 +254,6 @@ fn received(payload: Option<&str>, epochs: &Epochs, clock: &Clock, state: &Backp
 async fn redis_session(
     redis: &crate::tier::redis::RedisShared,
     epochs: &Epochs,
-    clock: &Clock,
     state: &BackplaneState,
     silence: Duration,
 ) -> bool {
@@ -279,7 +278,7 @@ async fn redis_session(
     let mut stream = pubsub.on_message();
     loop {
         match tokio::time::timeout(silence, stream.next()).await {
-            Ok(Some(msg)) => received(msg.get_payload::<String>().ok().as_deref(), epochs, clock, state),
+            Ok(Some(msg)) => received(msg.get_payload::<String>().ok().as_deref(), epochs, state),
             Ok(None) => break,
             Err(_) => {
                 tracing::warn!(target: "authz_cache::audit", "backplane silent: reconnecting");
@@ -293,13 +292,14 @@ async fn redis_session(
 }
 
 /// One Postgres LISTEN session on the epochs and changes channels, until the connection breaks
-/// or stays silent past `silence`. Returns whether it was established.
+/// or stays silent past `silence`. Returns whether it was established. Anything on the changes
+/// channel, and the subscription itself (NOTIFYs sent while nobody listened are gone), wakes the
+/// durable change feed, which does the actual work (see `cache/feed.rs`).
 #[cfg(feature = "postgres")]
 async fn pg_session(
     pg: &crate::tier::postgres::PostgresShared,
-    changes: &tokio::sync::mpsc::Sender<String>,
+    feed: &crate::cache::feed::FeedState,
     epochs: &Epochs,
-    clock: &Clock,
     state: &BackplaneState,
     silence: Duration,
 ) -> bool {
@@ -323,28 +323,17 @@ async fn pg_session(
         }
     };
     subscribed(epochs, state);
+    feed.hint();
     {
         let mut stream = std::pin::pin!(conn.notifications_stream());
         loop {
             match tokio::time::timeout(silence, stream.next()).await {
                 Ok(Some(Ok(n))) if n.channel == pg.changes_channel => {
                     state.messages.fetch_add(1, Ordering::Relaxed);
-                    match n.payload.strip_prefix("principal ") {
-                        Some(id) if !id.is_empty() => {
-                            if changes.try_send(id.to_owned()).is_err() {
-                                // The change could not be queued: drop everything this process
-                                // holds rather than risk keeping what it covered.
-                                epochs.bump_local();
-                                tracing::warn!(target: "authz_cache::audit", "change feed overflow: L1 dropped");
-                            }
-                            state.heard(epochs);
-                        }
-                        _ => {
-                            state.malformed.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
+                    feed.hint();
+                    state.heard(epochs);
                 }
-                Ok(Some(Ok(n))) => received(Some(&n.payload), epochs, clock, state),
+                Ok(Some(Ok(n))) => received(Some(&n.payload), epochs, state),
                 Ok(Some(Err(e))) => {
                     tracing::debug!(target: "authz_cache", error = %e, "postgres listener error");
                     break;

@@ -35,18 +35,20 @@ use std::time::Duration;
 
 use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{Array, BigInt, Bytea, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Bool, Bytea, Nullable, Text};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, PoolError};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 
-use crate::cache::epoch::ScopeHashes;
+use crate::cache::epoch::{ScopeHashes, Target};
 use crate::cache::guard::{BreakerConfig, Guard, GuardError};
 use crate::cache::key::Scope;
 
 /// The migrations, in the order they apply: (name, SQL).
-const MIGRATIONS: [(&str, &str); 2] = [
+const MIGRATIONS: [(&str, &str); 4] = [
     ("0001_authz_cache", include_str!("../../migrations/0001_authz_cache.sql")),
     ("0002_reference_rbac", include_str!("../../migrations/0002_reference_rbac.sql")),
+    ("0003_durable_changes", include_str!("../../migrations/0003_durable_changes.sql")),
+    ("0004_reference_rbac_changes", include_str!("../../migrations/0004_reference_rbac_changes.sql")),
 ];
 
 /// Builds a [`PostgresTier`]. Defaults: schema `authz_cache`, pool 10, connect timeout 2 s, call
@@ -176,18 +178,24 @@ impl PostgresTierBuilder {
                 url: self.url.clone(),
                 connect_timeout: self.connect_timeout,
                 guard: Guard::new("l3", self.breaker),
+                background_timeout: (self.breaker.timeout * 10).max(Duration::from_secs(1)),
                 secret: self.secret,
                 epochs_channel: format!("{s}.authz_cache_epochs"),
                 changes_channel: format!("{s}.authz_cache_changes"),
                 read_sql: [
                     format!("SELECT (SELECT value FROM {s}.authz_cache_entries WHERE key = "),
+                    // A row older than the reader's longest ttl by Postgres's own clock is never
+                    // accepted, whatever deadline its writer's clock gave it (see `read`).
+                    " AND written_at > now() - interval '1 millisecond' * ".to_owned(),
                     format!(
                         "), COALESCE((SELECT value FROM {s}.authz_cache_epochs WHERE scope = 'g' AND hash = 0), 0), \
                          COALESCE((SELECT value FROM {s}.authz_cache_epochs WHERE scope = 'p' AND hash = "
                     ),
                     format!("), 0), COALESCE((SELECT value FROM {s}.authz_cache_epochs WHERE scope = 'r' AND hash = "),
                     format!("), 0), COALESCE((SELECT value FROM {s}.authz_cache_epochs WHERE scope = 'k' AND hash = "),
-                    "), 0)".to_owned(),
+                    // A change recorded in the permission tables and not applied to the epochs yet
+                    // may cover this entry: nothing is accepted until it is (see 0003).
+                    format!("), 0), EXISTS (SELECT 1 FROM {s}.authz_cache_changes)"),
                 ],
                 schema: self.schema,
                 write_queue: self.write_queue,
@@ -379,8 +387,9 @@ impl bb8::ManageConnection for Manager {
 /// The L3 read: the entry and its four epochs in one statement. A hand-built query (rather than
 /// `sql_query`) so that diesel caches its prepared statement: one round trip per read.
 struct ReadQuery<'a> {
-    sql: &'a [String; 5],
+    sql: &'a [String; 6],
     key: &'a [u8],
+    max_age_ms: i64,
     hashes: [i64; 3],
 }
 
@@ -390,28 +399,43 @@ impl QueryId for ReadQuery<'_> {
 }
 
 impl Query for ReadQuery<'_> {
-    type SqlType = (Nullable<Bytea>, BigInt, BigInt, BigInt, BigInt);
+    type SqlType = (Nullable<Bytea>, BigInt, BigInt, BigInt, BigInt, Bool);
 }
 
 impl QueryFragment<Pg> for ReadQuery<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> diesel::QueryResult<()> {
         out.push_sql(&self.sql[0]);
         out.push_bind_param::<Bytea, _>(&self.key)?;
+        out.push_sql(&self.sql[1]);
+        out.push_bind_param::<BigInt, _>(&self.max_age_ms)?;
         for (i, hash) in self.hashes.iter().enumerate() {
-            out.push_sql(&self.sql[i + 1]);
+            out.push_sql(&self.sql[i + 2]);
             out.push_bind_param::<BigInt, _>(hash)?;
         }
-        out.push_sql(&self.sql[4]);
+        out.push_sql(&self.sql[5]);
         Ok(())
     }
 }
 
 /// What one L3 read returned: the value, if any, and the durable epochs covering the key
-/// (global, principal, resource, entry; 0 when absent). `epochs` is `None` when one is unreadable.
+/// (global, principal, resource, entry; 0 when absent). `epochs` is `None` when one is unreadable;
+/// `changes_pending` when the permission tables recorded a change not applied to the epochs yet.
 pub(crate) struct L3Read {
     pub(crate) value: Option<Vec<u8>>,
     pub(crate) epochs: Option<[u64; 4]>,
+    pub(crate) changes_pending: bool,
 }
+
+/// What the change feed's poll found: changes not applied yet, epoch values not mirrored to
+/// Redis yet.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FeedBacklog {
+    pub(crate) changes: bool,
+    pub(crate) mirror: bool,
+}
+
+/// Changes taken per drain transaction.
+pub(crate) const DRAIN_BATCH: i64 = 256;
 
 /// One row to warm: its key id and sealed subject (the entry itself is read like any L3 hit).
 pub(crate) struct WarmRow {
@@ -445,7 +469,9 @@ pub(crate) struct PostgresShared {
     pub(crate) schema: String,
     pub(crate) epochs_channel: String,
     pub(crate) changes_channel: String,
-    read_sql: [String; 5],
+    read_sql: [String; 6],
+    /// The change feed's call timeout (see `with_conn_background`).
+    background_timeout: Duration,
     pub(crate) write_queue: usize,
     pub(crate) sweep_every: Duration,
     pub(crate) sweep_batch: u32,
@@ -469,32 +495,61 @@ impl PostgresShared {
         &self,
         f: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, PgFailure>,
     ) -> Result<T, PgError> {
-        self.guard
-            .call(async {
-                let mut conn = self.pool.get().await.map_err(|e| match e {
-                    bb8::RunError::User(e) => PgFailure(format!("connect: {e}")),
-                    bb8::RunError::TimedOut => PgFailure("timed out waiting for a connection".to_owned()),
-                })?;
-                conn.suspect = true;
-                let result = f(&mut conn.conn).await;
-                if result.is_ok() {
-                    conn.suspect = false;
-                }
-                result
-            })
-            .await
+        self.guard.call(self.pooled(f)).await
     }
 
-    /// The entry and its durable epochs, in one round trip.
-    pub(crate) async fn read(&self, key_id: &[u8; 32], hashes: &ScopeHashes) -> Result<L3Read, PgError> {
+    /// Runs `f` on a pooled connection for the change feed: under [`background_timeout`] only,
+    /// not the breaker. The feed runs off the request path, and must be able to confirm the
+    /// moment Postgres is back rather than when the request path's breaker next probes.
+    ///
+    /// [`background_timeout`]: PostgresShared::background_timeout
+    async fn with_conn_background<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, PgFailure>,
+    ) -> Result<T, PgError> {
+        match tokio::time::timeout(self.background_timeout, self.pooled(f)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(GuardError::Failed(e)),
+            Err(_) => Err(GuardError::Timeout),
+        }
+    }
+
+    /// Runs `f` on a pooled connection, marked suspect unless `f` succeeds (see [`Manager`]).
+    async fn pooled<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, PgFailure>,
+    ) -> Result<T, PgFailure> {
+        let mut conn = self.pool.get().await.map_err(|e| match e {
+            bb8::RunError::User(e) => PgFailure(format!("connect: {e}")),
+            bb8::RunError::TimedOut => PgFailure("timed out waiting for a connection".to_owned()),
+        })?;
+        conn.suspect = true;
+        let result = f(&mut conn.conn).await;
+        if result.is_ok() {
+            conn.suspect = false;
+        }
+        result
+    }
+
+    /// The entry and its durable epochs, in one round trip. A row written more than `max_age_ms`
+    /// ago by Postgres's clock reads as absent: entry deadlines come from their writers' clocks,
+    /// epoch retention from Postgres's, and this keeps every accepted row younger than the epochs
+    /// that could have ended it, whatever the writers' clocks say.
+    pub(crate) async fn read(
+        &self,
+        key_id: &[u8; 32],
+        hashes: &ScopeHashes,
+        max_age_ms: u64,
+    ) -> Result<L3Read, PgError> {
         let query = ReadQuery {
             sql: &self.read_sql,
             key: key_id,
+            max_age_ms: i64::try_from(max_age_ms).unwrap_or(i64::MAX),
             hashes: [hashes.principal as i64, hashes.resource as i64, hashes.entry as i64],
         };
-        let (value, g, p, r, k) = self
+        let (value, g, p, r, k, changes_pending) = self
             .with_conn(async |conn| {
-                query.get_result::<(Option<Vec<u8>>, i64, i64, i64, i64)>(conn).await.map_err(PgFailure::from)
+                query.get_result::<(Option<Vec<u8>>, i64, i64, i64, i64, bool)>(conn).await.map_err(PgFailure::from)
             })
             .await?;
         let epochs = [g, p, r, k].map(|v| u64::try_from(v).ok());
@@ -502,7 +557,7 @@ impl PostgresShared {
             [Some(g), Some(p), Some(r), Some(k)] => Some([g, p, r, k]),
             _ => None,
         };
-        Ok(L3Read { value, epochs })
+        Ok(L3Read { value, epochs, changes_pending })
     }
 
     /// Upserts a batch of rows (one statement).
@@ -555,6 +610,176 @@ impl PostgresShared {
             })
             .await?;
         u64::try_from(row.v).map_err(|_| GuardError::Failed(PgFailure("negative epoch".to_owned())))
+    }
+
+    /// Whether changes or Redis mirror debts wait in the change feed's tables (one round trip).
+    pub(crate) async fn feed_backlog(&self) -> Result<FeedBacklog, PgError> {
+        #[derive(diesel::QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = Bool)]
+            changes: bool,
+            #[diesel(sql_type = Bool)]
+            mirror: bool,
+        }
+        let s = &self.schema;
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {s}.authz_cache_changes) AS changes, \
+             EXISTS (SELECT 1 FROM {s}.authz_cache_mirror) AS mirror"
+        );
+        let row = self
+            .with_conn_background(async |conn| {
+                diesel::sql_query(sql).get_result::<Row>(conn).await.map_err(PgFailure::from)
+            })
+            .await?;
+        Ok(FeedBacklog { changes: row.changes, mirror: row.mirror })
+    }
+
+    /// Applies up to [`DRAIN_BATCH`] recorded changes in one transaction: takes them (rows that
+    /// another instance is applying are skipped), names their targets with `targets` (a change
+    /// without a principal is everything), bumps each once with `floor_us` and `ttl_ms`, records
+    /// the values for Redis when `mirror`, deletes the changes, commits. Returns the changes
+    /// applied and the values stored. Dropped or failed before the commit, nothing happened (the
+    /// connection is discarded, which rolls the transaction back).
+    pub(crate) async fn drain_changes(
+        &self,
+        targets: impl Fn(Option<&str>) -> Vec<Target>,
+        floor_us: u64,
+        ttl_ms: u64,
+        mirror: bool,
+    ) -> Result<(usize, Vec<(Target, u64)>), PgError> {
+        #[derive(diesel::QueryableByName)]
+        struct Change {
+            #[diesel(sql_type = BigInt)]
+            seq: i64,
+            #[diesel(sql_type = Nullable<Text>)]
+            principal: Option<String>,
+        }
+        #[derive(diesel::QueryableByName)]
+        struct Applied {
+            #[diesel(sql_type = Text)]
+            out_scope: String,
+            #[diesel(sql_type = BigInt)]
+            out_hash: i64,
+            #[diesel(sql_type = BigInt)]
+            out_value: i64,
+        }
+        let s = &self.schema;
+        let take = format!(
+            "SELECT seq, principal FROM {s}.authz_cache_changes ORDER BY seq LIMIT {DRAIN_BATCH} FOR UPDATE SKIP LOCKED"
+        );
+        let apply = format!(
+            "SELECT out_scope::text AS out_scope, out_hash, out_value FROM {s}.authz_cache_apply_changes(\
+             $1, CAST($2 AS \"char\"[]), $3, $4, $5, $6)"
+        );
+        self.with_conn_background(async |conn| {
+            conn.batch_execute("BEGIN").await.map_err(PgFailure::from)?;
+            let changes = diesel::sql_query(take).load::<Change>(conn).await.map_err(PgFailure::from)?;
+            if changes.is_empty() {
+                conn.batch_execute("COMMIT").await.map_err(PgFailure::from)?;
+                return Ok((0, Vec::new()));
+            }
+            // Each target once, however many changes name it; everything covers the rest.
+            let mut named: Vec<Target> = Vec::new();
+            for change in &changes {
+                for target in targets(change.principal.as_deref()) {
+                    if !named.contains(&target) {
+                        named.push(target);
+                    }
+                }
+            }
+            if named.contains(&None) {
+                named.retain(Option::is_none);
+            }
+            let seqs: Vec<i64> = changes.iter().map(|c| c.seq).collect();
+            let tags: Vec<&str> = named.iter().map(|t| t.map_or("g", |(scope, _)| scope.tag())).collect();
+            let hashes: Vec<i64> = named.iter().map(|t| t.map_or(0, |(_, h)| h as i64)).collect();
+            let applied = diesel::sql_query(apply)
+                .bind::<Array<BigInt>, _>(seqs)
+                .bind::<Array<Text>, _>(tags)
+                .bind::<Array<BigInt>, _>(hashes)
+                .bind::<BigInt, _>(i64::try_from(floor_us).unwrap_or(i64::MAX))
+                .bind::<BigInt, _>(i64::try_from(ttl_ms).unwrap_or(i64::MAX))
+                .bind::<Bool, _>(mirror)
+                .load::<Applied>(conn)
+                .await
+                .map_err(PgFailure::from)?;
+            conn.batch_execute("COMMIT").await.map_err(PgFailure::from)?;
+            let values = applied
+                .into_iter()
+                .filter_map(|a| Some((target_of(&a.out_scope, a.out_hash)?, u64::try_from(a.out_value).ok()?)))
+                .collect();
+            Ok((changes.len(), values))
+        })
+        .await
+    }
+
+    /// Epoch values Redis has not been raised to yet (at most [`DRAIN_BATCH`]).
+    pub(crate) async fn mirror_debts(&self) -> Result<Vec<(Target, u64)>, PgError> {
+        #[derive(diesel::QueryableByName)]
+        struct Debt {
+            #[diesel(sql_type = Text)]
+            scope: String,
+            #[diesel(sql_type = BigInt)]
+            hash: i64,
+            #[diesel(sql_type = BigInt)]
+            value: i64,
+        }
+        let sql = format!(
+            "SELECT scope::text AS scope, hash, value FROM {}.authz_cache_mirror LIMIT {DRAIN_BATCH}",
+            self.schema
+        );
+        let debts = self
+            .with_conn_background(async |conn| diesel::sql_query(sql).load::<Debt>(conn).await.map_err(PgFailure::from))
+            .await?;
+        Ok(debts
+            .into_iter()
+            .filter_map(|d| Some((target_of(&d.scope, d.hash)?, u64::try_from(d.value).ok()?)))
+            .collect())
+    }
+
+    /// Records that Redis must be raised to `value` for `target` (an instance that could not
+    /// reach Redis leaves the debt where every instance finds it).
+    pub(crate) async fn owe_mirror(&self, target: Target, value: u64) -> Result<(), PgError> {
+        self.settle_mirror(&[(target, value)], true).await
+    }
+
+    /// Removes mirror debts Redis has now been raised to (at or above their value).
+    pub(crate) async fn paid_mirror(&self, paid: &[(Target, u64)]) -> Result<(), PgError> {
+        self.settle_mirror(paid, false).await
+    }
+
+    async fn settle_mirror(&self, rows: &[(Target, u64)], owe: bool) -> Result<(), PgError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let s = &self.schema;
+        let sql = if owe {
+            format!(
+                "INSERT INTO {s}.authz_cache_mirror AS m (scope, hash, value) \
+                 SELECT CAST(t.s AS \"char\"), t.h, t.v FROM unnest($1, $2, $3) AS t(s, h, v) \
+                 ON CONFLICT (scope, hash) DO UPDATE SET value = GREATEST(m.value, EXCLUDED.value)"
+            )
+        } else {
+            format!(
+                "DELETE FROM {s}.authz_cache_mirror m USING unnest($1, $2, $3) AS t(s, h, v) \
+                 WHERE m.scope = CAST(t.s AS \"char\") AND m.hash = t.h AND m.value <= t.v"
+            )
+        };
+        let tags: Vec<&str> = rows.iter().map(|(t, _)| t.map_or("g", |(scope, _)| scope.tag())).collect();
+        let hashes: Vec<i64> = rows.iter().map(|(t, _)| t.map_or(0, |(_, h)| h as i64)).collect();
+        let values: Vec<i64> = rows.iter().map(|(_, v)| i64::try_from(*v).unwrap_or(i64::MAX)).collect();
+        let run = async |conn: &mut AsyncPgConnection| {
+            diesel::sql_query(sql)
+                .bind::<Array<Text>, _>(tags)
+                .bind::<Array<BigInt>, _>(hashes)
+                .bind::<Array<BigInt>, _>(values)
+                .execute(conn)
+                .await
+                .map(|_| ())
+                .map_err(PgFailure::from)
+        };
+        // A debt is recorded on the invalidation's path (guarded); paid by the feed (background).
+        if owe { self.with_conn(run).await } else { self.with_conn_background(run).await }
     }
 
     /// The durable global epoch (0 before the first migration set it).
@@ -695,6 +920,14 @@ impl PostgresShared {
     }
 }
 
+/// The target a scope tag and hash name in the epochs table.
+fn target_of(tag: &str, hash: i64) -> Option<Target> {
+    match tag {
+        "g" => Some(None),
+        tag => Some(Some((Scope::from_tag(tag)?, hash as u64))),
+    }
+}
+
 /// One background write.
 pub(crate) struct Write {
     pub(crate) key_id: [u8; 32],
@@ -702,7 +935,15 @@ pub(crate) struct Write {
     pub(crate) subject: Vec<u8>,
     pub(crate) principal_hash: u64,
     pub(crate) valid_until_ms: u64,
+    /// When it was queued: a write that waited longer than [`MAX_WRITE_DELAY`] is dropped.
+    pub(crate) queued_at: std::time::Instant,
 }
+
+/// How long a row may wait in the write queue. Readers accept a row for the longest ttl after
+/// Postgres stored it (`written_at`); a row queued for longer than this would outlive what its
+/// stamp was checked against by more than the retention margin allows, so it is dropped
+/// (counted as a write drop).
+pub(crate) const MAX_WRITE_DELAY: Duration = Duration::from_secs(2);
 
 /// Rows per upsert statement.
 const WRITE_BATCH: usize = 256;
@@ -733,6 +974,12 @@ pub(crate) fn spawn_writer(
             }
             let now = clock.now_ms();
             batch.retain(|w| w.valid_until_ms > now);
+            let queued = batch.len();
+            batch.retain(|w| w.queued_at.elapsed() < MAX_WRITE_DELAY);
+            let late = queued - batch.len();
+            if late > 0 {
+                stats.l3.write_drops.fetch_add(late as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             // One statement cannot upsert a key twice: keep the last write of each key.
             let mut seen = std::collections::HashSet::with_capacity(batch.len());
             let mut rows: Vec<Write> = batch.drain(..).rev().filter(|w| seen.insert(w.key_id)).collect();

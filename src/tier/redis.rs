@@ -146,8 +146,8 @@ impl RedisTierBuilder {
                 global_key: format!("{ns}:e:g"),
                 ns,
                 write_queue: self.write_queue,
-                bump: redis::Script::new(BUMP),
-                raise: redis::Script::new(RAISE),
+                bump: redis::Script::new(&format!("{LUA_EPOCHS}{BUMP}")),
+                raise: redis::Script::new(&format!("{LUA_EPOCHS}{RAISE}")),
             }),
         })
     }
@@ -233,39 +233,64 @@ impl bb8::ManageConnection for Manager {
     }
 }
 
-/// Bumps an epoch: the next value of the shared sequence, floored at the caller's clock in µs
-/// so that values keep increasing across a Redis restart; stores it (with an expiry, except
-/// the global one) and publishes it. KEYS: seq, epoch key. ARGV: floor, px (0 = none), channel,
-/// message prefix.
+/// Shared by both scripts: epoch values as Lua numbers. Lua's numbers are doubles, exact up to
+/// 2^53 - 1 (about 285 years of microseconds); an absent key is 0, and a value that is not a
+/// plain integer within that range (only a Redis writer could have stored one) is saturated:
+/// `nil`, stored back as the largest bigint, which every instance reads as `EPOCH_MAX`.
+const LUA_EPOCHS: &str = r"
+local LIMIT = 9007199254740991
+local SAT = '9223372036854775807'
+local function num(s)
+  if not s then return 0 end
+  if not string.match(s, '^%d+$') then return nil end
+  local n = tonumber(s)
+  if n == nil or n > LIMIT then return nil end
+  return n
+end
+local function str(n)
+  if n == nil or n > LIMIT then return SAT end
+  -- Lua 5.1 prints numbers past 14 digits in exponent form: format the integer explicitly.
+  return string.format('%.0f', n)
+end
+local function store(key, s, px)
+  if px == '0' then redis.call('SET', key, s) else redis.call('SET', key, s, 'PX', px) end
+end
+";
+
+/// Bumps an epoch where it is stored: `max(stored + 1, floor, high water + 1)`, so the stored
+/// value always rises, whatever the caller's clock, and never falls under any value assigned
+/// before; stores it (with an expiry, except the global one), raises the high water, publishes
+/// it, and returns it. KEYS: high water, epoch key. ARGV: floor, px (0 = none), channel, message
+/// prefix.
 const BUMP: &str = r"
-local v = redis.call('INCR', KEYS[1])
-local floor = tonumber(ARGV[1])
-if v < floor then
-  redis.call('SET', KEYS[1], ARGV[1])
-  v = floor
+local floor = num(ARGV[1])
+local hw = num(redis.call('GET', KEYS[1]))
+local cur = num(redis.call('GET', KEYS[2]))
+local v = nil
+if floor ~= nil and hw ~= nil and cur ~= nil then
+  v = math.max(cur + 1, floor, hw + 1)
 end
--- Lua 5.1 prints numbers past 14 digits in exponent form: format the integer explicitly
--- (exact up to 2^53, about 285 years of microseconds).
-local s = string.format('%.0f', v)
-if ARGV[2] == '0' then
-  redis.call('SET', KEYS[2], s)
-else
-  redis.call('SET', KEYS[2], s, 'PX', ARGV[2])
-end
+local s = str(v)
+redis.call('SET', KEYS[1], s)
+store(KEYS[2], s, ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4] .. s)
 return s
 ";
 
-/// Raises an epoch to a value assigned elsewhere (the durable epochs in Postgres) and publishes
-/// it. KEYS: epoch key. ARGV: value, px (0 = none), channel, message prefix.
+/// Raises an epoch to a value assigned elsewhere (the durable epochs in Postgres): never lowers
+/// it; a value that is no integer is replaced. Raises the high water too, and publishes the
+/// value. KEYS: high water, epoch key. ARGV: value, px (0 = none), channel, message prefix.
 const RAISE: &str = r"
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-if tonumber(ARGV[1]) > cur then
-  if ARGV[2] == '0' then
-    redis.call('SET', KEYS[1], ARGV[1])
-  else
-    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  end
+local v = num(ARGV[1])
+local raw = redis.call('GET', KEYS[2])
+local cur = num(raw)
+local garbage = raw and not string.match(raw, '^%d+$')
+if v ~= nil and (garbage or (cur ~= nil and v > cur)) then
+  store(KEYS[2], str(v), ARGV[2])
+end
+local hw = num(redis.call('GET', KEYS[1]))
+if v ~= nil and hw ~= nil and v > hw then
+  redis.call('SET', KEYS[1], str(v))
 end
 redis.call('PUBLISH', ARGV[3], ARGV[4] .. ARGV[1])
 return 1
@@ -343,10 +368,21 @@ impl RedisShared {
         if values.len() != 5 {
             return Ok(L2Read { value: None, epochs: None });
         }
+        // Values beyond what the stores hold saturate (see `epoch.rs`); what does not parse as an
+        // integer at all is unreadable.
         let parse = |v: &Option<Vec<u8>>| -> Option<u64> {
             match v {
                 None => Some(0),
-                Some(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+                Some(b) => {
+                    let s = std::str::from_utf8(b).ok()?;
+                    match s.parse::<u64>() {
+                        Ok(v) => Some(v.min(crate::cache::epoch::EPOCH_MAX)),
+                        Err(_) if !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()) => {
+                            Some(crate::cache::epoch::EPOCH_MAX)
+                        }
+                        Err(_) => None,
+                    }
+                }
             }
         };
         // An epoch that does not parse cannot vouch for anything: no epochs, no L2 hit.
@@ -364,7 +400,8 @@ impl RedisShared {
         self.run::<()>(&cmd).await
     }
 
-    /// Bumps a shared epoch (`None`: the global one); returns its new value.
+    /// Bumps a shared epoch (`None`: the global one) to `max(stored + 1, floor_us, high water +
+    /// 1)`; returns the value stored (saturated values read as `EPOCH_MAX`).
     pub(crate) async fn bump(
         &self,
         scope: Option<(Scope, u64)>,
@@ -377,7 +414,8 @@ impl RedisShared {
         };
         let mut invocation = self.bump.prepare_invoke();
         invocation.key(&self.seq_key).key(key).arg(floor_us).arg(px).arg(&self.channel).arg(prefix);
-        self.with_conn(async |conn| invocation.invoke_async::<u64>(conn).await).await
+        let stored = self.with_conn(async |conn| invocation.invoke_async::<String>(conn).await).await?;
+        Ok(stored.parse::<u64>().map_or(crate::cache::epoch::EPOCH_MAX, |v| v.min(crate::cache::epoch::EPOCH_MAX)))
     }
 
     /// Raises a shared epoch (`None`: the global one) to `value`, assigned by the durable store,
@@ -393,7 +431,7 @@ impl RedisShared {
             Some((s, h)) => (self.epoch_key(s, h), forget_after_ms, format!("i {} {h:016x} ", s.tag())),
         };
         let mut invocation = self.raise.prepare_invoke();
-        invocation.key(key).arg(value).arg(px).arg(&self.channel).arg(prefix);
+        invocation.key(&self.seq_key).key(key).arg(value).arg(px).arg(&self.channel).arg(prefix);
         self.with_conn(async |conn| invocation.invoke_async::<i64>(conn).await).await.map(|_| ())
     }
 
