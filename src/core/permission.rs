@@ -107,6 +107,9 @@ impl From<Permission> for Access {
 /// Implemented for closures `Fn(&Parts) -> impl Into<Access>`, so `Option<Permission>` works
 /// (`None` = public); the built-in is [`RouteTable`].
 ///
+/// Under [`CachedAuthorizationLayer`](crate::CachedAuthorizationLayer), a panic in `map` is
+/// caught: the request gets 503 (never public) and an audit event, and the service keeps serving.
+///
 /// ```
 /// use http::request::Parts;
 /// use tower_authz_cache::{MapPermission, Permission};
