@@ -12,6 +12,7 @@
 //! | `authz_cache_breaker_state` | gauge, 0 closed / 1 half-open / 2 open | `tier` (`l2`, `l3`) |
 //! | `authz_cache_authorizer_calls_total`, `authz_cache_authorizer_errors_total` | counter | |
 //! | `authz_cache_single_flight_joins_total`, `authz_cache_undecided_total` | counter | |
+//! | `authz_cache_plugin_panics_total` | counter | |
 //! | `authz_cache_invalidations_total` | counter | `scope` |
 //! | `authz_cache_change_feed_invalidations_total` | counter | |
 //! | `authz_cache_warmed_entries_total` | counter | |
@@ -141,6 +142,13 @@ pub(crate) fn rows(s: &StatsSnapshot) -> Vec<Row> {
             s.single_flight_joins,
         ),
         row("authz_cache_undecided_total", "Checks that could not be decided (503).", Counter, NONE, s.undecided),
+        row(
+            "authz_cache_plugin_panics_total",
+            "Requests answered 503 because the principal resolver or permission mapper panicked.",
+            Counter,
+            NONE,
+            s.plugin_panics,
+        ),
         row(
             "authz_cache_invalidations_total",
             "Invalidations applied, by scope.",

@@ -50,6 +50,11 @@ where
         Self { state: State::Authorizing { check, next: Some((inner, body)) } }
     }
 
+    /// Answers `rejection` without calling `inner` (a rare path: it allocates).
+    pub(crate) fn rejected(rejection: Response<Bytes>, inner: S, body: ReqB) -> Self {
+        Self::authorizing(Box::pin(std::future::ready(Err(rejection))), inner, body)
+    }
+
     pub(crate) fn calling(fut: S::Future) -> Self {
         Self { state: State::Calling { fut } }
     }

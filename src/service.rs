@@ -29,6 +29,7 @@
 //! ```
 
 use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -38,6 +39,7 @@ use http::{Request, Response};
 use tower::Service;
 
 use crate::cache::key::ShortHash;
+use crate::cache::single_flight::CatchUnwind;
 use crate::future::ResponseFuture;
 use crate::response::{Responder, ResponseBody};
 use crate::{Access, AuthzCache, MapPermission, Rejection, RejectionKind, ResolvePrincipal};
@@ -78,13 +80,38 @@ impl<S: fmt::Debug, R, M> fmt::Debug for CachedAuthorization<S, R, M> {
     }
 }
 
+impl<R, M> Shared<R, M> {
+    /// The answer to a request whose resolver or mapper panicked: it fails closed like a
+    /// panicking authorizer (503, an audit event, counted), and the service keeps serving.
+    fn plugin_panicked(&self, plugin: &'static str, reason: &'static str, parts: &Parts) -> Response<Bytes> {
+        self.cache.plugin_panicked();
+        tracing::error!(
+            target: "authz_cache::audit",
+            plugin,
+            method = %parts.method,
+            "{plugin} panicked: failing closed"
+        );
+        Rejection::new(RejectionKind::Unavailable, reason).into_response(&self.respond)
+    }
+}
+
 impl<R: ResolvePrincipal, M> Shared<R, M> {
     /// Resolves and checks; on allow returns the parts with the principal, permission and
     /// decision in their extensions, otherwise the rejection response.
     pub(crate) async fn authorize(&self, mut parts: Parts, access: Access) -> Result<Parts, Response<Bytes>> {
-        let principal = match self.resolver.resolve(&parts).await {
-            Ok(p) => p,
-            Err(e) => {
+        // The async block defers the call into the first poll, so a resolver that panics before
+        // returning its future is caught too.
+        let resolved = CatchUnwind::new(async { self.resolver.resolve(&parts).await }).await;
+        let principal = match resolved {
+            Ok(Ok(p)) => p,
+            Err(()) => {
+                return Err(self.plugin_panicked(
+                    "principal resolver",
+                    "authorization temporarily unavailable: principal resolver panicked",
+                    &parts,
+                ));
+            }
+            Ok(Err(e)) => {
                 let kind = if e.is_unavailable() { RejectionKind::Unavailable } else { RejectionKind::Unauthenticated };
                 if e.is_unavailable() {
                     tracing::warn!(target: "authz_cache::audit", error = ?e, "principal store unavailable: failing closed");
@@ -158,7 +185,20 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let (parts, body) = req.into_parts();
-        match self.shared.mapper.map(&parts) {
+        // A panicking mapper must not unwind through the server (a dropped connection): it is
+        // answered like a panicking authorizer. Not panicking costs nothing measurable.
+        let access = match catch_unwind(AssertUnwindSafe(|| self.shared.mapper.map(&parts))) {
+            Ok(access) => access,
+            Err(_) => {
+                let res = self.shared.plugin_panicked(
+                    "permission mapper",
+                    "authorization temporarily unavailable: permission mapper panicked",
+                    &parts,
+                );
+                return ResponseFuture::rejected(res, inner, body);
+            }
+        };
+        match access {
             Access::Public => ResponseFuture::calling(inner.call(Request::from_parts(parts, body))),
             access => {
                 let shared = self.shared.clone();

@@ -251,6 +251,9 @@ pub struct StatsSnapshot {
     pub invalidation_races: u64,
     /// Checks that could not be decided (the 503s).
     pub undecided: u64,
+    /// Requests answered 503 because the principal resolver or the permission mapper panicked
+    /// (each one is also an audit event).
+    pub plugin_panics: u64,
     /// Principals invalidated by the Postgres change feed (permission-table triggers).
     pub change_feed_invalidations: u64,
     /// Entries loaded into L1 by warming.
@@ -315,6 +318,7 @@ pub(crate) struct Stats {
     pub(crate) single_flight_joins: AtomicU64,
     pub(crate) invalidation_races: AtomicU64,
     pub(crate) undecided: AtomicU64,
+    pub(crate) plugin_panics: AtomicU64,
     pub(crate) change_feed: AtomicU64,
     pub(crate) warmed: AtomicU64,
     pub(crate) inv_principal: AtomicU64,
@@ -342,6 +346,7 @@ impl Stats {
             single_flight_joins: AtomicU64::new(0),
             invalidation_races: AtomicU64::new(0),
             undecided: AtomicU64::new(0),
+            plugin_panics: AtomicU64::new(0),
             change_feed: AtomicU64::new(0),
             warmed: AtomicU64::new(0),
             inv_principal: AtomicU64::new(0),
@@ -395,6 +400,7 @@ impl Stats {
             single_flight_joins: self.single_flight_joins.load(Relaxed),
             invalidation_races: self.invalidation_races.load(Relaxed),
             undecided: self.undecided.load(Relaxed),
+            plugin_panics: self.plugin_panics.load(Relaxed),
             change_feed_invalidations: self.change_feed.load(Relaxed),
             warmed: self.warmed.load(Relaxed),
             invalidations: InvalidationsSnapshot {

@@ -260,8 +260,17 @@ fn route_table_maps_the_intended_routes() {
         (Method::GET, "/orgs/acme/files/42", requires("orgs:acme:files:42", "list")),
         (Method::GET, "/orgs/files/x", requires("tenants:orgs:files:x", "read")),
         (Method::PUT, "/admin/users/bob/role", requires("admin:users:bob", "manage")),
-        // Matching is on the decoded path; absolute-form targets and queries do not matter.
-        (Method::GET, "/docum%65nts/7", requires("documents:7", "read")),
+        // Literals match the raw segment (as axum's router does), parameters are decoded (as
+        // axum's `Path` is): an escaped literal is not that literal, and may be a parameter.
+        (Method::GET, "/docum%65nts/7", Access::Unmapped),
+        (Method::GET, "/h%65alth", Access::Unmapped),
+        (Method::GET, "/documents/ne%77", requires("documents:new", "read")),
+        (Method::PUT, "/admin/%75sers/bob/role", Access::Unmapped),
+        (Method::GET, "/orgs/acme/docs/sh%61red", requires("orgs:acme:docs:shared", "read")),
+        (Method::GET, "/orgs/acme/d%6fcs/42", requires("orgs:acme:docs:42", "list")),
+        (Method::GET, "/docum%65nts/files/x", requires("tenants:documents:files:x", "read")),
+        (Method::GET, "/static/%2E%2Fapp.js", Access::Unmapped),
+        // Absolute-form targets and queries do not matter.
         (Method::GET, "/documents/%37", requires("documents:7", "read")),
         (Method::GET, "/documents/caf%C3%A9", requires("documents:café", "read")),
         (Method::GET, "http://evil.example/documents/7?x=/../admin#f", requires("documents:7", "read")),

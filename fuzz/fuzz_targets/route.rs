@@ -1,7 +1,8 @@
 //! `RouteTable` on arbitrary methods and request targets: no panic, and the outcome is the one a
 //! reference matcher written from the `RouteTable` documentation gives:
 //!
-//! - matching is per segment of the percent-decoded path;
+//! - matching is per segment; a literal matches the raw segment byte for byte (as axum's router,
+//!   matchit, compares it), a parameter takes the percent-decoded segment (as axum's `Path`);
 //! - a path with an empty segment (`//`, a trailing `/`), a `.` or `..` segment (also encoded), an
 //!   encoded `/` or `\`, a control character, invalid UTF-8 or a bad escape, more than 2 KiB or
 //!   more than 32 segments matches nothing (`Unmapped`, not even a public route);
@@ -9,8 +10,10 @@
 //!   template (it cannot reach into another resource);
 //! - literals earliest win, then the route added first; `GET` routes cover `HEAD`.
 //!
-//! Plus metamorphic checks: percent-encoding one more byte of the path, or changing the case of
-//! an escape's hex digits, never changes the outcome.
+//! Plus metamorphic checks: changing the case of an escape's hex digits never changes the
+//! outcome; percent-encoding one more byte of the path keeps the outcome when the winning route
+//! reads that segment as a parameter, never lets the winning route match when it reads it as a
+//! literal, and never makes an unmatched path match.
 
 #![no_main]
 
@@ -69,8 +72,8 @@ fn unhex(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
 }
 
-/// The decoded segments, or `None` when the path must match nothing.
-fn segments(path: &str) -> Option<Vec<String>> {
+/// The (raw, decoded) segments, or `None` when the path must match nothing.
+fn segments(path: &str) -> Option<Vec<(&str, String)>> {
     if path.len() > 2048 {
         return None;
     }
@@ -80,16 +83,16 @@ fn segments(path: &str) -> Option<Vec<String>> {
     }
     let mut out = Vec::new();
     for raw in rest.split('/') {
-        let raw = raw.as_bytes();
+        let rb = raw.as_bytes();
         let mut bytes = Vec::new();
         let mut i = 0;
-        while i < raw.len() {
-            if raw[i] == b'%' {
-                let (h, l) = (unhex(*raw.get(i + 1)?)?, unhex(*raw.get(i + 2)?)?);
+        while i < rb.len() {
+            if rb[i] == b'%' {
+                let (h, l) = (unhex(*rb.get(i + 1)?)?, unhex(*rb.get(i + 2)?)?);
                 bytes.push(h << 4 | l);
                 i += 3;
             } else {
-                bytes.push(raw[i]);
+                bytes.push(rb[i]);
                 i += 1;
             }
         }
@@ -97,7 +100,7 @@ fn segments(path: &str) -> Option<Vec<String>> {
         if seg.is_empty() || seg == "." || seg == ".." || seg.chars().any(|c| c == '/' || c == '\\' || c.is_control()) {
             return None;
         }
-        out.push(seg);
+        out.push((raw, seg));
     }
     (out.len() <= 32).then_some(out)
 }
@@ -106,12 +109,10 @@ fn template(path: &str) -> Vec<Option<&str>> {
     path.split('/').skip(1).filter(|s| !s.is_empty()).map(|s| (!s.starts_with('{')).then_some(s)).collect()
 }
 
-fn reference(method: &Method, path: &str) -> Access {
-    let Some(segs) = segments(path) else {
-        return Access::Unmapped;
-    };
-    let mut best: Option<(&Spec, Vec<bool>)> = None;
-    for spec in SPECS.iter() {
+/// The index in `SPECS` of the route that wins, or `None` when none matches.
+fn winner(method: &Method, segs: &[(&str, String)]) -> Option<usize> {
+    let mut best: Option<(usize, Vec<bool>)> = None;
+    for (idx, spec) in SPECS.iter().enumerate() {
         let (m, p, _, _) = spec;
         let method_ok = match m {
             None => true,
@@ -121,19 +122,27 @@ fn reference(method: &Method, path: &str) -> Access {
         if !method_ok || tpl.len() != segs.len() {
             continue;
         }
-        let ok = tpl.iter().zip(&segs).all(|(t, s)| match t {
-            Some(lit) => lit == s,
-            None => !s.contains([':', '*']),
+        let ok = tpl.iter().zip(segs).all(|(t, (raw, decoded))| match t {
+            Some(lit) => lit == raw,
+            None => !decoded.contains([':', '*']),
         });
         let literals: Vec<bool> = tpl.iter().map(Option::is_some).collect();
         // Literals earliest win (lexicographic on the literal positions), then the first added.
         if ok && best.as_ref().is_none_or(|(_, l)| literals > *l) {
-            best = Some((spec, literals));
+            best = Some((idx, literals));
         }
     }
-    let Some(((_, p, resource, action), _)) = best else {
+    best.map(|(idx, _)| idx)
+}
+
+fn reference(method: &Method, path: &str) -> Access {
+    let Some(segs) = segments(path) else {
         return Access::Unmapped;
     };
+    let Some(idx) = winner(method, &segs) else {
+        return Access::Unmapped;
+    };
+    let (_, p, resource, action) = &SPECS[idx];
     let Some(action) = action else {
         return Access::Public;
     };
@@ -151,7 +160,7 @@ fn reference(method: &Method, path: &str) -> Access {
         let close = rest[open..].find('}').unwrap() + open;
         let name = &rest[open + 1..close];
         let (_, i) = names.iter().find(|(n, _)| *n == name).unwrap();
-        out.push_str(&segs[*i]);
+        out.push_str(&segs[*i].1);
         rest = &rest[close + 1..];
     }
     out.push_str(rest);
@@ -191,8 +200,9 @@ fn check(method: &Method, uri: Uri) -> Access {
     got
 }
 
-/// Percent-encodes the byte at `at` of the path (when it is not `/` nor part of an escape).
-fn encode_one(path: &str, at: usize, upper: bool) -> Option<String> {
+/// Percent-encodes the byte at `at` of the path (when it is not `/` nor part of an escape); also
+/// gives the index of the segment it is in.
+fn encode_one(path: &str, at: usize, upper: bool) -> Option<(String, usize)> {
     let bytes = path.as_bytes();
     let at = at % bytes.len().max(1);
     let b = *bytes.get(at)?;
@@ -204,7 +214,9 @@ fn encode_one(path: &str, at: usize, upper: bool) -> Option<String> {
     let mut out = bytes[..at].to_vec();
     out.extend_from_slice(esc.as_bytes());
     out.extend_from_slice(&bytes[at + 1..]);
-    String::from_utf8(out).ok()
+    // The path starts with `/`: the segment index is the number of `/` before `at`, minus one.
+    let segment = bytes[..at].iter().filter(|&&c| c == b'/').count().checked_sub(1)?;
+    Some((String::from_utf8(out).ok()?, segment))
 }
 
 /// Flips the case of every escape's hex digits.
@@ -249,12 +261,35 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let at = usize::from(rest.first().copied().unwrap_or(0)) | usize::from(rest.last().copied().unwrap_or(0)) << 8;
-    for variant in [encode_one(&path, at, sel & 0x40 != 0), Some(flip_escape_case(&path))].into_iter().flatten() {
-        if variant.len() > 2048 && path.len() <= 2048 {
-            continue;
-        }
-        if let Ok(uri) = Uri::try_from(variant.as_str()) {
-            assert_eq!(check(&method, uri), got, "{path:?} vs {variant:?}");
-        }
+    let flipped = flip_escape_case(&path);
+    if let Ok(uri) = Uri::try_from(flipped.as_str()) {
+        assert_eq!(check(&method, uri), got, "{path:?} vs {flipped:?}");
+    }
+    let Some((variant, segment)) = encode_one(&path, at, sel & 0x40 != 0) else {
+        return;
+    };
+    if variant.len() > 2048 && path.len() <= 2048 {
+        return;
+    }
+    let Ok(uri) = Uri::try_from(variant.as_str()) else {
+        return;
+    };
+    let after = check(&method, uri);
+    // The decoded segments are the same, so the tricks are too; only literals can stop matching.
+    let Some(segs) = segments(&path) else {
+        assert_eq!(after, Access::Unmapped, "{path:?} vs {variant:?}");
+        return;
+    };
+    match winner(&method, &segs) {
+        None => assert_eq!(after, Access::Unmapped, "{path:?} vs {variant:?}"),
+        Some(w) => match template(SPECS[w].1).get(segment) {
+            // A parameter: the same decoded value, the same winner.
+            Some(None) => assert_eq!(after, got, "{path:?} vs {variant:?}"),
+            // A literal: an escaped spelling of it is not it.
+            _ => {
+                let variant_segs = segments(&variant).expect("the same decoded segments");
+                assert_ne!(winner(&method, &variant_segs), Some(w), "{path:?} vs {variant:?}");
+            }
+        },
     }
 });

@@ -268,6 +268,11 @@ impl AuthzCache {
         crate::exposition::export(&self.stats());
     }
 
+    /// Counts a request turned away because a plug-in (resolver or mapper) panicked.
+    pub(crate) fn plugin_panicked(&self) {
+        Stats::incr(&self.inner.stats.plugin_panics);
+    }
+
     /// A copy of the counters.
     pub fn stats(&self) -> StatsSnapshot {
         #[cfg_attr(not(feature = "redis"), allow(unused_mut))]

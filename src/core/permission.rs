@@ -107,6 +107,9 @@ impl From<Permission> for Access {
 /// Implemented for closures `Fn(&Parts) -> impl Into<Access>`, so `Option<Permission>` works
 /// (`None` = public); the built-in is [`RouteTable`].
 ///
+/// Under [`CachedAuthorizationLayer`](crate::CachedAuthorizationLayer), a panic in `map` is
+/// caught: the request gets 503 (never public) and an audit event, and the service keeps serving.
+///
 /// ```
 /// use http::request::Parts;
 /// use tower_authz_cache::{MapPermission, Permission};
@@ -171,12 +174,32 @@ struct Route {
 ///   `/documents/{id}`), then the one added first.
 /// - Unmapped requests get [`Access::Unmapped`] (403); [`RouteTable::public`] lists the open ones.
 ///
-/// Matching is per segment on the percent-decoded path. A path with an empty segment (`//`, a
+/// # Paths and percent-escapes
+///
+/// The table reads the path the way axum's router (matchit) and `Path` extractor do, so that it
+/// always judges the route that will run:
+///
+/// - A literal segment matches exactly the raw bytes of the request's path segment, as
+///   matchit compares them: no decoding, no case folding. `/docum%65nts/7` and `/documents/ne%77`
+///   do not match the literals `documents` and `new` (axum would not dispatch them there either);
+///   `/documents/ne%77` matches `/documents/{id}` with `id = "new"`, as axum does.
+/// - A parameter takes the whole segment, percent-decoded (UTF-8), as `axum::extract::Path`
+///   hands it to the handler: `/documents/%37` names `documents:7`. So the resource checked is the
+///   one the handler sees.
+///
+/// Every segment is still decoded to be checked, and a path with an empty segment (`//`, a
 /// trailing `/`), a `.` or `..` segment (also encoded as `%2e`), an encoded `/` or `\`, a control
-/// character, invalid UTF-8, or more than 2 KiB or 32 segments matches nothing. A parameter value
-/// may not contain `:` or `*`, so it cannot reach into another resource's name; keep parameters
-/// apart with `:` in resource templates (`orgs:{org}:docs:{doc}`, not `{org}-{doc}`), or two
-/// paths can name one resource.
+/// character (raw or encoded), a bad escape (`%zz`, `%+a`, a lone `%`), invalid UTF-8, or more
+/// than 2 KiB or 32 segments matches nothing, not even a public route. These are stricter than
+/// axum, never looser: where the two differ the table says [`Access::Unmapped`] (403).
+///
+/// A parameter value may not contain `:` or `*`, so it cannot reach into another resource's name;
+/// keep parameters apart with `:` in resource templates (`orgs:{org}:docs:{doc}`, not
+/// `{org}-{doc}`), or two paths can name one resource.
+///
+/// Behind a router that decodes the path before dispatching, or rewrites it (nesting that strips a
+/// prefix, a normalising proxy in the same process), give the table the path that router
+/// dispatches on: put the layer where it sees the same `uri().path()` as the router.
 ///
 /// Builder methods panic on a malformed template, as `axum::Router::route` does: templates are
 /// code, not input.
@@ -241,7 +264,7 @@ impl RouteTable {
     }
 
     fn lookup(&self, method: &Method, path: &str) -> Access {
-        let mut buf: [Cow<'_, str>; MAX_SEGMENTS] = std::array::from_fn(|_| Cow::Borrowed(""));
+        let mut buf: [Segment<'_>; MAX_SEGMENTS] = std::array::from_fn(|_| Segment::default());
         let Some(n) = split_path(path, &mut buf) else {
             return Access::Unmapped;
         };
@@ -256,14 +279,16 @@ impl RouteTable {
             for (i, (seg, value)) in route.segments.iter().zip(segments).enumerate() {
                 match seg {
                     Seg::Literal(lit) => {
-                        if **lit != **value {
+                        // The raw bytes, as the router compares them: a template literal has no
+                        // `%`, so an escaped spelling of it never matches.
+                        if **lit != *value.raw {
                             ok = false;
                             break;
                         }
                         score |= 1 << (63 - i);
                     }
                     Seg::Param => {
-                        if value.contains([':', '*']) {
+                        if value.decoded.contains([':', '*']) {
                             ok = false;
                             break;
                         }
@@ -285,7 +310,7 @@ impl RouteTable {
                     for part in resource.iter() {
                         match part {
                             Part::Literal(l) => out.push_str(l),
-                            Part::Segment(i) => out.push_str(&segments[*i]),
+                            Part::Segment(i) => out.push_str(&segments[*i].decoded),
                         }
                     }
                     Arc::<str>::from(out.as_str())
@@ -314,8 +339,15 @@ fn method_matches(route: Option<&Method>, method: &Method) -> bool {
     }
 }
 
+/// One path segment: as sent (what literals match) and percent-decoded (what parameters take).
+#[derive(Default)]
+struct Segment<'a> {
+    raw: &'a str,
+    decoded: Cow<'a, str>,
+}
+
 /// Splits and decodes a request path into `out`; `None` when it must match nothing.
-fn split_path<'a>(path: &'a str, out: &mut [Cow<'a, str>; MAX_SEGMENTS]) -> Option<usize> {
+fn split_path<'a>(path: &'a str, out: &mut [Segment<'a>; MAX_SEGMENTS]) -> Option<usize> {
     if path.len() > MAX_PATH_LEN {
         return None;
     }
@@ -332,7 +364,7 @@ fn split_path<'a>(path: &'a str, out: &mut [Cow<'a, str>; MAX_SEGMENTS]) -> Opti
         if seg.is_empty() || seg == "." || seg == ".." || seg.chars().any(|c| c == '/' || c == '\\' || c.is_control()) {
             return None;
         }
-        out[n] = seg;
+        out[n] = Segment { raw, decoded: seg };
         n += 1;
     }
     Some(n)
@@ -443,6 +475,26 @@ mod tests {
         );
         assert_eq!(req(&t, Method::POST, "/health"), Access::Public);
         assert_eq!(req(&t, Method::DELETE, "/documents/7"), Access::Unmapped);
+    }
+
+    /// Literals match the raw segment, as axum's router does; only parameters are decoded.
+    #[test]
+    fn literals_match_raw_bytes_and_parameters_are_decoded() {
+        let t = table();
+        // An escaped spelling of a literal is not that literal: the parameter route beside it
+        // takes the segment, decoded, as the router and `Path` would.
+        for path in ["/documents/ne%77", "/documents/%6Eew", "/documents/%6e%65%77"] {
+            assert_eq!(
+                req(&t, Method::GET, path),
+                Access::Requires(Permission::new("documents:new", "read")),
+                "{path}"
+            );
+        }
+        for path in ["/h%65alth", "/%68ealth", "/docum%65nts/7", "/admin/%75sers/bob/role", "/orgs/a/d%6fcs/b"] {
+            for method in [Method::GET, Method::PUT, Method::POST] {
+                assert_eq!(req(&t, method.clone(), path), Access::Unmapped, "{method} {path}");
+            }
+        }
     }
 
     #[test]

@@ -214,6 +214,10 @@ impl std::error::Error for ResolveError {
 /// Implemented for closures `Fn(&Parts) -> impl Future<Output = Result<Principal, ResolveError>>`;
 /// the built-ins are [`BearerToken`] and [`TrustedHeader`].
 ///
+/// Under [`CachedAuthorizationLayer`](crate::CachedAuthorizationLayer), a panic in `resolve` or
+/// in its future is caught: the request gets 503 and an audit event, and the service keeps
+/// serving.
+///
 /// ```
 /// use http::request::Parts;
 /// use tower_authz_cache::{Principal, ResolveError, ResolvePrincipal};

@@ -52,6 +52,7 @@ pub fn request(method: &str, path: &str, token: Option<&str>, body: &str) -> Req
 }
 
 pub mod faults;
+pub mod http1;
 #[cfg(feature = "postgres")]
 pub mod pg;
 pub mod proxy;
