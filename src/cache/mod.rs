@@ -1282,7 +1282,7 @@ impl AuthzCacheBuilder {
 
 /// How much longer than this process's own retention shared stores keep an epoch (see
 /// [`AuthzCacheBuilder::build`]).
-const SHARED_RETENTION_MARGIN: Duration = Duration::from_secs(10);
+const SHARED_RETENTION_MARGIN: Duration = Duration::from_secs(5);
 
 /// Background tasks of a cache, aborted when it is dropped.
 #[derive(Default)]

@@ -1,0 +1,159 @@
+//! Two instances whose wall clocks are ten minutes apart (one five minutes ahead, one five
+//! behind: the cache's clock is the seam, through the unstable `internals` hook), sharing the real
+//! Redis and Postgres: concurrent bumps of one scope from both, role changes with their
+//! invalidations, then the whole epoch retention period and more, while both instances and a
+//! third, L1-less one keep asking. Zero stale allows: no entry revives once the epoch that ended
+//! it is forgotten, whatever deadline its writer's clock gave it.
+//!
+//! Needs `--all-features` (the `internals` feature); compiles to nothing without it.
+#![cfg(all(feature = "redis", feature = "postgres", feature = "internals"))]
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use support::pg::{self, Schema};
+use support::redis::{Namespace, SECRET};
+use tower_authz_cache::{
+    AuthzCache, BoxError, Decision, Invalidation, Permission, PostgresTier, Principal, RedisTier,
+};
+
+const SKEW_MS: i64 = 5 * 60 * 1000;
+const TTL: Duration = Duration::from_secs(1);
+const AUTHZ_TIMEOUT: Duration = Duration::from_millis(200);
+const MAX_STALENESS: Duration = Duration::from_millis(300);
+/// Local retention is ttl + authorizer timeout + 1 s; shared stores keep epochs 5 s longer.
+const RETENTION: Duration = Duration::from_millis(1000 + 200 + 1000 + 5000);
+
+/// bob's current permission, the same for every instance.
+#[derive(Clone, Default)]
+struct Policy {
+    allowed: Arc<AtomicBool>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Policy {
+    fn cache(&self, offset_ms: i64, schema: Option<&Schema>, ns: &Namespace, l1: bool) -> AuthzCache {
+        let p = self.clone();
+        let mut builder = AuthzCache::builder(move |_: Principal, _: Permission| {
+            p.calls.fetch_add(1, Ordering::SeqCst);
+            let allowed = p.allowed.load(Ordering::SeqCst);
+            async move { Ok::<_, BoxError>(Decision::from_bool(allowed)) }
+        })
+        .__wall_clock_offset(offset_ms)
+        .allow_ttl(TTL)
+        .deny_ttl(TTL)
+        .authorizer_timeout(AUTHZ_TIMEOUT)
+        .max_staleness(MAX_STALENESS)
+        .l1_max_bytes(if l1 { 16 << 20 } else { 0 })
+        .l2(RedisTier::builder(support::redis::url(), SECRET).namespace(&ns.0).build().unwrap());
+        if let Some(schema) = schema {
+            builder = builder.l3(
+                PostgresTier::builder(pg::url(), SECRET)
+                    .schema(&schema.0)
+                    .pool_size(4)
+                    .warm_on_start(0)
+                    .sweep(Duration::from_millis(100), 1000)
+                    .build()
+                    .unwrap(),
+            );
+        }
+        builder.build()
+    }
+}
+
+fn read() -> Permission {
+    Permission::new("documents:1", "read")
+}
+
+async fn allowed(cache: &AuthzCache) -> bool {
+    cache.check(&Principal::new("bob"), &read()).await.is_ok_and(|d| d.is_allowed())
+}
+
+/// Runs the scenario on L1+L2 (Redis alone keeps the epochs) or L1+L2+L3 (Postgres does).
+async fn skewed_instances_never_revive_a_revoked_allow(with_postgres: bool) {
+    let schema = if with_postgres {
+        let schema = Schema::new("skew");
+        let _ = pg::client().await;
+        PostgresTier::builder(pg::url(), SECRET).schema(&schema.0).build().unwrap().migrate().await.unwrap();
+        Some(schema)
+    } else {
+        None
+    };
+    let ns = Namespace::new("skew");
+    let policy = Policy::default();
+    policy.allowed.store(true, Ordering::SeqCst);
+    let ahead = policy.cache(SKEW_MS, schema.as_ref(), &ns, true);
+    let behind = policy.cache(-SKEW_MS, schema.as_ref(), &ns, true);
+    let shared_only = policy.cache(-SKEW_MS, schema.as_ref(), &ns, false);
+    for cache in [&ahead, &behind, &shared_only] {
+        tokio::time::timeout(Duration::from_secs(10), cache.ready()).await.expect("ready");
+    }
+    let caches = [&ahead, &behind, &shared_only];
+    let mut stale = 0usize;
+    // When bob's permission last ended (revoked and invalidated), if it is ended now.
+    let mut ended_at: Option<Instant> = None;
+    let mut judge = async |caches: &[&AuthzCache], ended_at: Option<Instant>| {
+        for cache in caches {
+            if allowed(cache).await && ended_at.is_some_and(|t| t.elapsed() > MAX_STALENESS) {
+                stale += 1;
+            }
+        }
+    };
+
+    // 1. Churn: bob's role flips every round, and both instances invalidate him at once (their
+    //    clocks ten minutes apart, so their floors are too). The ahead instance writes the shared
+    //    copies, with deadlines five minutes in everyone else's future.
+    for round in 0..20 {
+        let allow = round % 2 == 1;
+        policy.allowed.store(allow, Ordering::SeqCst);
+        let inv = Invalidation::principal("bob");
+        let (a, b) = tokio::join!(ahead.invalidate(&inv), behind.invalidate(&inv));
+        a.expect("invalidated through the ahead instance");
+        b.expect("invalidated through the behind instance");
+        ended_at = (!allow).then(Instant::now);
+        // Each instance, the invalidating one first of all, misses at once.
+        for cache in [&ahead, &behind] {
+            assert_eq!(allowed(cache).await, allow, "round {round}: an invalidating instance served the old answer");
+        }
+        for _ in 0..5 {
+            judge(&caches, ended_at).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    // 2. The last allow: written by the instance five minutes ahead, read (and promoted) by the
+    //    others; then revoked for good.
+    policy.allowed.store(true, Ordering::SeqCst);
+    ahead.invalidate(&Invalidation::principal("bob")).await.unwrap();
+    assert!(allowed(&ahead).await);
+    tokio::time::sleep(Duration::from_millis(100)).await; // the write-behind lands
+    assert!(allowed(&behind).await);
+    assert!(allowed(&shared_only).await);
+    policy.allowed.store(false, Ordering::SeqCst);
+    behind.invalidate(&Invalidation::principal("bob")).await.unwrap();
+    let ended = Instant::now();
+
+    // 3. The full retention period and beyond: epochs are forgotten (locally, and swept or
+    //    expired in the stores), entries written under the ahead clock still claim to be valid
+    //    for minutes. Nothing may come back.
+    let calls_before = policy.calls.load(Ordering::SeqCst);
+    while ended.elapsed() < RETENTION + Duration::from_secs(2) {
+        judge(&caches, Some(ended)).await;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(stale, 0, "stale allows (postgres: {with_postgres})");
+    assert!(policy.calls.load(Ordering::SeqCst) > calls_before, "the deny entries expired and were asked again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clocks_ten_minutes_apart_revive_nothing_with_redis_alone() {
+    skewed_instances_never_revive_a_revoked_allow(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clocks_ten_minutes_apart_revive_nothing_with_redis_and_postgres() {
+    skewed_instances_never_revive_a_revoked_allow(true).await;
+}
