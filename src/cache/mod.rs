@@ -31,6 +31,7 @@ pub(crate) mod key;
 #[cfg(test)]
 mod properties;
 pub(crate) mod single_flight;
+mod unfinished;
 pub(crate) mod warm;
 
 use std::fmt;
@@ -719,8 +720,14 @@ impl Inner {
             .as_ref()
             .filter(|r| now < r.until_ms && target.is_some())
             .map(|r| epoch_target(&r.keys, invalidation));
+        // Cancellation (DESIGN.md 4b): the other secret's scope is covered from the start, so a
+        // drop during the first bump still applies it; its own bump takes the cover over.
+        let other_unfinished = other.map(|o| unfinished::Unfinished::new(self, o, now));
         let mut outcome = self.bump_epochs(target, now).await;
         if let Some(other) = other {
+            if let Some(cover) = other_unfinished {
+                cover.finish();
+            }
             outcome &= self.bump_epochs(other, now).await;
         }
         audit_invalidation(invalidation, outcome, by);
@@ -749,12 +756,16 @@ impl Inner {
         #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(unused_mut))]
         let mut assigned = false;
         let forget = self.epochs.forget_after_ms();
+        // Cancellation (DESIGN.md 4b): dropped at an await below, what a failure there applies.
+        #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
+        let mut unfinished = unfinished::Unfinished::new(self, target, now);
         #[cfg(feature = "postgres")]
         if let Some(l3) = &self.l3 {
             match l3.pg.bump(target, epoch::now_us(), forget).await {
                 Ok(value) => {
                     self.merge_target(target, value, now);
                     assigned = true;
+                    unfinished.assigned(value);
                     #[cfg(feature = "redis")]
                     if let Some(l2) = &self.l2 {
                         if let Err(e) = l2.redis.raise(target, value, forget).await {
@@ -766,6 +777,7 @@ impl Inner {
                 }
                 Err(e) => {
                     self.owe_pg(target);
+                    unfinished.pg_owed();
                     delivered = false;
                     tracing::warn!(target: "authz_cache::audit", error = %e, "invalidation not recorded in postgres: l3 skipped until it is");
                 }
@@ -794,6 +806,7 @@ impl Inner {
                 }
             }
         }
+        unfinished.finish();
         let _ = forget;
         delivered
     }
