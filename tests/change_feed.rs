@@ -58,7 +58,13 @@ async fn allowed(cache: &AuthzCache, who: &str, doc: u32) -> bool {
 
 /// After `committed`, every cache must deny `who` within the bound and never allow again for
 /// `watch` afterwards. Returns when the last cache denied (since the commit).
-async fn assert_revoked(caches: &[&AuthzCache], who: &str, committed: Instant, watch: Duration, what: &str) -> Duration {
+async fn assert_revoked(
+    caches: &[&AuthzCache],
+    who: &str,
+    committed: Instant,
+    watch: Duration,
+    what: &str,
+) -> Duration {
     let mut denied_at = vec![None; caches.len()];
     let end = Instant::now() + watch;
     while Instant::now() < end || denied_at.iter().any(Option::is_none) {
@@ -117,7 +123,8 @@ async fn a_revocation_committed_while_no_instance_listens_is_applied_within_the_
     let mut report = Vec::new();
     for away in [Away::ListenReset, Away::ListenBlackHole, Away::Restart] {
         for (l1, redis) in [(true, false), (false, false), (true, true), (false, true)] {
-            let what = format!("{away:?}, L1 {}, {}", if l1 { "on" } else { "off" }, if redis { "L2+L3" } else { "L3" });
+            let what =
+                format!("{away:?}, L1 {}, {}", if l1 { "on" } else { "off" }, if redis { "L2+L3" } else { "L3" });
             let schema = seeded("feed_away").await;
             let ns = redis.then(|| Namespace::new("feed-away"));
             let (pa, pb) = (SplitProxy::start(pg::addr()).await, SplitProxy::start(pg::addr()).await);

@@ -16,16 +16,15 @@ use std::time::{Duration, Instant};
 
 use support::pg::{self, Schema};
 use support::redis::{Namespace, SECRET};
-use tower_authz_cache::{
-    AuthzCache, BoxError, Decision, Invalidation, Permission, PostgresTier, Principal, RedisTier,
-};
+use tower_authz_cache::{AuthzCache, BoxError, Decision, Invalidation, Permission, PostgresTier, Principal, RedisTier};
 
 const SKEW_MS: i64 = 5 * 60 * 1000;
 const TTL: Duration = Duration::from_secs(1);
 const AUTHZ_TIMEOUT: Duration = Duration::from_millis(200);
 const MAX_STALENESS: Duration = Duration::from_millis(300);
-/// Local retention is ttl + authorizer timeout + 1 s; shared stores keep epochs 5 s longer.
-const RETENTION: Duration = Duration::from_millis(1000 + 200 + 1000 + 5000);
+/// Local retention is ttl + authorizer timeout + the late-write margin (2 s) + 1 s; shared stores
+/// keep epochs 5 s longer.
+const RETENTION: Duration = Duration::from_millis(1000 + 200 + 2000 + 1000 + 5000);
 
 /// bob's current permission, the same for every instance.
 #[derive(Clone, Default)]
@@ -50,15 +49,13 @@ impl Policy {
         .l1_max_bytes(if l1 { 16 << 20 } else { 0 })
         .l2(RedisTier::builder(support::redis::url(), SECRET).namespace(&ns.0).build().unwrap());
         if let Some(schema) = schema {
-            builder = builder.l3(
-                PostgresTier::builder(pg::url(), SECRET)
-                    .schema(&schema.0)
-                    .pool_size(4)
-                    .warm_on_start(0)
-                    .sweep(Duration::from_millis(100), 1000)
-                    .build()
-                    .unwrap(),
-            );
+            builder = builder.l3(PostgresTier::builder(pg::url(), SECRET)
+                .schema(&schema.0)
+                .pool_size(4)
+                .warm_on_start(0)
+                .sweep(Duration::from_millis(100), 1000)
+                .build()
+                .unwrap());
         }
         builder.build()
     }
@@ -93,8 +90,6 @@ async fn skewed_instances_never_revive_a_revoked_allow(with_postgres: bool) {
     }
     let caches = [&ahead, &behind, &shared_only];
     let mut stale = 0usize;
-    // When bob's permission last ended (revoked and invalidated), if it is ended now.
-    let mut ended_at: Option<Instant> = None;
     let mut judge = async |caches: &[&AuthzCache], ended_at: Option<Instant>| {
         for cache in caches {
             if allowed(cache).await && ended_at.is_some_and(|t| t.elapsed() > MAX_STALENESS) {
@@ -113,7 +108,8 @@ async fn skewed_instances_never_revive_a_revoked_allow(with_postgres: bool) {
         let (a, b) = tokio::join!(ahead.invalidate(&inv), behind.invalidate(&inv));
         a.expect("invalidated through the ahead instance");
         b.expect("invalidated through the behind instance");
-        ended_at = (!allow).then(Instant::now);
+        // When bob's permission ended (revoked and invalidated), if it is ended now.
+        let ended_at = (!allow).then(Instant::now);
         // Each instance, the invalidating one first of all, misses at once.
         for cache in [&ahead, &behind] {
             assert_eq!(allowed(cache).await, allow, "round {round}: an invalidating instance served the old answer");

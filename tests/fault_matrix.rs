@@ -569,8 +569,10 @@ fn kinds_503<'a>(recs: impl Iterator<Item = &'a Rec>) -> String {
 }
 
 /// One worker: requests through one instance's layer until `stop`, each in a task of its own so
-/// that a panic escaping the layer is recorded (status 0) instead of ending the stream.
-async fn worker(svc: Svc, seed: u64, stop: Instant) -> Vec<Rec> {
+/// that a panic escaping the layer is recorded (status 0) instead of ending the stream. With
+/// `gone`, the worker is a client that goes away: each request is dropped after a random 1-40 ms
+/// (less than every tier timeout) unless answered by then, and counted in `gone`, not recorded.
+async fn worker(svc: Svc, seed: u64, stop: Instant, gone: Option<Arc<AtomicU64>>) -> Vec<Rec> {
     let mut rng = Rng(seed | 1);
     let mut recs = Vec::with_capacity(4096);
     while Instant::now() < stop {
@@ -589,9 +591,20 @@ async fn worker(svc: Svc, seed: u64, stop: Instant) -> Vec<Rec> {
             .body(())
             .unwrap();
         let start = Instant::now();
-        let status = match tokio::spawn(svc.clone().oneshot(req)).await {
-            Ok(Ok((status, reason))) => (status.as_u16(), reason.as_deref().map_or(0, why_code)),
-            Ok(Err(never)) => match never {},
+        let call = svc.clone().oneshot(req);
+        let cut = Duration::from_millis(1 + rng.below(40) as u64);
+        let answered = match gone {
+            None => tokio::spawn(async move { Some(call.await) }).await,
+            Some(_) => tokio::spawn(async move { tokio::time::timeout(cut, call).await.ok() }).await,
+        };
+        let status = match answered {
+            Ok(Some(Ok((status, reason)))) => (status.as_u16(), reason.as_deref().map_or(0, why_code)),
+            Ok(Some(Err(never))) => match never {},
+            Ok(None) => {
+                gone.iter().for_each(|g| _ = g.fetch_add(1, Ordering::Relaxed));
+                tokio::time::sleep(PACE).await;
+                continue;
+            }
             Err(_) => (0, 0),
         };
         let (status, why) = status;
@@ -709,7 +722,15 @@ struct Report {
     violations: Vec<String>,
 }
 
-async fn run_cell(cell: &Cell) -> Report {
+/// Whether some clients go away mid-request (DESIGN.md invariant 4b).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clients {
+    Stay,
+    /// The first worker of each instance drops its requests after 1-40 ms (see `worker`).
+    SomeDisconnect,
+}
+
+async fn run_cell(cell: &Cell, clients: Clients) -> Report {
     let truth = Truth::new();
     let began = Instant::now();
     let mut rig = Rig::new(cell, &truth).await;
@@ -720,9 +741,11 @@ async fn run_cell(cell: &Cell) -> Report {
     let t0 = Instant::now();
     let stop = t0 + WARM + FAULT + RECOVER;
     let mut workers = JoinSet::new();
+    let gone = Arc::new(AtomicU64::new(0));
     for (i, svc) in rig.services.iter().enumerate() {
         for w in 0..WORKERS_PER_INSTANCE {
-            workers.spawn(worker(svc.clone(), 0x9e37_79b9 * (i * 16 + w + 1) as u64, stop));
+            let gone = (clients == Clients::SomeDisconnect && w == 0).then(|| gone.clone());
+            workers.spawn(worker(svc.clone(), 0x9e37_79b9 * (i * 16 + w + 1) as u64, stop, gone));
         }
     }
     let revoker =
@@ -734,6 +757,7 @@ async fn run_cell(cell: &Cell) -> Report {
     tokio::time::sleep_until((fault_start + FAULT).into()).await;
     rig.clear();
     let fault_end = Instant::now();
+    let at_clear: Vec<_> = rig.caches.iter().map(AuthzCache::stats).collect();
 
     let mut recs = Vec::new();
     while let Some(r) = workers.join_next().await {
@@ -743,6 +767,10 @@ async fn run_cell(cell: &Cell) -> Report {
     let retries_done = Instant::now();
     let stats: Vec<_> = rig.caches.iter().map(AuthzCache::stats).collect();
     let panics = rig.control.panics.load(Ordering::SeqCst);
+    let recovery = match clients {
+        Clients::Stay => Vec::new(),
+        Clients::SomeDisconnect => recovery_after_disconnects(&rig.caches, cell, &at_clear, &stats).await,
+    };
     drop(rig);
     let phases = format!(
         "setup {:.1} s, retries {:.1} s after the stream, teardown {:.1} s",
@@ -923,6 +951,14 @@ async fn run_cell(cell: &Cell) -> Report {
     if cell.fault == Fault::AuthzPanic && panics == 0 {
         v.push("no panic was injected".to_owned());
     }
+    if clients == Clients::SomeDisconnect {
+        let gone = gone.load(Ordering::Relaxed);
+        report.notes = format!("{gone} requests abandoned by their clients; {}", report.notes);
+        if gone == 0 {
+            report.violations.push("no client went away".to_owned());
+        }
+        report.violations.extend(recovery);
+    }
     report
 }
 
@@ -1022,22 +1058,26 @@ fn table(reports: &[Report], total: Duration) -> String {
     out
 }
 
-fn write_table(text: &str) {
+fn write_table(text: &str, clients: Clients) {
     let dir =
         std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target").into());
-    let path = std::path::Path::new(&dir).join("fault-matrix.md");
+    let name = match clients {
+        Clients::Stay => "fault-matrix.md",
+        Clients::SomeDisconnect => "fault-matrix-disconnects.md",
+    };
+    let path = std::path::Path::new(&dir).join(name);
     std::fs::create_dir_all(&dir).expect("target dir");
     std::fs::write(&path, text).expect("write the fault matrix");
     println!("(written to {})", path.display());
 }
 
-async fn run_matrix(cells: &[Cell]) {
+async fn run_matrix(cells: &[Cell], clients: Clients) {
     quiet_injected_panics();
     let started = Instant::now();
     let mut reports = Vec::new();
     for cell in cells {
         let t = Instant::now();
-        let report = run_cell(cell).await;
+        let report = run_cell(cell, clients).await;
         println!(
             "cell {:<50} {:>5} req, 503 {:>4}, p99 {:>6.1} ms, stale {}/{}, {:.1} s ({}){}",
             format!("{} [{}]", cell.name, cell.topo.label()),
@@ -1052,9 +1092,17 @@ async fn run_matrix(cells: &[Cell]) {
         );
         reports.push(report);
     }
-    let text = table(&reports, started.elapsed());
+    let mut text = table(&reports, started.elapsed());
+    if clients == Clients::SomeDisconnect {
+        text = format!(
+            "Clients going away: in every cell below, one worker in {WORKERS_PER_INSTANCE} per instance drops each \
+             request after a random 1-40 ms (shorter than every tier timeout) unless it was answered, the other \
+             workers wait for their answers. Besides the usual expectations, every breaker closes again after the \
+             fault and the faulted tier serves hits again on every instance.\n\n{text}"
+        );
+    }
     println!("\n{text}");
-    write_table(&text);
+    write_table(&text, clients);
     let failed: Vec<String> = reports
         .iter()
         .filter(|r| !r.violations.is_empty())
@@ -1070,7 +1118,65 @@ async fn fault_matrix() {
     let cells: Vec<Cell> =
         CELLS.iter().filter(|c| format!("{} [{}]", c.name, c.topo.label()).contains(&only)).copied().collect();
     assert!(!cells.is_empty(), "FAULT_MATRIX_ONLY={only} matches no cell");
-    run_matrix(&cells).await;
+    run_matrix(&cells, Clients::Stay).await;
+}
+
+/// The outages of the matrix that make requests wait on a remote tier, with clients going away
+/// mid-request (DESIGN.md invariant 4b: an abandoned breaker probe used to leave its tier refused
+/// until the process restarted).
+const DISCONNECT_CELLS: &[Cell] = &[
+    Cell { name: "redis black hole, clients going away", topo: Topo::Redis, fault: Fault::RedisBlackHole },
+    Cell { name: "redis slow, clients going away", topo: Topo::Redis, fault: Fault::RedisSlow },
+    Cell { name: "postgres down, clients going away", topo: Topo::Pg, fault: Fault::PgDown },
+    Cell { name: "postgres slow, clients going away", topo: Topo::Pg, fault: Fault::PgSlow },
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_matrix_with_clients_going_away() {
+    run_matrix(DISCONNECT_CELLS, Clients::SomeDisconnect).await;
+}
+
+/// After a cell with clients going away: the faulted tier served hits again on every instance
+/// after the fault was cleared, and every breaker closes (heartbeats call through the breakers,
+/// so probes happen without traffic) within `OPEN_FOR` and a margin. Returns the violations.
+async fn recovery_after_disconnects(
+    caches: &[AuthzCache],
+    cell: &Cell,
+    at_clear: &[tower_authz_cache::StatsSnapshot],
+    at_stop: &[tower_authz_cache::StatsSnapshot],
+) -> Vec<String> {
+    let mut violations = Vec::new();
+    let hits = |s: &tower_authz_cache::StatsSnapshot| match cell.fault {
+        Fault::PgDown | Fault::PgSlow | Fault::PgRestart | Fault::PgListenCut | Fault::PgDataCut => {
+            s.tiers.l3.map_or(0, |t| t.hits)
+        }
+        _ => s.tiers.l2.map_or(0, |t| t.hits),
+    };
+    for (i, (clear, stop)) in at_clear.iter().zip(at_stop).enumerate() {
+        if hits(stop) <= hits(clear) {
+            violations.push(format!("instance {i}: no hit on the faulted tier after the fault"));
+        }
+    }
+    let breakers = || -> Vec<tower_authz_cache::BreakerState> {
+        caches
+            .iter()
+            .flat_map(|c| c.stats().tiers.l2.into_iter().chain(c.stats().tiers.l3))
+            .map(|t| t.breaker)
+            .collect()
+    };
+    let deadline = Instant::now() + OPEN_FOR + Duration::from_secs(2);
+    while breakers().iter().any(|b| *b != tower_authz_cache::BreakerState::Closed) {
+        if Instant::now() > deadline {
+            violations.push(format!(
+                "breakers not closed {:?} after the stream stopped: {:?}",
+                OPEN_FOR + Duration::from_secs(2),
+                breakers()
+            ));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    violations
 }
 
 /// Regression (found by the matrix): every failed invalidation of a principal during a Postgres

@@ -157,6 +157,8 @@ pub(crate) struct Epochs {
     clock: Clock,
     /// Bumps that a store answered with a value this process already had.
     regressions: AtomicU64,
+    /// Monotonic ms of the last local-only bump of the global epoch (0: none).
+    global_local_at_ms: AtomicU64,
 }
 
 impl Epochs {
@@ -172,6 +174,7 @@ impl Epochs {
             forget_after_ms,
             clock,
             regressions: AtomicU64::new(0),
+            global_local_at_ms: AtomicU64::new(0),
         }
     }
 
@@ -248,6 +251,20 @@ impl Epochs {
         EpochStamp { global, principal, resource, entry, local }
     }
 
+    /// Whether a local-only bump covers `key` (under `keys`): a bump the shared stores do not
+    /// have (yet), so their epochs cannot vouch for a shared entry of this key here. Lasts as long
+    /// as the local bump is remembered (`forget_after`, by which time every shared entry stamped
+    /// before it has expired).
+    pub(crate) fn tainted_under(&self, keys: &Keys, key: &CacheKey) -> bool {
+        let global = self.global_local_at_ms.load(Ordering::Acquire);
+        if global != 0 && self.clock.mono_ms().saturating_sub(global) < self.forget_after_ms {
+            return true;
+        }
+        self.principals.get(|| keys.scope_hash(Scope::Principal, &key.principal)).1 != 0
+            || self.resources.get(|| keys.scope_hash(Scope::Resource, &key.resource)).1 != 0
+            || self.entries.get(|| keys.entry_hash(key)).1 != 0
+    }
+
     /// Bumps the global epoch; returns the new value.
     pub(crate) fn bump_all(&self) -> u64 {
         self.bump_target(None)
@@ -278,7 +295,10 @@ impl Epochs {
     /// clock, still raises it here.
     pub(crate) fn bump_local_only(&self, target: Target) {
         match target {
-            None => self.bump_local(),
+            None => {
+                self.global_local_at_ms.store(self.clock.mono_ms().max(1), Ordering::Release);
+                self.bump_local();
+            }
             Some((scope, hash)) => {
                 let n = self.map(scope).raise(hash, 0, true, self.clock.mono_ms(), self.forget_after_ms);
                 self.cap(n);
@@ -488,6 +508,21 @@ mod tests {
         assert_ne!(e.stamp(&k), stamped);
         assert_ne!(e.stamp(&k), stamped);
         assert_eq!(e.regressions(), 3);
+    }
+
+    #[test]
+    fn a_local_only_bump_taints_shared_entries_until_it_is_forgotten() {
+        let (e, clock) = epochs(1_000);
+        let (k, other) = (key("bob", "doc:1"), key("alice", "doc:2"));
+        let keys = e.keys.clone();
+        let h = e.hashes(&k).principal;
+        assert!(!e.tainted_under(&keys, &k));
+        e.bump_local_only(Some((Scope::Principal, h)));
+        assert!(e.tainted_under(&keys, &k) && !e.tainted_under(&keys, &other));
+        e.bump_local_only(None);
+        assert!(e.tainted_under(&keys, &other), "a local-only global bump taints everything");
+        clock.advance(std::time::Duration::from_millis(1_001));
+        assert!(!e.tainted_under(&keys, &other), "until it is as old as the retention");
     }
 
     #[test]

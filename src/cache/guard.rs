@@ -3,6 +3,12 @@
 //! Closed: calls go through; `failure_threshold` consecutive failures (errors or timeouts) open
 //! it. Open: calls are refused at once (an atomic load, no I/O) for `open_for`. Then half-open:
 //! one probe goes through; success closes the breaker, failure opens it again.
+//!
+//! Cancellation-safe (DESIGN.md invariant 4b): the right to call is a [`Permit`] that settles
+//! itself when the call's future is dropped before it finished (a client gone, a caller's
+//! timeout). An abandoned probe counts as a failed probe (the breaker opens for another period
+//! and the probe slot is free again); an abandoned normal call counts for nothing, because a
+//! caller going away says nothing about the tier.
 
 use std::fmt;
 use std::future::Future;
@@ -93,10 +99,21 @@ fn mono_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
-/// What a caller may do.
-enum Permit {
-    Normal,
-    Probe,
+/// The right to make one call, taken before the call's first await. Settled by
+/// [`success`](Guard::success) or [`failure`](Guard::failure); a permit dropped unsettled (the
+/// call's future went away) is settled by [`Drop`] as an abandoned call.
+struct Permit<'a> {
+    guard: &'a Guard,
+    probe: bool,
+    settled: bool,
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.guard.abandoned(self.probe);
+        }
+    }
 }
 
 impl Guard {
@@ -133,9 +150,9 @@ impl Guard {
         )
     }
 
-    fn permit(&self) -> Option<Permit> {
+    fn permit(&self) -> Option<Permit<'_>> {
         match self.state.load(Ordering::Acquire) {
-            CLOSED => Some(Permit::Normal),
+            CLOSED => Some(Permit { guard: self, probe: false, settled: false }),
             OPEN => {
                 let open_for = self.config.open_for.as_millis() as u64;
                 if mono_ms().saturating_sub(self.opened_at_ms.load(Ordering::Acquire)) < open_for {
@@ -150,48 +167,63 @@ impl Guard {
         }
     }
 
-    fn take_probe(&self) -> Option<Permit> {
-        self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).ok().map(|_| Permit::Probe)
+    fn take_probe(&self) -> Option<Permit<'_>> {
+        // Built only once the slot is ours: a probe permit dropped unsettled re-opens the breaker.
+        let taken = self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        taken.then(|| Permit { guard: self, probe: true, settled: false })
     }
 
-    fn success(&self, permit: Permit) {
+    fn success(&self, mut permit: Permit<'_>) {
+        permit.settled = true;
         self.failures.store(0, Ordering::Release);
-        if let Permit::Probe = permit {
+        if permit.probe {
             self.state.store(CLOSED, Ordering::Release);
             self.probing.store(false, Ordering::Release);
             tracing::info!(target: "authz_cache::audit", tier = self.name, state = "closed", "circuit breaker");
         }
     }
 
-    fn failure(&self, permit: Permit) {
-        let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
-        match permit {
-            Permit::Probe => {
-                // The probe failed: open again for another period (not a new opening).
-                self.opened_at_ms.store(mono_ms(), Ordering::Release);
-                self.state.store(OPEN, Ordering::Release);
-                self.probing.store(false, Ordering::Release);
-                tracing::debug!(target: "authz_cache::audit", tier = self.name, "circuit breaker probe failed");
-            }
-            Permit::Normal if failures >= self.config.failure_threshold => {
-                if self.state.compare_exchange(CLOSED, OPEN, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                    self.opened_at_ms.store(mono_ms(), Ordering::Release);
-                    self.opens.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        target: "authz_cache::audit",
-                        tier = self.name,
-                        state = "open",
-                        failures,
-                        open_for_ms = self.config.open_for.as_millis() as u64,
-                        "circuit breaker"
-                    );
-                }
-            }
-            Permit::Normal => {}
+    /// The probe failed, or went away: open again for another period (not a new opening), and
+    /// free the probe slot for the next one.
+    fn reopen(&self) {
+        self.opened_at_ms.store(mono_ms(), Ordering::Release);
+        self.state.store(OPEN, Ordering::Release);
+        self.probing.store(false, Ordering::Release);
+    }
+
+    /// A call whose future was dropped before it finished. A probe counts as failed (without
+    /// adding to the consecutive failures); a normal call counts for nothing, and holds nothing.
+    fn abandoned(&self, probe: bool) {
+        if probe {
+            self.reopen();
+            tracing::debug!(target: "authz_cache::audit", tier = self.name, "circuit breaker probe abandoned: counted as failed");
         }
     }
 
-    /// Runs `call` under the timeout and the breaker.
+    fn failure(&self, mut permit: Permit<'_>) {
+        permit.settled = true;
+        let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        if permit.probe {
+            self.reopen();
+            tracing::debug!(target: "authz_cache::audit", tier = self.name, "circuit breaker probe failed");
+        } else if failures >= self.config.failure_threshold
+            && self.state.compare_exchange(CLOSED, OPEN, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        {
+            self.opened_at_ms.store(mono_ms(), Ordering::Release);
+            self.opens.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                target: "authz_cache::audit",
+                tier = self.name,
+                state = "open",
+                failures,
+                open_for_ms = self.config.open_for.as_millis() as u64,
+                "circuit breaker"
+            );
+        }
+    }
+
+    /// Runs `call` under the timeout and the breaker. Dropping the returned future before it
+    /// resolves settles its permit as abandoned (see the module docs).
     pub(crate) async fn call<T, E>(&self, call: impl Future<Output = Result<T, E>>) -> Result<T, GuardError<E>> {
         let Some(permit) = self.permit() else {
             self.rejected.fetch_add(1, Ordering::Relaxed);
@@ -274,6 +306,47 @@ mod tests {
         tx.send(()).unwrap();
         probe.await.unwrap();
         assert_eq!(g.state(), BreakerState::Closed);
+    }
+
+    /// DESIGN.md 4b: a probe whose future is dropped (a client gone, a caller's timeout) counts
+    /// as a failed probe. It used to keep the probe slot forever: every later call was refused.
+    #[tokio::test]
+    async fn a_dropped_probe_counts_as_failed_and_the_next_probe_closes_the_breaker() {
+        let open_for = Duration::from_millis(30);
+        let g = guard(open_for);
+        for _ in 0..5 {
+            let _ = g.call(async { Err::<(), _>("boom") }).await;
+        }
+        assert_eq!(g.state(), BreakerState::Open);
+        tokio::time::sleep(open_for + Duration::from_millis(10)).await;
+        let mut probe = Box::pin(g.call(std::future::pending::<Result<(), ()>>()));
+        assert!(futures_poll(&mut probe).is_none());
+        assert_eq!(g.state(), BreakerState::HalfOpen, "the dropped call was the probe");
+        drop(probe);
+        assert_eq!(g.state(), BreakerState::Open, "an abandoned probe opens the breaker again");
+        assert!(matches!(g.call(async { Ok::<_, ()>(()) }).await, Err(GuardError::Open)), "for another period");
+        tokio::time::sleep(open_for + Duration::from_millis(10)).await;
+        g.call(async { Ok::<_, ()>(()) }).await.expect("a new probe goes through");
+        assert_eq!(g.state(), BreakerState::Closed);
+        assert_eq!(g.counters().0, 1, "re-opening after a probe is not a new opening");
+    }
+
+    /// A caller going away says nothing about the tier: dropped normal calls never open the
+    /// breaker, and leave the count of consecutive failures where it was.
+    #[tokio::test]
+    async fn dropped_normal_calls_do_not_count_as_failures() {
+        let g = guard(Duration::from_secs(3600));
+        for _ in 0..4 {
+            let _ = g.call(async { Err::<(), _>("boom") }).await;
+        }
+        for _ in 0..10 {
+            let mut call = Box::pin(g.call(std::future::pending::<Result<(), ()>>()));
+            assert!(futures_poll(&mut call).is_none());
+        }
+        assert_eq!(g.state(), BreakerState::Closed);
+        assert_eq!(g.counters(), (0, 4, 0, 0));
+        let _ = g.call(async { Err::<(), _>("boom") }).await;
+        assert_eq!(g.state(), BreakerState::Open, "the fifth real failure opens it");
     }
 
     fn futures_poll<F: Future + Unpin>(f: &mut F) -> Option<F::Output> {

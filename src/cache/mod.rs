@@ -33,6 +33,7 @@ pub(crate) mod key;
 #[cfg(test)]
 mod properties;
 pub(crate) mod single_flight;
+mod unfinished;
 pub(crate) mod warm;
 
 use std::fmt;
@@ -431,7 +432,8 @@ impl Inner {
             Stats::incr(&counters.misses);
             return SharedRead::Miss;
         }
-        if entry.stamp.shared() != current.shared() {
+        if entry.stamp.shared() != current.shared() || self.epochs.tainted_under(keys, key) {
+            // Stale, or covered by a bump only this process knows of (the stores missed it).
             Stats::incr(&counters.stale);
             Stats::incr(&counters.misses);
             return SharedRead::Miss;
@@ -492,9 +494,14 @@ impl Inner {
     #[cfg(feature = "redis")]
     async fn read_l2(&self, keys: &Keys, key: &CacheKey, key_id: &[u8; 32], hashes: &epoch::ScopeHashes) -> SharedRead {
         let Some(l2) = self.l2.as_ref() else { return SharedRead::Unread };
-        if !self.pending.lock().unwrap_or_else(|e| e.into_inner()).redis.is_empty() || !self.feed_trusted() {
-            // Redis missed an invalidation (this process owes it one, or the change feed is not
-            // known to be caught up): its epochs cannot vouch for anything until then.
+        let owed = {
+            let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            !pending.redis.is_empty() || !pending.pg.is_empty()
+        };
+        if owed || !self.feed_trusted() {
+            // Redis missed an invalidation (this process owes it, or Postgres, whose epochs Redis
+            // mirrors, one; or the change feed is not known to be caught up): its epochs cannot
+            // vouch for anything until then.
             Stats::incr(&self.stats.l2.misses);
             return SharedRead::Unread;
         }
@@ -772,8 +779,14 @@ impl Inner {
             .as_ref()
             .filter(|r| now < r.until_ms && target.is_some())
             .map(|r| epoch_target(&r.keys, invalidation));
+        // Cancellation (DESIGN.md 4b): the other secret's scope is covered from the start, so a
+        // drop during the first bump still applies it; its own bump takes the cover over.
+        let other_unfinished = other.map(|o| unfinished::Unfinished::new(self, o));
         let mut outcome = self.bump_epochs(target).await;
         if let Some(other) = other {
+            if let Some(cover) = other_unfinished {
+                cover.finish();
+            }
             outcome &= self.bump_epochs(other).await;
         }
         audit_invalidation(invalidation, outcome, by);
@@ -799,21 +812,28 @@ impl Inner {
     /// recorded in Postgres for every instance to pay); this process is covered either way (a
     /// local bump), and the caller learns that the others may not be.
     async fn bump_epochs(&self, target: Target) -> bool {
+        #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(unused_variables))]
         let before = self.epochs.current_of(target);
         let retention = self.shared_retention_ms;
         #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(unused_mut))]
         let mut delivered = true;
         #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(unused_mut))]
-        let mut assigned: Option<u64> = None;
+        let mut settled = false;
+        // Cancellation (DESIGN.md 4b): dropped at an await below, what a failure there applies.
+        #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
+        let mut unfinished = unfinished::Unfinished::new(self, target);
         #[cfg(feature = "postgres")]
         if let Some(l3) = &self.l3 {
             match l3.pg.bump(target, self.epochs.floor(), retention).await {
                 Ok(value) => {
-                    assigned = Some(value);
+                    self.epochs.settle_from(target, before, value);
+                    settled = true;
+                    unfinished.assigned(value);
                     #[cfg(feature = "redis")]
                     if let Some(l2) = &self.l2 {
                         if let Err(e) = l2.redis.raise(target, value, retention).await {
                             self.owe_redis(target, Owed::Raise(value));
+                            unfinished.mirror_owed();
                             if l3.pg.owe_mirror(target, value).await.is_err() {
                                 tracing::debug!(target: "authz_cache", "redis mirror debt not recorded in postgres");
                             }
@@ -824,21 +844,21 @@ impl Inner {
                 }
                 Err(e) => {
                     self.owe_pg(target);
+                    unfinished.pg_owed();
                     delivered = false;
                     tracing::warn!(target: "authz_cache::audit", error = %e, "invalidation not recorded in postgres: l3 skipped until it is");
                 }
             }
         }
         #[cfg(feature = "redis")]
-        if let (None, Some(l2)) = (assigned, &self.l2) {
+        if let (false, Some(l2)) = (settled, &self.l2) {
             match l2.redis.bump(target, self.epochs.floor(), retention).await {
-                Ok(value) => assigned = Some(value),
+                Ok(value) => {
+                    self.epochs.settle_from(target, before, value);
+                    settled = true;
+                }
                 Err(e) => {
-                    #[cfg(feature = "postgres")]
-                    let authority = self.l3.is_none();
-                    #[cfg(not(feature = "postgres"))]
-                    let authority = true;
-                    if authority {
+                    if self.epochs_authority_is_redis() {
                         // Redis keeps the epochs: it is owed the bump, as Postgres would be.
                         self.owe_redis(target, Owed::Bump);
                     }
@@ -847,17 +867,26 @@ impl Inner {
                 }
             }
         }
-        match assigned {
-            Some(value) => {
-                self.epochs.settle_from(target, before, value);
-            }
-            None if self.has_shared_tier() => self.epochs.bump_local_only(target),
-            None => {
+        if !settled {
+            if self.has_shared_tier() {
+                self.epochs.bump_local_only(target);
+            } else {
                 self.epochs.bump_target(target);
             }
         }
+        unfinished.finish();
         let _ = retention;
         delivered
+    }
+
+    /// Whether Redis keeps the epochs (L2 without L3), and so is owed the bumps it missed.
+    #[cfg(feature = "redis")]
+    fn epochs_authority_is_redis(&self) -> bool {
+        #[cfg(feature = "postgres")]
+        if self.l3.is_some() {
+            return false;
+        }
+        self.l2.is_some()
     }
 
     /// Records a bump owed to Postgres; past `MAX_PENDING`, the debt collapses to a global bump.
@@ -1184,7 +1213,10 @@ impl AuthzCacheBuilder {
         // by `SHARED_RETENTION_MARGIN`, on their own clocks: rows and keys they hold are judged by
         // the same clocks (Redis expiries, Postgres `written_at`), so writers' clocks only need
         // to agree within that margin for the write-behind delay, never for correctness of a read.
-        let forget_after_ms = ms(longest_ttl).saturating_add(ms(self.authorizer_timeout)).saturating_add(1000);
+        let forget_after_ms = ms(longest_ttl)
+            .saturating_add(ms(self.authorizer_timeout))
+            .saturating_add(ms(LATE_WRITE_MARGIN))
+            .saturating_add(1000);
         let shared_retention_ms = forget_after_ms.saturating_add(ms(SHARED_RETENTION_MARGIN));
         #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(unused_mut))]
         let mut secrets: Vec<&[u8]> = Vec::new();
@@ -1279,6 +1311,14 @@ impl AuthzCacheBuilder {
         AuthzCache { inner }
     }
 }
+
+/// How late a shared copy may land after its entry was computed (the L3 write queue drops rows
+/// older than this): local retention covers it, so a local-only bump outlives every shared entry
+/// stamped before it.
+#[cfg(feature = "postgres")]
+const LATE_WRITE_MARGIN: Duration = crate::tier::postgres::MAX_WRITE_DELAY;
+#[cfg(not(feature = "postgres"))]
+const LATE_WRITE_MARGIN: Duration = Duration::ZERO;
 
 /// How much longer than this process's own retention shared stores keep an epoch (see
 /// [`AuthzCacheBuilder::build`]).
