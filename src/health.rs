@@ -6,6 +6,9 @@
 //!   half-open, down while open.
 //! - The backplane is up when subscribed and heard, degraded when subscribed but silent (L1 is
 //!   not trusted), down when not subscribed.
+//! - With L2, Redis is also degraded while its `maxmemory-policy` can evict epoch keys (or cannot
+//!   be read): `reason` says so.
+//! - The change feed (with L3) is up while it is known to be caught up, degraded while not.
 //! - The authorizer is down after [`AUTHORIZER_DOWN_AFTER`] consecutive failures and up again
 //!   at its first success.
 //!
@@ -58,6 +61,10 @@ pub struct PartHealth {
     /// Its circuit breaker, for remote tiers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub breaker: Option<BreakerState>,
+    /// Why it is not up, when a reason is known beyond the status (e.g. a Redis whose
+    /// `maxmemory-policy` can evict epoch keys).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'static str>,
 }
 
 /// Per-part health.
@@ -85,6 +92,10 @@ pub struct Health {
     /// The invalidation backplane, when configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backplane: Option<PartHealth>,
+    /// The durable change feed, with L3: up while it is known to be caught up, degraded while
+    /// it is not (L1 and L2 are then not read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change_feed: Option<PartHealth>,
     /// The authorizer.
     pub authorizer: PartHealth,
     /// Authorizer failures since its last success.
@@ -98,14 +109,15 @@ impl Health {
     }
 
     pub(crate) fn assess(stats: &StatsSnapshot, authorizer_failing: u64) -> Self {
-        let part = |status| PartHealth { status, breaker: None };
+        let part = |status| PartHealth { status, breaker: None, reason: None };
         let remote = |t: RemoteTierSnapshot| PartHealth {
-            status: match t.breaker {
-                BreakerState::Closed => HealthStatus::Up,
-                BreakerState::HalfOpen => HealthStatus::Degraded,
+            status: match (t.breaker, t.warning) {
+                (BreakerState::Closed, None) => HealthStatus::Up,
+                (BreakerState::Closed | BreakerState::HalfOpen, _) => HealthStatus::Degraded,
                 _ => HealthStatus::Down,
             },
             breaker: Some(t.breaker),
+            reason: t.warning,
         };
         let (l2, l3) = (stats.tiers.l2.map(remote), stats.tiers.l3.map(remote));
         #[cfg(any(feature = "redis", feature = "postgres"))]
@@ -118,10 +130,21 @@ impl Health {
         });
         #[cfg(not(any(feature = "redis", feature = "postgres")))]
         let backplane = None;
+        let change_feed = stats.change_feed.map(|f| PartHealth {
+            status: if f.caught_up { HealthStatus::Up } else { HealthStatus::Degraded },
+            breaker: None,
+            reason: (!f.caught_up).then_some("change feed not confirmed within max_staleness: L1 and L2 not read"),
+        });
         let authorizer =
             part(if authorizer_failing >= AUTHORIZER_DOWN_AFTER { HealthStatus::Down } else { HealthStatus::Up });
-        let others =
-            l2.iter().chain(l3.iter()).chain(backplane.iter()).map(|p| p.status).max().unwrap_or(HealthStatus::Up);
+        let others = l2
+            .iter()
+            .chain(l3.iter())
+            .chain(backplane.iter())
+            .chain(change_feed.iter())
+            .map(|p| p.status)
+            .max()
+            .unwrap_or(HealthStatus::Up);
         let status = if authorizer.status == HealthStatus::Down {
             HealthStatus::Down
         } else if others != HealthStatus::Up {
@@ -133,6 +156,7 @@ impl Health {
             status,
             tiers: TiersHealth { l1: part(HealthStatus::Up), l2, l3 },
             backplane,
+            change_feed,
             authorizer,
             authorizer_consecutive_failures: authorizer_failing,
         }

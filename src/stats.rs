@@ -189,6 +189,10 @@ pub struct RemoteTierSnapshot {
     pub call_timeouts: u64,
     /// Calls refused at no cost because the breaker was open.
     pub calls_skipped: u64,
+    /// A configuration of the store that breaks a guarantee (e.g. a Redis `maxmemory-policy`
+    /// that can evict epoch keys); the tier then reports degraded health.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<&'static str>,
 }
 
 /// Per-tier counters.
@@ -459,6 +463,7 @@ impl RemoteCounters {
             call_errors: errors,
             call_timeouts: timeouts,
             calls_skipped: skipped,
+            warning: None,
         }
     }
 }

@@ -118,15 +118,17 @@ async fn init_reports_each_component_and_migrates_against_the_running_services()
         "config     ok    mode development",
         "redis      ok",
         "postgres   ok",
-        &format!("migrations ok    schema {}: 2 applied in ", schema.0),
+        &format!("migrations ok    schema {}: 4 applied in ", schema.0),
         "    0001_authz_cache         applied\n",
         "    0002_reference_rbac      applied\n",
+        "    0003_durable_changes     applied\n",
+        "    0004_rbac_change_feed    applied\n",
         "result: ok",
     ] {
         assert!(report.contains(line), "missing {line:?} in:\n{report}");
     }
     let names: Vec<&str> = PostgresTier::migrations().collect();
-    assert_eq!(names, ["0001_authz_cache", "0002_reference_rbac"]);
+    assert_eq!(names, ["0001_authz_cache", "0002_reference_rbac", "0003_durable_changes", "0004_rbac_change_feed"]);
     insta::assert_snapshot!("init_report", redact(&report, &redis, &pg, &schema.0));
 
     // The migrations are in the schema, recorded.

@@ -280,7 +280,9 @@ impl AuthzCache {
         let mut snapshot = self.inner.stats.snapshot(self.inner.l1.usage());
         #[cfg(feature = "redis")]
         if let Some(l2) = &self.inner.l2 {
-            snapshot.tiers.l2 = Some(self.inner.stats.l2.snapshot(&l2.redis.guard));
+            let mut l2_snapshot = self.inner.stats.l2.snapshot(&l2.redis.guard);
+            l2_snapshot.warning = l2.redis.warning();
+            snapshot.tiers.l2 = Some(l2_snapshot);
         }
         #[cfg(feature = "postgres")]
         if let Some(l3) = &self.inner.l3 {
@@ -1320,6 +1322,10 @@ const LATE_WRITE_MARGIN: Duration = crate::tier::postgres::MAX_WRITE_DELAY;
 #[cfg(not(feature = "postgres"))]
 const LATE_WRITE_MARGIN: Duration = Duration::ZERO;
 
+/// How often Redis's `maxmemory-policy` is read again.
+#[cfg(feature = "redis")]
+const EVICTION_CHECK_EVERY: Duration = Duration::from_secs(5);
+
 /// How much longer than this process's own retention shared stores keep an epoch (see
 /// [`AuthzCacheBuilder::build`]).
 const SHARED_RETENTION_MARGIN: Duration = Duration::from_secs(5);
@@ -1344,10 +1350,20 @@ async fn janitor(inner: std::sync::Weak<Inner>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     #[cfg(feature = "postgres")]
     let mut upkeep = L3Upkeep { last_flush: Instant::now(), last_sweep: Instant::now(), global_mirrored: false };
+    #[cfg(feature = "redis")]
+    let mut eviction_checked: Option<Instant> = None;
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         inner.retry_pending().await;
+        // Redis's eviction policy, at start and every few seconds (an operator may change it).
+        #[cfg(feature = "redis")]
+        if let Some(l2) = &inner.l2 {
+            if eviction_checked.is_none_or(|at| at.elapsed() >= EVICTION_CHECK_EVERY) {
+                eviction_checked = Some(Instant::now());
+                l2.redis.check_eviction().await;
+            }
+        }
         #[cfg(feature = "postgres")]
         upkeep.run(&inner).await;
     }

@@ -48,7 +48,7 @@ const MIGRATIONS: [(&str, &str); 4] = [
     ("0001_authz_cache", include_str!("../../migrations/0001_authz_cache.sql")),
     ("0002_reference_rbac", include_str!("../../migrations/0002_reference_rbac.sql")),
     ("0003_durable_changes", include_str!("../../migrations/0003_durable_changes.sql")),
-    ("0004_reference_rbac_changes", include_str!("../../migrations/0004_reference_rbac_changes.sql")),
+    ("0004_rbac_change_feed", include_str!("../../migrations/0004_rbac_change_feed.sql")),
 ];
 
 /// Builds a [`PostgresTier`]. Defaults: schema `authz_cache`, pool 10, connect timeout 2 s, call

@@ -146,6 +146,7 @@ impl RedisTierBuilder {
                 global_key: format!("{ns}:e:g"),
                 ns,
                 write_queue: self.write_queue,
+                eviction: std::sync::atomic::AtomicU8::new(Eviction::Unknown as u8),
                 bump: redis::Script::new(&format!("{LUA_EPOCHS}{BUMP}")),
                 raise: redis::Script::new(&format!("{LUA_EPOCHS}{RAISE}")),
             }),
@@ -317,9 +318,75 @@ pub(crate) struct RedisShared {
     pub(crate) write_queue: usize,
     bump: redis::Script,
     raise: redis::Script,
+    /// What the last `maxmemory-policy` check found (see [`Eviction`]).
+    eviction: std::sync::atomic::AtomicU8,
 }
 
+/// Whether Redis may evict keys the cache needs. Entries and epochs both carry expiries, so any
+/// policy but `noeviction` (`volatile-*` as much as `allkeys-*`) can drop an epoch before the
+/// entries it invalidated, and an entry whose epoch was dropped validates again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Eviction {
+    /// Not checked yet.
+    Unknown = 0,
+    /// `noeviction`.
+    Safe = 1,
+    /// A policy that can evict epoch keys.
+    Unsafe = 2,
+    /// `CONFIG GET` is not allowed (a managed Redis): the policy cannot be verified.
+    Unreadable = 3,
+}
+
+/// The health warning of a Redis whose policy can evict epoch keys.
+pub(crate) const EVICTION_WARNING: &str =
+    "redis maxmemory-policy can evict epoch keys (revoked entries could validate again): set noeviction";
+
+/// The health warning of a Redis whose policy could not be read.
+pub(crate) const EVICTION_UNKNOWN: &str =
+    "redis maxmemory-policy could not be read (CONFIG GET refused): make sure it is noeviction";
+
 impl RedisShared {
+    /// Reads `maxmemory-policy` and records it; logs on `authz_cache::audit` when it changes to
+    /// one that breaks the staleness bound. A failed call leaves the last finding.
+    pub(crate) async fn check_eviction(&self) {
+        use std::sync::atomic::Ordering;
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg("maxmemory-policy");
+        let found = match self.run::<Vec<String>>(&cmd).await {
+            Ok(reply) => match reply.get(1).map(String::as_str) {
+                Some("noeviction") => (Eviction::Safe, reply.get(1).cloned()),
+                Some(_) => (Eviction::Unsafe, reply.get(1).cloned()),
+                None => (Eviction::Unreadable, None),
+            },
+            Err(GuardError::Failed(e)) if e.kind() != redis::ErrorKind::Io && !e.is_connection_dropped() => {
+                (Eviction::Unreadable, None)
+            }
+            Err(_) => return,
+        };
+        let before = self.eviction.swap(found.0 as u8, Ordering::AcqRel);
+        if before != found.0 as u8 {
+            match found {
+                (Eviction::Unsafe, policy) => tracing::warn!(
+                    target: "authz_cache::audit",
+                    policy = policy.as_deref().unwrap_or("?"),
+                    "security: {EVICTION_WARNING}"
+                ),
+                (Eviction::Unreadable, _) => tracing::warn!(target: "authz_cache::audit", "{EVICTION_UNKNOWN}"),
+                _ => tracing::info!(target: "authz_cache::audit", "redis maxmemory-policy is noeviction"),
+            }
+        }
+    }
+
+    /// The health warning the last eviction check calls for, if any.
+    pub(crate) fn warning(&self) -> Option<&'static str> {
+        match self.eviction.load(std::sync::atomic::Ordering::Acquire) {
+            2 => Some(EVICTION_WARNING),
+            3 => Some(EVICTION_UNKNOWN),
+            _ => None,
+        }
+    }
+
     pub(crate) fn data_key(&self, key_id: &[u8; 32]) -> String {
         format!("{}:d:{}", self.ns, hex(&key_id[..16]))
     }

@@ -280,6 +280,7 @@ where
 pub struct OwnedRedis {
     port: u16,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 impl std::fmt::Debug for OwnedRedis {
@@ -292,11 +293,16 @@ impl OwnedRedis {
     /// Starts `redis-server` on a free port of 127.0.0.1 and waits until it answers PING; fails the
     /// test, saying what to install, when `redis-server` is not on the PATH.
     pub fn start() -> OwnedRedis {
+        Self::start_with(&[])
+    }
+
+    /// Like [`start`](Self::start), with more `redis-server` arguments (e.g. `--maxmemory 1mb`).
+    pub fn start_with(extra: &[&str]) -> OwnedRedis {
         let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")
             .port();
-        let mut redis = OwnedRedis { port, child: None };
+        let mut redis = OwnedRedis { port, child: None, extra: extra.iter().map(|s| (*s).to_owned()).collect() };
         redis.spawn();
         redis
     }
@@ -330,6 +336,7 @@ impl OwnedRedis {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&dir)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
