@@ -311,6 +311,16 @@ const CELLS: &[Cell] = &[
     Cell { name: "control: role changes never invalidated", topo: Topo::Redis, fault: Fault::Control },
 ];
 
+/// How the revoker makes a role change known.
+enum Revoke {
+    /// Through the invalidation service of a random instance (retried through the next on error).
+    Service,
+    /// Recorded in the change feed of this schema, straight to Postgres.
+    Sql(String),
+    /// Never (the negative control).
+    Never,
+}
+
 // ---- one cell's rig: instances, proxies, namespaces ----
 
 /// The status, and the rejection's reason for a 503.
@@ -618,13 +628,22 @@ async fn worker(svc: Svc, seed: u64, stop: Instant, gone: Option<Arc<AtomicU64>>
 /// instance's invalidation service; a failed one is retried through the next instances until
 /// acknowledged. Returns (role changes, revoking ones, first calls that failed). Without
 /// `invalidate` (the negative control), the change is recorded as if invalidated at once.
+/// With [`Revoke::Sql`], each change is recorded in Postgres the way the permission tables'
+/// triggers record it, and nothing else: only the durable change feed carries it.
 async fn revoker(
     caches: Vec<AuthzCache>,
     truth: Arc<Truth>,
     seed: u64,
     stop: Instant,
-    invalidate: bool,
+    how: Revoke,
 ) -> (usize, usize, usize) {
+    let invalidate = !matches!(how, Revoke::Never);
+    let sql = match &how {
+        Revoke::Sql(schema) => {
+            Some((pg::client().await, format!("SELECT {schema}.authz_cache_record_changes(ARRAY[$1::text])")))
+        }
+        _ => None,
+    };
     let mut rng = Rng(seed | 1);
     let (mut changes, mut revoking, mut failed) = (0, 0, 0);
     let mut retries = JoinSet::new();
@@ -643,6 +662,16 @@ async fn revoker(
         let i = truth.set_role(p, new);
         if !invalidate {
             truth.returned(p, i, Instant::now(), true);
+            continue;
+        }
+        if let Some((db, record)) = &sql {
+            // The change's commit is the revocation: the bound runs from its return.
+            let name = principal_name(p);
+            let ok = db.execute(record.as_str(), &[&name]).await.is_ok();
+            truth.returned(p, i, Instant::now(), ok);
+            if !ok {
+                failed += 1;
+            }
             continue;
         }
         let first = rng.below(caches.len());
@@ -722,15 +751,21 @@ struct Report {
     violations: Vec<String>,
 }
 
-/// Whether some clients go away mid-request (DESIGN.md invariant 4b).
+/// How a matrix runs: clients staying or going away mid-request (DESIGN.md invariant 4b), and
+/// revocations through the invalidation service or through the durable change feed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Clients {
-    Stay,
+enum Variant {
+    /// Clients wait for their answers; role changes go through the invalidation service.
+    Plain,
     /// The first worker of each instance drops its requests after 1-40 ms (see `worker`).
-    SomeDisconnect,
+    ClientsGoAway,
+    /// Role changes are recorded in Postgres, as the permission tables' triggers do
+    /// (`authz_cache_record_changes`, committed straight to the server, never through a proxy),
+    /// and reach the instances only through the durable change feed.
+    SqlChanges,
 }
 
-async fn run_cell(cell: &Cell, clients: Clients) -> Report {
+async fn run_cell(cell: &Cell, variant: Variant) -> Report {
     let truth = Truth::new();
     let began = Instant::now();
     let mut rig = Rig::new(cell, &truth).await;
@@ -744,12 +779,17 @@ async fn run_cell(cell: &Cell, clients: Clients) -> Report {
     let gone = Arc::new(AtomicU64::new(0));
     for (i, svc) in rig.services.iter().enumerate() {
         for w in 0..WORKERS_PER_INSTANCE {
-            let gone = (clients == Clients::SomeDisconnect && w == 0).then(|| gone.clone());
+            let gone = (variant == Variant::ClientsGoAway && w == 0).then(|| gone.clone());
             workers.spawn(worker(svc.clone(), 0x9e37_79b9 * (i * 16 + w + 1) as u64, stop, gone));
         }
     }
-    let revoker =
-        tokio::spawn(revoker(rig.caches.clone(), truth.clone(), 0x5eed_f00d, stop, cell.fault != Fault::Control));
+    let how = match (cell.fault, variant, &rig._schema) {
+        (Fault::Control, _, _) => Revoke::Never,
+        (_, Variant::SqlChanges, Some(schema)) => Revoke::Sql(schema.0.clone()),
+        (_, Variant::SqlChanges, None) => panic!("{}: SQL changes need Postgres", cell.name),
+        _ => Revoke::Service,
+    };
+    let revoker = tokio::spawn(revoker(rig.caches.clone(), truth.clone(), 0x5eed_f00d, stop, how));
 
     tokio::time::sleep_until((t0 + WARM).into()).await;
     let fault_start = Instant::now();
@@ -767,9 +807,10 @@ async fn run_cell(cell: &Cell, clients: Clients) -> Report {
     let retries_done = Instant::now();
     let stats: Vec<_> = rig.caches.iter().map(AuthzCache::stats).collect();
     let panics = rig.control.panics.load(Ordering::SeqCst);
-    let recovery = match clients {
-        Clients::Stay => Vec::new(),
-        Clients::SomeDisconnect => recovery_after_disconnects(&rig.caches, cell, &at_clear, &stats).await,
+    let recovery = match variant {
+        Variant::Plain => Vec::new(),
+        Variant::ClientsGoAway => recovery_after_disconnects(&rig.caches, cell, &at_clear, &stats).await,
+        Variant::SqlChanges => Vec::new(),
     };
     drop(rig);
     let phases = format!(
@@ -951,7 +992,7 @@ async fn run_cell(cell: &Cell, clients: Clients) -> Report {
     if cell.fault == Fault::AuthzPanic && panics == 0 {
         v.push("no panic was injected".to_owned());
     }
-    if clients == Clients::SomeDisconnect {
+    if variant == Variant::ClientsGoAway {
         let gone = gone.load(Ordering::Relaxed);
         report.notes = format!("{gone} requests abandoned by their clients; {}", report.notes);
         if gone == 0 {
@@ -1058,12 +1099,13 @@ fn table(reports: &[Report], total: Duration) -> String {
     out
 }
 
-fn write_table(text: &str, clients: Clients) {
+fn write_table(text: &str, variant: Variant) {
     let dir =
         std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target").into());
-    let name = match clients {
-        Clients::Stay => "fault-matrix.md",
-        Clients::SomeDisconnect => "fault-matrix-disconnects.md",
+    let name = match variant {
+        Variant::Plain => "fault-matrix.md",
+        Variant::ClientsGoAway => "fault-matrix-disconnects.md",
+        Variant::SqlChanges => "fault-matrix-sql.md",
     };
     let path = std::path::Path::new(&dir).join(name);
     std::fs::create_dir_all(&dir).expect("target dir");
@@ -1071,13 +1113,13 @@ fn write_table(text: &str, clients: Clients) {
     println!("(written to {})", path.display());
 }
 
-async fn run_matrix(cells: &[Cell], clients: Clients) {
+async fn run_matrix(cells: &[Cell], variant: Variant) {
     quiet_injected_panics();
     let started = Instant::now();
     let mut reports = Vec::new();
     for cell in cells {
         let t = Instant::now();
-        let report = run_cell(cell, clients).await;
+        let report = run_cell(cell, variant).await;
         println!(
             "cell {:<50} {:>5} req, 503 {:>4}, p99 {:>6.1} ms, stale {}/{}, {:.1} s ({}){}",
             format!("{} [{}]", cell.name, cell.topo.label()),
@@ -1093,7 +1135,15 @@ async fn run_matrix(cells: &[Cell], clients: Clients) {
         reports.push(report);
     }
     let mut text = table(&reports, started.elapsed());
-    if clients == Clients::SomeDisconnect {
+    if variant == Variant::SqlChanges {
+        text = format!(
+            "Changes made in SQL: in every cell below, each role change is recorded in Postgres the way the \
+             permission tables' triggers record it (`authz_cache_record_changes`, committed straight to the server), \
+             and no instance is told: only the durable change feed (the table, polled and drained; NOTIFY as a hint) \
+             carries it. Stale allows are counted from the commit.\n\n{text}"
+        );
+    }
+    if variant == Variant::ClientsGoAway {
         text = format!(
             "Clients going away: in every cell below, one worker in {WORKERS_PER_INSTANCE} per instance drops each \
              request after a random 1-40 ms (shorter than every tier timeout) unless it was answered, the other \
@@ -1102,7 +1152,7 @@ async fn run_matrix(cells: &[Cell], clients: Clients) {
         );
     }
     println!("\n{text}");
-    write_table(&text, clients);
+    write_table(&text, variant);
     let failed: Vec<String> = reports
         .iter()
         .filter(|r| !r.violations.is_empty())
@@ -1118,7 +1168,7 @@ async fn fault_matrix() {
     let cells: Vec<Cell> =
         CELLS.iter().filter(|c| format!("{} [{}]", c.name, c.topo.label()).contains(&only)).copied().collect();
     assert!(!cells.is_empty(), "FAULT_MATRIX_ONLY={only} matches no cell");
-    run_matrix(&cells, Clients::Stay).await;
+    run_matrix(&cells, Variant::Plain).await;
 }
 
 /// The outages of the matrix that make requests wait on a remote tier, with clients going away
@@ -1131,9 +1181,27 @@ const DISCONNECT_CELLS: &[Cell] = &[
     Cell { name: "postgres slow, clients going away", topo: Topo::Pg, fault: Fault::PgSlow },
 ];
 
+/// Postgres outages and partitions while role changes are made in the permission tables (the
+/// changes are recorded durably by the changing transaction; the NOTIFY only hints): the change
+/// feed must bring every one of them to both instances within the bound, whichever connection is
+/// cut, with L1 and with Redis in front.
+const SQL_CELLS: &[Cell] = &[
+    Cell { name: "baseline, changes in SQL", topo: Topo::Pg, fault: Fault::None },
+    Cell { name: "A's LISTEN cut, changes in SQL", topo: Topo::Pg, fault: Fault::PgListenCut },
+    Cell { name: "postgres restart, changes in SQL", topo: Topo::Pg, fault: Fault::PgRestart },
+    Cell { name: "postgres down, changes in SQL", topo: Topo::Pg, fault: Fault::PgDown },
+    Cell { name: "baseline, changes in SQL", topo: Topo::Full, fault: Fault::None },
+    Cell { name: "postgres down, changes in SQL", topo: Topo::Full, fault: Fault::PgDown },
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_matrix_with_changes_made_in_sql() {
+    run_matrix(SQL_CELLS, Variant::SqlChanges).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_matrix_with_clients_going_away() {
-    run_matrix(DISCONNECT_CELLS, Clients::SomeDisconnect).await;
+    run_matrix(DISCONNECT_CELLS, Variant::ClientsGoAway).await;
 }
 
 /// After a cell with clients going away: the faulted tier served hits again on every instance
