@@ -328,6 +328,7 @@ mod tests {
             call_errors: 0,
             call_timeouts: 0,
             calls_skipped: 0,
+            warning: None,
         }
     }
 
@@ -361,6 +362,7 @@ mod tests {
             call_errors: 2,
             call_timeouts: 1,
             calls_skipped: 0,
+            warning: None,
             ..remote(3, 3, 0, 4, BreakerState::HalfOpen)
         });
         s.change_feed_invalidations = 8;

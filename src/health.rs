@@ -191,6 +191,7 @@ mod tests {
             call_errors: 0,
             call_timeouts: 0,
             calls_skipped: 0,
+            warning: None,
         }
     }
 

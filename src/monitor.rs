@@ -810,6 +810,7 @@ mod tests {
             call_errors: 5,
             call_timeouts: 0,
             calls_skipped: 0,
+            warning: None,
         };
         let mut stats = StatsSnapshot::default();
         stats.tiers.l2 = Some(l2(0, BreakerState::Closed));
@@ -843,6 +844,7 @@ mod tests {
             call_errors: 2 * opens,
             call_timeouts: opens,
             calls_skipped: errors,
+            warning: None,
         }
     }
 

@@ -185,7 +185,7 @@ async fn a_maxmemory_policy_that_can_evict_epochs_is_reported() {
     assert!(l2.reason.is_some_and(|r| r.contains("maxmemory-policy")), "{l2:?}");
     assert_eq!(health.status, HealthStatus::Degraded);
     assert_eq!(cache.stats().tiers.l2.unwrap().warning, l2.reason);
-    let json = serde_json::to_value(&health).unwrap();
+    let json = serde_json::to_value(health).unwrap();
     assert!(json["tiers"]["l2"]["reason"].as_str().is_some_and(|r| r.contains("noeviction")), "{json}");
 
     // What the warning is about: a flood of entries past maxmemory evicts keys, epochs among them.
