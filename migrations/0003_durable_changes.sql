@@ -114,25 +114,6 @@ BEGIN
 END;
 $$;
 
--- Removes at most `p_batch` expired entries and forgettable epochs; returns how many rows went.
--- Call it until it returns less than `p_batch`.
-CREATE OR REPLACE FUNCTION authz_cache_sweep(p_batch integer)
-RETURNS integer LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
-DECLARE
-    n integer;
-    m integer;
-BEGIN
-    DELETE FROM authz_cache_entries
-    WHERE key IN (SELECT key FROM authz_cache_entries WHERE expires_at < now() LIMIT p_batch);
-    GET DIAGNOSTICS n = ROW_COUNT;
-    DELETE FROM authz_cache_epochs
-    WHERE (scope, hash) IN (SELECT scope, hash FROM authz_cache_epochs
-                            WHERE expires_at IS NOT NULL AND expires_at < now() LIMIT p_batch);
-    GET DIAGNOSTICS m = ROW_COUNT;
-    RETURN n + m;
-END;
-$$;
-
 -- Applies changes a drainer took (`SELECT seq, principal FROM authz_cache_changes ORDER BY seq
 -- LIMIT n FOR UPDATE SKIP LOCKED`, in the same transaction): bumps each target (the drainer
 -- names them by keyed hash: the hashes need the secret), records the values for Redis when

@@ -107,6 +107,8 @@ async fn restart_and_redis_flush_the_first_request_is_an_l3_hit() {
         .l2(RedisTier::builder(support::redis::url(), SECRET).namespace(&ns.0).build().unwrap())
         .l3(l3(&schema, &pg::url()).build().unwrap())
         .build();
+    // L1 and L2 are read once the change feed is known to be caught up.
+    tokio::time::timeout(Duration::from_secs(5), b.ready()).await.expect("ready");
     assert!(b.check(&bob, &read(1)).await.unwrap().is_allowed());
     let stats = b.stats();
     assert_eq!(b_policy.calls(), 0, "answered from L3, not the authorizer: {stats:?}");

@@ -404,23 +404,43 @@ async fn a_slow_redis_costs_a_breaker_not_a_request() {
     assert_eq!(policy.calls(), 50);
 }
 
-/// On a current-thread runtime the writers only run when a request yields; once the breaker is
-/// open no request yields (Redis is skipped, the authorizer answers at once), so the queue
-/// fills and every further write is dropped and counted, while requests go on.
-#[tokio::test]
+/// Redis answers every call in about 20 ms (within the 50 ms timeout): a burst of 100 misses
+/// reads L2 in parallel, so 100 copies arrive at once at a write queue of 4 drained by 4 writers
+/// that each take 20 ms per write. The queue fills, every further write is dropped and counted, and
+/// no request waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_write_queue_drops_and_counts_and_never_blocks() {
     let ns = Namespace::new("queue");
     let policy = Policy::default();
-    // Nothing listens on port 1: every Redis call fails at once.
-    let c = build(tier(&ns, "redis://127.0.0.1:1").write_queue(4), &policy, Duration::from_secs(1));
-    for i in 0..100u32 {
-        assert!(c.check(&Principal::new(format!("q{i}")), &read(1)).await.unwrap().is_allowed());
-    }
+    let proxy = FaultProxy::start(support::redis::addr()).await;
+    let c = build(tier(&ns, &proxy.url("redis")).pool_size(128).write_queue(4), &policy, Duration::from_secs(1));
+    support::redis::wait_trusted(&c).await;
+    let burst = |tag: &'static str| {
+        let checks: Vec<_> = (0..100u32)
+            .map(|i| {
+                let c = c.clone();
+                async move { c.check(&Principal::new(format!("{tag}{i}")), &read(1)).await.unwrap().is_allowed() }
+            })
+            .collect();
+        futures_util::future::join_all(checks)
+    };
+    // The pool's connections are made first, at full speed.
+    burst("warm").await;
+    wait_for("the warm-up writes", Duration::from_secs(5), || l2(&c).writes + l2(&c).write_drops >= 100).await;
+    let before = l2(&c);
+    proxy.set_mode(Mode::Slow(Duration::from_millis(10)));
+    let started = std::time::Instant::now();
+    let answers = burst("q").await;
+    let took = started.elapsed();
+    assert!(answers.iter().all(|a| *a));
     let s = l2(&c);
-    println!("write queue of 4, redis unreachable: {} of 100 writes dropped", s.write_drops);
-    assert_eq!(s.breaker, BreakerState::Open);
-    assert!(s.write_drops >= 90, "{s:?}");
-    assert_eq!(policy.calls(), 100);
+    let dropped = s.write_drops - before.write_drops;
+    println!("write queue of 4, redis at ~20 ms per call: {dropped} of 100 writes dropped, burst answered in {took:?}");
+    assert_eq!(s.breaker, BreakerState::Closed, "{s:?}");
+    assert_eq!(s.misses - before.misses, 100, "every read answered (a miss): {s:?}");
+    assert!(dropped >= 80, "{s:?}");
+    assert!(took < Duration::from_secs(1), "the burst waited for the queue: {took:?}");
+    assert_eq!(policy.calls(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
