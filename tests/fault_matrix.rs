@@ -275,6 +275,9 @@ enum Fault {
     AuthzPanic,
     /// Negative control: role changes without any invalidation. The detector must fire.
     Control,
+    /// No outage, but A's wall clock runs five minutes ahead and B's five behind (through the
+    /// unstable `internals` hook): deadlines written by A claim ten more minutes to B.
+    ClockSkew,
 }
 
 impl Fault {
@@ -309,6 +312,7 @@ const CELLS: &[Cell] = &[
     Cell { name: "authorizer hangs (3x its 150 ms timeout)", topo: Topo::Redis, fault: Fault::AuthzTimeout },
     Cell { name: "authorizer panics", topo: Topo::Redis, fault: Fault::AuthzPanic },
     Cell { name: "control: role changes never invalidated", topo: Topo::Redis, fault: Fault::Control },
+    Cell { name: "clocks 10 minutes apart (A +5 min, B -5 min)", topo: Topo::Full, fault: Fault::ClockSkew },
 ];
 
 /// How the revoker makes a role change known.
@@ -441,6 +445,14 @@ impl Rig {
                 .deny_ttl(DENY_TTL)
                 .authorizer_timeout(AUTHZ_TIMEOUT)
                 .max_staleness(MAX_STALENESS);
+            if cell.fault == Fault::ClockSkew {
+                #[cfg(feature = "internals")]
+                {
+                    builder = builder.__wall_clock_offset(if i == 0 { 300_000 } else { -300_000 });
+                }
+                #[cfg(not(feature = "internals"))]
+                panic!("the clock-skew cell needs the `internals` feature (run with --all-features)");
+            }
             match cell.topo {
                 Topo::Redis => {
                     let ns = &ns.as_ref().unwrap().0;
@@ -484,7 +496,7 @@ impl Rig {
         let slow_redis = Mode::Slow(REDIS_TIMEOUT * 2);
         let slow_pg = Mode::Slow(PG_TIMEOUT * 2);
         match fault {
-            Fault::None | Fault::Control => {}
+            Fault::None | Fault::Control | Fault::ClockSkew => {}
             Fault::RedisDown => self.redis_proxies().for_each(|p| p.set_mode(Mode::Down)),
             Fault::RedisSlow => self.redis_proxies().for_each(|p| p.set_mode(slow_redis)),
             Fault::RedisBlackHole => self.redis_proxies().for_each(|p| p.set_mode(Mode::BlackHole)),
@@ -978,6 +990,7 @@ async fn run_cell(cell: &Cell, variant: Variant) -> Report {
     // The fault really happened (a matrix of faults that never bit proves nothing).
     let bit = match cell.fault {
         Fault::None | Fault::Control | Fault::AuthzError | Fault::AuthzTimeout | Fault::AuthzPanic => true,
+        Fault::ClockSkew => true,
         Fault::RedisDown | Fault::RedisSlow | Fault::RedisBlackHole => l2_opens > 0 && distrusts.iter().all(|d| *d > 0),
         Fault::RedisRestartEmpty => resubscribed >= INSTANCES as u64,
         Fault::RedisPubSubCut | Fault::PgListenCut => distrusts[0] > 0,

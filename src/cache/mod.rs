@@ -1521,6 +1521,27 @@ mod tests {
         }
     }
 
+    /// L1 (and its per-thread front) keeps time on the monotonic clock: a wall clock stepped back
+    /// an hour does not keep an entry alive past its ttl, nor one stepped ahead end it early.
+    #[test]
+    fn l1_deadlines_ignore_wall_clock_steps() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let clock = Clock::manual();
+            let sw = Switch::default();
+            sw.allow.store(true, Ordering::SeqCst);
+            let cache = sw.cache(clock.clone());
+            cache.check(&bob(), &read(1)).await.unwrap();
+            clock.step_wall(3_600_000);
+            cache.check(&bob(), &read(1)).await.unwrap();
+            assert_eq!(sw.calls(), 1, "a wall clock an hour ahead ends nothing early");
+            clock.step_wall(-7_200_000);
+            clock.advance(Duration::from_secs(60));
+            cache.check(&bob(), &read(1)).await.unwrap();
+            assert_eq!(sw.calls(), 2, "a wall clock an hour behind keeps nothing past its ttl");
+        });
+    }
+
     #[tokio::test]
     async fn allow_and_deny_expire_on_their_own_ttls() {
         let clock = Clock::manual();
