@@ -15,6 +15,7 @@
 //! | `authz_cache_plugin_panics_total` | counter | |
 //! | `authz_cache_invalidations_total` | counter | `scope` |
 //! | `authz_cache_change_feed_invalidations_total` | counter | |
+//! | `authz_cache_change_feed_caught_up`, `authz_cache_change_feed_behind_seconds` | gauge | |
 //! | `authz_cache_warmed_entries_total` | counter | |
 //! | `authz_cache_entries`, `authz_cache_size_bytes`, `authz_cache_max_size_bytes` | gauge | `tier="l1"` |
 //! | `authz_cache_backplane_connected`, `authz_cache_backplane_l1_trusted` | gauge | |
@@ -24,8 +25,9 @@
 //! | `authz_cache_authorizer_duration_seconds` | summary | |
 //!
 //! A remote tier's series (`tier="l2"`, `tier="l3"`) are there only when that tier is configured,
-//! the backplane's only with a backplane, `authz_cache_change_feed_invalidations_total` (the
-//! principals invalidated by the Postgres change feed) only with L3.
+//! the backplane's only with a backplane, `authz_cache_change_feed_*` (the scopes the durable
+//! change feed applied, whether it is caught up, how long since it was last seen caught up) only
+//! with L3.
 //! `authz_cache_swept_rows_total` counts the expired L3 rows the sweeper removed,
 //! `authz_cache_warmed_entries_total` the entries loaded into L1 by warming.
 //!
@@ -168,6 +170,24 @@ pub(crate) fn rows(s: &StatsSnapshot) -> Vec<Row> {
             NONE,
             s.change_feed_invalidations,
         ));
+    }
+    if let Some(feed) = s.change_feed {
+        rows.extend([
+            row(
+                "authz_cache_change_feed_caught_up",
+                "Whether the change feed was seen caught up within max_staleness (else L1 and L2 are not read).",
+                Gauge,
+                NONE,
+                u64::from(feed.caught_up),
+            ),
+            Row {
+                name: "authz_cache_change_feed_behind_seconds",
+                help: "Time since the change feed was last seen caught up.",
+                kind: Gauge,
+                labels: NONE,
+                value: feed.behind_ms as f64 / 1000.0,
+            },
+        ]);
     }
     rows.extend([
         row("authz_cache_warmed_entries_total", "Entries loaded into L1 by warming.", Counter, NONE, s.warmed),

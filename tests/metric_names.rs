@@ -63,7 +63,12 @@ fn dashboard_and_rules() -> String {
 }
 
 /// Families that exist only with L3 (feature `postgres`).
-const L3_ONLY: &[&str] = &["authz_cache_swept_rows_total", "authz_cache_change_feed_invalidations_total"];
+const L3_ONLY: &[&str] = &[
+    "authz_cache_swept_rows_total",
+    "authz_cache_change_feed_invalidations_total",
+    "authz_cache_change_feed_caught_up",
+    "authz_cache_change_feed_behind_seconds",
+];
 
 /// The names and `(name, tier)` selectors the dashboard and rules use; without the `postgres`
 /// feature the cache has no L3, so L3's series are not required.
