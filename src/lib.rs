@@ -47,14 +47,24 @@
 //! # let _ = app;
 //! ```
 //!
+//! With shared tiers (Redis, Postgres), invalidations reach every instance within
+//! `max_staleness` whatever fails: changes to the permission tables are recorded durably and
+//! caught up on (the NOTIFY only speeds delivery), epochs only rise whatever the clocks, and a
+//! future dropped at any await leaves nothing half-done. The README's "Security model" states
+//! every guarantee and what it costs.
+//!
 //! # Features
 //!
-//! - `axum`: [`Principal`] is an axum extractor.
 //! - `redis` (default): L2 on Redis (`RedisTier`) and the Redis invalidation backplane.
+//! - `postgres` (default): L3 on Postgres (`PostgresTier`), its migrations, the durable change
+//!   feed and the LISTEN/NOTIFY backplane, warming, and `PostgresRbacAuthorizer`.
+//! - `axum`: [`Principal`] is an axum extractor.
 //! - `metrics`: `AuthzCache::export_metrics` publishes the metric families through the
 //!   `metrics` facade.
-//! - `cli`: the `authz-cache` binary (`init`, `health`, `stats`, `invalidate`).
-//! - `full`: everything.
+//! - `cli`: the `authz-cache` binary (`init`, `health`, `stats`, `invalidate`, `warm`).
+//! - `full`: all of the above.
+//! - `internals`: hidden, unstable hooks for the crate's own benches, fuzz targets and tests; no
+//!   semver, not for applications.
 
 #![deny(unreachable_pub, missing_docs)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]

@@ -4,7 +4,7 @@
 //! it. Open: calls are refused at once (an atomic load, no I/O) for `open_for`. Then half-open:
 //! one probe goes through; success closes the breaker, failure opens it again.
 //!
-//! Cancellation-safe (DESIGN.md invariant 4b): the right to call is a [`Permit`] that settles
+//! Cancellation-safe (a dropped future leaves nothing half-taken): the right to call is a [`Permit`] that settles
 //! itself when the call's future is dropped before it finished (a client gone, a caller's
 //! timeout). An abandoned probe counts as a failed probe (the breaker opens for another period
 //! and the probe slot is free again); an abandoned normal call counts for nothing, because a
@@ -308,7 +308,7 @@ mod tests {
         assert_eq!(g.state(), BreakerState::Closed);
     }
 
-    /// DESIGN.md 4b: a probe whose future is dropped (a client gone, a caller's timeout) counts
+    /// Cancellation safety: a probe whose future is dropped (a client gone, a caller's timeout) counts
     /// as a failed probe. It used to keep the probe slot forever: every later call was refused.
     #[tokio::test]
     async fn a_dropped_probe_counts_as_failed_and_the_next_probe_closes_the_breaker() {

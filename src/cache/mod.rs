@@ -717,7 +717,7 @@ impl Inner {
         }
         let first = Instant::now();
         for attempt in 1..=MAX_ATTEMPTS {
-            // Epochs are read before the authorizer is asked (DESIGN.md invariant 3).
+            // Epochs are read before the authorizer is asked (no fill after invalidate).
             let stamp = self.epochs.stamp(key);
             Stats::incr(&self.stats.authorizer_calls);
             let call = self.authorizer.authorize_owned(principal.clone(), permission.clone());
@@ -781,7 +781,7 @@ impl Inner {
             .as_ref()
             .filter(|r| now < r.until_ms && target.is_some())
             .map(|r| epoch_target(&r.keys, invalidation));
-        // Cancellation (DESIGN.md 4b): the other secret's scope is covered from the start, so a
+        // Cancellation safety: the other secret's scope is covered from the start, so a
         // drop during the first bump still applies it; its own bump takes the cover over.
         let other_unfinished = other.map(|o| unfinished::Unfinished::new(self, o));
         let mut outcome = self.bump_epochs(target).await;
@@ -821,7 +821,7 @@ impl Inner {
         let mut delivered = true;
         #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(unused_mut))]
         let mut settled = false;
-        // Cancellation (DESIGN.md 4b): dropped at an await below, what a failure there applies.
+        // Cancellation safety: dropped at an await below, what a failure there applies.
         #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
         let mut unfinished = unfinished::Unfinished::new(self, target);
         #[cfg(feature = "postgres")]

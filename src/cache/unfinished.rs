@@ -1,4 +1,5 @@
-//! What an invalidation dropped midway still applies (DESIGN.md invariant 4b).
+//! What an invalidation dropped midway still applies (cancellation safety: a future dropped at any
+//! await leaves no state half-taken).
 //!
 //! An invalidation awaits the shared stores before this process's epochs move: the value a store
 //! assigns is the one every instance agrees on. A caller's timeout or a client going away can drop
