@@ -23,6 +23,9 @@
 //! directly so the change shows on the very next request. The same UPDATE made in psql reaches
 //! every running instance through the trigger alone.
 
+#[path = "common/demo.rs"]
+mod demo;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
@@ -30,62 +33,20 @@ use std::sync::{Arc, RwLock};
 use axum::body::Bytes;
 use axum::extract::Request;
 use axum::extract::{Extension, Path, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router, ServiceExt as _};
-use serde_json::{Value, json};
 use std::convert::Infallible;
 use tower::{Service, ServiceBuilder};
 #[cfg(any(feature = "redis", feature = "postgres"))]
 use tower_authz_cache::Secret;
 use tower_authz_cache::{
     AuthzCache, BearerToken, CacheConfig, CachedAuthorizationLayer, Decision, Invalidation, Monitor, Permission,
-    Principal, RouteTable,
+    Principal,
 };
 
-/// The demo's roles.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    None,
-    Viewer,
-    Editor,
-    Admin,
-}
-
-impl Role {
-    fn parse(s: &str) -> Option<Role> {
-        Some(match s {
-            "none" => Role::None,
-            "viewer" => Role::Viewer,
-            "editor" => Role::Editor,
-            "admin" => Role::Admin,
-            _ => return None,
-        })
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Role::None => "none",
-            Role::Viewer => "viewer",
-            Role::Editor => "editor",
-            Role::Admin => "admin",
-        }
-    }
-
-    fn allows(self, permission: &Permission) -> bool {
-        let documents = permission.resource().starts_with("documents:");
-        match (self, permission.action()) {
-            (Role::None, _) => false,
-            (Role::Admin, _) => true,
-            (Role::Viewer, "read") => documents,
-            (Role::Editor, "read" | "write") => documents,
-            _ => false,
-        }
-    }
-}
-
-const DEMO_USERS: [(&str, Role); 3] = [("alice", Role::Admin), ("bob", Role::Viewer), ("carol", Role::Editor)];
+use demo::{DEMO_USERS, Role, routes};
 
 /// The role store: the authorizer's source of truth.
 #[derive(Clone)]
@@ -108,7 +69,7 @@ const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500)
 impl Roles {
     /// The demo users, in memory.
     pub fn demo() -> Self {
-        Roles::Memory(Arc::new(RwLock::new(DEMO_USERS.into_iter().map(|(u, r)| (u.to_owned(), r)).collect())))
+        Roles::Memory(Arc::new(RwLock::new(demo::demo_roles())))
     }
 
     /// The demo users in the Redis hash `key`, seeded where absent.
@@ -230,19 +191,6 @@ struct AppState {
     cache: AuthzCache,
 }
 
-fn routes() -> RouteTable {
-    RouteTable::new()
-        .public("/health")
-        .public_route(Method::GET, "/metrics")
-        .public_route(Method::GET, "/ready")
-        .route(Method::GET, "/documents/{id}", "documents:{id}", "read")
-        .route(Method::PUT, "/documents/{id}", "documents:{id}", "write")
-        .route(Method::DELETE, "/documents/{id}", "documents:{id}", "delete")
-        .route(Method::PUT, "/admin/users/{user}/role", "admin", "manage")
-        .route(Method::POST, "/admin/invalidate", "admin", "manage")
-        .route(Method::GET, "/admin/stats", "admin", "manage")
-}
-
 /// The demo app: the router behind the authorization layer.
 pub trait App:
     Service<Request, Response = Response, Error = Infallible, Future: Send> + Clone + Send + Sync + 'static
@@ -267,26 +215,15 @@ pub fn authorizer(roles: Roles) -> impl tower_authz_cache::Authorizer {
         async move {
             // A store that cannot be read is an error: the request gets 503, never a guess.
             let role = store.get(principal.id()).await?.unwrap_or(Role::None);
-            let d = Decision::from_bool(role.allows(&permission));
-            Ok::<_, BoxError>(if d.is_allowed() {
-                d
-            } else {
-                d.with_reason(format!("role {} may not {} this document", role.name(), permission.action()))
-            })
+            Ok::<_, BoxError>(role.decide(&permission))
         }
     }
 }
 
 /// Builds the demo app over `roles` and a cache built on [`authorizer`].
 pub fn app_from(roles: Roles, cache: AuthzCache) -> impl App {
-    // A real app resolves tokens against its session store; the demo's store is a fixed map,
-    // built once, whose principals are cheap to clone.
-    let sessions: Arc<HashMap<&'static str, Principal>> = Arc::new(
-        [("alice-token", "alice"), ("bob-token", "bob"), ("carol-token", "carol")]
-            .into_iter()
-            .map(|(token, user)| (token, Principal::new(user)))
-            .collect(),
-    );
+    // A real app resolves tokens against its session store; the demo's is a fixed map.
+    let sessions = Arc::new(demo::sessions());
     let tokens = BearerToken::new(move |token: String| {
         let principal = sessions.get(token.as_str()).cloned();
         async move { Ok::<_, Infallible>(principal) }
@@ -325,8 +262,8 @@ fn handlers(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn read_document(Path(id): Path<String>) -> Json<Value> {
-    Json(json!({ "id": id, "title": format!("Document {id}") }))
+async fn read_document(Path(id): Path<String>) -> Json<serde_json::Value> {
+    Json(demo::document(&id))
 }
 
 async fn write_document(Path(_id): Path<String>) -> StatusCode {
@@ -338,14 +275,7 @@ async fn delete_document(Path(_id): Path<String>) -> StatusCode {
 }
 
 fn problem(status: StatusCode, detail: &str) -> Response {
-    let body = json!({ "type": "about:blank", "title": status.canonical_reason(), "status": status.as_u16(), "detail": detail });
-    let mut res = (status, body.to_string()).into_response();
-    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
-    res
-}
-
-fn parse_json(body: &Bytes) -> Option<Value> {
-    serde_json::from_slice(body).ok()
+    demo::problem(status, detail).into_response()
 }
 
 async fn set_role(
@@ -354,11 +284,9 @@ async fn set_role(
     Path(user): Path<String>,
     body: Bytes,
 ) -> Response {
-    let Some(body) = parse_json(&body) else {
-        return problem(StatusCode::BAD_REQUEST, "body must be JSON");
-    };
-    let Some(role) = body.get("role").and_then(Value::as_str).and_then(Role::parse) else {
-        return problem(StatusCode::BAD_REQUEST, "role must be one of viewer, editor, admin, none");
+    let role = match demo::parse_role(&body) {
+        Ok(role) => role,
+        Err(detail) => return problem(StatusCode::BAD_REQUEST, detail),
     };
     match state.roles.set(&user, role).await {
         Ok(true) => {}
@@ -373,17 +301,9 @@ async fn set_role(
 }
 
 async fn invalidate(State(state): State<AppState>, Extension(admin): Extension<Principal>, body: Bytes) -> Response {
-    let Some(body) = parse_json(&body) else {
-        return problem(StatusCode::BAD_REQUEST, "body must be JSON");
-    };
-    let invalidation = if let Some(p) = body.get("principal").and_then(Value::as_str) {
-        Invalidation::principal(p)
-    } else if let Some(r) = body.get("resource").and_then(Value::as_str) {
-        Invalidation::resource(r)
-    } else if body.get("all") == Some(&Value::Bool(true)) {
-        Invalidation::All
-    } else {
-        return problem(StatusCode::BAD_REQUEST, r#"expected {"principal":..}, {"resource":..} or {"all":true}"#);
+    let invalidation = match demo::parse_invalidation(&body) {
+        Ok(invalidation) => invalidation,
+        Err(detail) => return problem(StatusCode::BAD_REQUEST, detail),
     };
     match state.cache.invalidate_as(&invalidation, &admin).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
@@ -419,28 +339,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
     #[cfg(not(feature = "metrics"))]
     let text = state.cache.stats().to_prometheus();
     let mut res = text.into_response();
-    res.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    res.headers_mut().insert(header::CONTENT_TYPE, demo::PROMETHEUS_TEXT);
     res
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    println!("shutting down");
 }
 
 /// The demo's fixed secret, used only when AUTHZ_CACHE_SECRET is unset outside production, so that
@@ -463,10 +363,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run() -> Result<(), String> {
-    let port: u16 = match std::env::var("PORT") {
-        Ok(p) => p.parse().map_err(|_| format!("PORT={p:?}: expected a port number from 1 to 65535"))?,
-        Err(_) => 3000,
-    };
+    let port = demo::port()?;
     // Every setting comes from the environment (AUTHZ_CACHE_MODE, L1_CACHE_SIZE_MB, REDIS_URL, ...);
     // a bad value stops the demo here with one line naming the variable.
     let mut config = CacheConfig::from_env().map_err(|e| e.to_string())?;
@@ -554,18 +451,9 @@ async fn run() -> Result<(), String> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let base = format!("http://{addr}");
-    println!("listening on {base}");
-    println!("try:");
-    println!("  curl -i {base}/health");
-    println!("  curl -i -H 'Authorization: Bearer bob-token' {base}/documents/1");
-    println!("  curl -i -X DELETE -H 'Authorization: Bearer bob-token' {base}/documents/1      # 403");
-    println!("  curl -i -X DELETE -H 'Authorization: Bearer alice-token' {base}/documents/1    # 204");
-    println!(
-        "  curl -i -X PUT -H 'Authorization: Bearer alice-token' -H 'content-type: application/json' -d '{{\"role\":\"none\"}}' {base}/admin/users/bob/role"
-    );
-    println!("  curl -s -H 'Authorization: Bearer alice-token' {base}/admin/stats");
+    demo::print_try(&base);
     axum::serve(listener, app.into_make_service())
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(demo::shutdown_signal())
         .await
         .map_err(|e| format!("server error: {e}"))
 }

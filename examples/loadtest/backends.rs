@@ -1,0 +1,147 @@
+//! The shared servers: what a run creates on Redis and Postgres, and its clean-up.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use crate::BoxError;
+
+/// What the in-process configurations share: the servers, and what to clean up.
+pub(crate) struct Backends {
+    pub(crate) redis_url: Option<String>,
+    pub(crate) database_url: Option<String>,
+    pub(crate) population: u32,
+    pub(crate) allow_ttl: Duration,
+    pub(crate) deny_ttl: Duration,
+    pub(crate) leftovers: Arc<Leftovers>,
+}
+/// Everything this run created on the shared servers: its Redis namespace and its Postgres
+/// schemas. Cleaned after each configuration, at the end, on error (drop) and on Ctrl-C; never
+/// anything else (no FLUSHALL, no other schema).
+pub(crate) struct Leftovers {
+    pub(crate) redis: Option<(String, String)>,
+    pub(crate) redis_used: std::sync::atomic::AtomicBool,
+    pub(crate) database_url: Option<String>,
+    pub(crate) schemas: std::sync::Mutex<Vec<String>>,
+}
+impl Leftovers {
+    pub(crate) fn add_schema(&self, schema: &str) {
+        self.schemas.lock().unwrap_or_else(|e| e.into_inner()).push(schema.to_owned());
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        !self.redis_used.load(Relaxed) && self.schemas.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+
+    /// Deletes what is left; says what it did.
+    pub(crate) async fn clean(&self) {
+        let schemas = std::mem::take(&mut *self.schemas.lock().unwrap_or_else(|e| e.into_inner()));
+        if let (Some(url), false) = (&self.database_url, schemas.is_empty()) {
+            match tokio::time::timeout(Duration::from_secs(30), drop_schemas(url, &schemas)).await {
+                Ok(Ok(())) => println!("postgres: dropped schema {}", schemas.join(", ")),
+                Ok(Err(e)) => eprintln!("postgres: could not drop schema {}: {e}", schemas.join(", ")),
+                Err(_) => eprintln!("postgres: dropping schema {} timed out", schemas.join(", ")),
+            }
+        }
+        #[cfg(feature = "redis")]
+        if let (Some((url, namespace)), true) = (&self.redis, self.redis_used.swap(false, Relaxed)) {
+            match tokio::time::timeout(Duration::from_secs(10), delete_namespace(url, namespace)).await {
+                Ok(Ok(n)) => println!("redis: deleted {n} keys of namespace {namespace}"),
+                Ok(Err(e)) => eprintln!("redis: could not delete namespace {namespace}: {e}"),
+                Err(_) => eprintln!("redis: deleting namespace {namespace} timed out"),
+            }
+        }
+    }
+
+    /// `clean` from outside any runtime (on a thread of its own, with its own runtime).
+    pub(crate) fn clean_blocking(self: &Arc<Self>) {
+        if self.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                rt.block_on(me.clean());
+            }
+        })
+        .join();
+    }
+}
+/// Cleans up when dropped: whatever way `run` ends, nothing it created stays behind.
+pub(crate) struct CleanOnDrop(pub(crate) Arc<Leftovers>);
+impl Drop for CleanOnDrop {
+    fn drop(&mut self) {
+        self.0.clean_blocking();
+    }
+}
+#[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+pub(crate) async fn drop_schemas(url: &str, schemas: &[String]) -> Result<(), BoxError> {
+    #[cfg(feature = "postgres")]
+    {
+        let client = pg_client(url).await?;
+        for schema in schemas {
+            // Only names this run made (loadtest_<pid>_<n>), never anything else.
+            if !schema.starts_with("loadtest_") || !schema.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                continue;
+            }
+            client.batch_execute(&format!("SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {schema} CASCADE")).await?;
+        }
+    }
+    Ok(())
+}
+#[cfg(feature = "postgres")]
+pub(crate) async fn pg_client(url: &str) -> Result<tokio_postgres::Client, BoxError> {
+    let (client, connection) =
+        tokio::time::timeout(Duration::from_secs(5), tokio_postgres::connect(url, tokio_postgres::NoTls))
+            .await
+            .map_err(|_| format!("cannot reach postgres at {}", redact(url)))??;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+/// `url` without its password.
+pub(crate) fn redact(url: &str) -> String {
+    match url.split_once("://").and_then(|(scheme, rest)| Some((scheme, rest.rsplit_once('@')?))) {
+        Some((scheme, (userinfo, host))) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+#[cfg(feature = "redis")]
+pub(crate) async fn redis_connection(url: &str) -> Result<redis::aio::MultiplexedConnection, BoxError> {
+    let client = redis::Client::open(url)?;
+    let mut conn = tokio::time::timeout(Duration::from_secs(2), client.get_multiplexed_async_connection())
+        .await
+        .map_err(|_| format!("cannot reach redis at {url}"))??;
+    let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+    Ok(conn)
+}
+/// Deletes every key of the namespace (SCAN MATCH + DEL); returns how many.
+#[cfg(feature = "redis")]
+pub(crate) async fn delete_namespace(url: &str, namespace: &str) -> Result<u64, BoxError> {
+    let mut conn = redis_connection(url).await?;
+    let pattern = format!("{namespace}:*");
+    let mut cursor: u64 = 0;
+    let mut deleted = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            let n: u64 = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
+            deleted += n;
+        }
+        cursor = next;
+        if cursor == 0 {
+            return Ok(deleted);
+        }
+    }
+}
