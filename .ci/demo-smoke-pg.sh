@@ -29,7 +29,7 @@ json() { curl -s -H 'Authorization: Bearer alice-token' "http://127.0.0.1:$1/adm
 bob() { code -H 'Authorization: Bearer bob-token' "http://127.0.0.1:$1/documents/1"; }
 
 check "instance 1 prints L3" 1 "$(grep -c 'L3 (postgres' /tmp/qs-pg-1.log)"
-check "migrations applied" 2 "$(psql "$DATABASE_URL" -qtAc "SELECT count(*) FROM $SCHEMA.authz_cache_migrations")"
+check "migrations applied" 4 "$(psql "$DATABASE_URL" -qtAc "SELECT count(*) FROM $SCHEMA.authz_cache_migrations")"
 check "bob GET on 1" 200 "$(bob $P1)"
 check "bob GET on 2" 200 "$(bob $P2)"
 check "bob GET on 1 again (L1)" 200 "$(bob $P1)"
