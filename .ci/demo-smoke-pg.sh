@@ -40,7 +40,9 @@ psql "$DATABASE_URL" -qtAc "UPDATE $SCHEMA.user_roles SET role_id = 'none' WHERE
 sleep 0.2
 check "bob's next GET on 1 after psql UPDATE" 403 "$(bob $P1)"
 check "bob's next GET on 2 after psql UPDATE" 403 "$(bob $P2)"
-check "instance 2 heard the change feed" 1 "$(json $P2 'int(d["change_feed_invalidations"] >= 1)')"
+# Whichever instance drained the recorded change applied it, once, for both.
+applied=$(( $(json $P1 'd["change_feed_invalidations"]') + $(json $P2 'd["change_feed_invalidations"]') ))
+check "the change feed applied the change" 1 "$([ "$applied" -ge 1 ] && echo 1 || echo 0)"
 check "role change through the app (tables)" 204 "$(code -X PUT -H 'Authorization: Bearer alice-token' -d '{"role":"editor"}' "http://127.0.0.1:$P1/admin/users/bob/role")"
 check "bob's very next GET on 2" 200 "$(bob $P2)"
 check "the table holds the role" editor "$(psql "$DATABASE_URL" -qtAc "SELECT role_id FROM $SCHEMA.user_roles WHERE user_id = 'bob'")"

@@ -25,8 +25,8 @@
 --    and pays it; while it is not empty, no instance with L2 trusts L2.
 --
 -- Applications with permission tables of their own record changes with
--- `SELECT authz_cache_record_changes(ARRAY['alice', 'bob'])` (NULL or an empty array: everything)
--- from their own triggers or in the changing transaction.
+-- `SELECT authz_cache_record_changes(ARRAY['alice', 'bob'])` (NULL: everything) from their own
+-- triggers or in the changing transaction.
 
 -- The largest value ever assigned here (one row).
 CREATE TABLE IF NOT EXISTS authz_cache_epoch_high (
@@ -96,13 +96,16 @@ CREATE TABLE IF NOT EXISTS authz_cache_mirror (
 CREATE OR REPLACE FUNCTION authz_cache_bulk_limit()
 RETURNS integer LANGUAGE sql IMMUTABLE AS $$ SELECT 1000 $$;
 
--- Records that the permissions of `p_principals` changed (NULL, an empty array or more than
--- authz_cache_bulk_limit() of them: everything), then hints every listener.
+-- Records that the permissions of `p_principals` changed (NULL, or more than
+-- authz_cache_bulk_limit() of them: everything; an empty array: nobody, nothing is recorded),
+-- then hints every listener.
 CREATE OR REPLACE FUNCTION authz_cache_record_changes(p_principals text[])
 RETURNS void LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
-    IF p_principals IS NULL OR cardinality(p_principals) = 0
-       OR cardinality(p_principals) > authz_cache_bulk_limit() THEN
+    IF cardinality(p_principals) = 0 THEN
+        RETURN;
+    END IF;
+    IF p_principals IS NULL OR cardinality(p_principals) > authz_cache_bulk_limit() THEN
         INSERT INTO authz_cache_changes (principal) VALUES (NULL);
     ELSE
         INSERT INTO authz_cache_changes (principal)

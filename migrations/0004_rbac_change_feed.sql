@@ -14,7 +14,8 @@ DROP FUNCTION IF EXISTS authz_notify_role_permissions();
 DROP FUNCTION IF EXISTS authz_role_permissions_holders(text[]);
 
 -- user_roles: the principals in the rows the statement inserted, deleted or updated (old and
--- new). One function for the three statement triggers: each branch reads only the transition
+-- new); a statement that touched no row (an INSERT ... ON CONFLICT DO NOTHING that found every
+-- row there) records nothing. One function for the three statement triggers: each branch reads only the transition
 -- tables its event has (PL/pgSQL plans a statement when it first runs it).
 CREATE OR REPLACE FUNCTION authz_user_roles_changed() RETURNS trigger
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$

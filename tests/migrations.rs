@@ -164,6 +164,10 @@ async fn the_migrations_apply_twice_and_do_what_they_say() {
         let mut holders = vec![Some(bob.clone()), Some(carol.clone())];
         holders.sort();
         assert_eq!(recorded().await, holders);
+        // A statement that touches no row records nothing (seeding again is harmless).
+        db.execute("INSERT INTO user_roles VALUES ($1, 'editor') ON CONFLICT DO NOTHING", &[&bob]).await.unwrap();
+        db.execute("UPDATE user_roles SET role_id = 'viewer' WHERE user_id = 'nobody'", &[]).await.unwrap();
+        assert!(recorded().await.is_empty(), "no row touched, nothing recorded");
         // Nothing is recorded unless the transaction commits.
         db.batch_execute(&format!("BEGIN; DELETE FROM user_roles WHERE user_id = '{alice}'; ROLLBACK")).await.unwrap();
         assert!(recorded().await.is_empty());

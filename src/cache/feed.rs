@@ -42,6 +42,8 @@ pub(crate) struct FeedState {
     trusted: AtomicBool,
     /// Monotonic ms (since `start`) when the last poll that found nothing waiting started.
     confirmed_at_ms: AtomicU64,
+    /// The same, for requests waiting for the feed to catch up (see [`FeedState::caught_up_since`]).
+    confirmed: tokio::sync::watch::Sender<u64>,
     confirmed_once: AtomicBool,
     max_staleness_ms: u64,
     applied: AtomicU64,
@@ -58,6 +60,7 @@ impl FeedState {
             hint: tokio::sync::Notify::new(),
             trusted: AtomicBool::new(false),
             confirmed_at_ms: AtomicU64::new(0),
+            confirmed: tokio::sync::watch::Sender::new(0),
             confirmed_once: AtomicBool::new(false),
             max_staleness_ms: u64::try_from(max_staleness.as_millis()).unwrap_or(u64::MAX).max(10),
             applied: AtomicU64::new(0),
@@ -68,7 +71,7 @@ impl FeedState {
         }
     }
 
-    fn now_ms(&self) -> u64 {
+    pub(crate) fn now_ms(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
@@ -82,6 +85,14 @@ impl FeedState {
         self.hint.notify_one();
     }
 
+    /// Resolves once a poll that started at or after `since_ms` (this state's clock, see
+    /// [`now_ms`](Self::now_ms)) found nothing waiting: every change recorded before `since_ms`
+    /// is applied. Hint the feed first. Dropping the future leaves nothing behind.
+    pub(crate) async fn caught_up_since(&self, since_ms: u64) {
+        let mut rx = self.confirmed.subscribe();
+        let _ = rx.wait_for(|at| *at >= since_ms).await;
+    }
+
     /// Whether the feed was seen caught up recently enough for L1 and L2 to be trusted.
     pub(crate) fn trusted(&self) -> bool {
         self.trusted.load(Ordering::Acquire)
@@ -90,6 +101,11 @@ impl FeedState {
     /// A poll that started at `started_ms` found nothing waiting.
     fn confirm(&self, started_ms: u64) {
         self.confirmed_at_ms.fetch_max(started_ms, Ordering::AcqRel);
+        self.confirmed.send_if_modified(|at| {
+            let newer = started_ms > *at;
+            *at = (*at).max(started_ms);
+            newer
+        });
         self.confirmed_once.store(true, Ordering::Release);
         let fresh = self.now_ms().saturating_sub(started_ms) < self.max_staleness_ms.saturating_sub(self.step_ms());
         if fresh && !self.trusted.swap(true, Ordering::AcqRel) {

@@ -563,17 +563,26 @@ impl Inner {
             return SharedRead::Unread;
         }
         let read = l3.pg.read(key_id, hashes, self.longest_ttl_ms);
-        let Some(read) = self.timed_read("l3", &self.stats.l3, read).await else { return SharedRead::Unread };
-        let value = if read.changes_pending {
+        let Some(mut read) = self.timed_read("l3", &self.stats.l3, read).await else { return SharedRead::Unread };
+        if read.changes_pending {
             // A change in the permission tables is recorded but not applied to the epochs yet:
-            // no entry can be vouched for until it is (the epochs read are still merged, and a
-            // stamp taken from them still misses once the change is applied). Apply it now.
+            // no entry can be vouched for until it is. Have the feed apply it (it is usually a
+            // matter of milliseconds; one drain serves every request waiting here) and read again,
+            // so that what this request computes is stamped after the change.
             Stats::incr(&self.stats.l3.stale);
+            let since = l3.feed.now_ms();
             l3.feed.hint();
-            None
-        } else {
-            read.value
-        };
+            if tokio::time::timeout(FEED_CATCH_UP_WAIT, l3.feed.caught_up_since(since)).await.is_err() {
+                return SharedRead::Unread;
+            }
+            let again = l3.pg.read(key_id, hashes, self.longest_ttl_ms);
+            let Some(again) = self.timed_read("l3", &self.stats.l3, again).await else { return SharedRead::Unread };
+            if again.changes_pending {
+                return SharedRead::Unread;
+            }
+            read = again;
+        }
+        let value = read.value;
         let read = self.accept_shared("l3", &self.stats.l3, keys, key, key_id, hashes, value, read.epochs);
         if matches!(read, SharedRead::Hit(_)) {
             l3.pg.count_hit(key_id);
@@ -1321,6 +1330,11 @@ impl AuthzCacheBuilder {
 const LATE_WRITE_MARGIN: Duration = crate::tier::postgres::MAX_WRITE_DELAY;
 #[cfg(not(feature = "postgres"))]
 const LATE_WRITE_MARGIN: Duration = Duration::ZERO;
+
+/// How long an L3 read that found a recorded change not applied yet waits for the change feed to
+/// apply it, before the request goes on without L3 (and writes no L3 copy).
+#[cfg(feature = "postgres")]
+const FEED_CATCH_UP_WAIT: Duration = Duration::from_millis(250);
 
 /// How often Redis's `maxmemory-policy` is read again.
 #[cfg(feature = "redis")]
