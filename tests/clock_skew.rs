@@ -129,7 +129,12 @@ async fn skewed_instances_never_revive_a_revoked_allow(with_postgres: bool) {
     assert!(allowed(&behind).await);
     assert!(allowed(&shared_only).await);
     policy.allowed.store(false, Ordering::SeqCst);
-    behind.invalidate(&Invalidation::principal("bob")).await.unwrap();
+    // (Its pooled connections died with the server: retry until Redis has it, as callers must.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while behind.invalidate(&Invalidation::principal("bob")).await.is_err() {
+        assert!(Instant::now() < deadline, "the invalidation never reached Redis");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let ended = Instant::now();
 
     // 3. The full retention period and beyond: epochs are forgotten (locally, and swept or
@@ -152,4 +157,75 @@ async fn clocks_ten_minutes_apart_revive_nothing_with_redis_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clocks_ten_minutes_apart_revive_nothing_with_redis_and_postgres() {
     skewed_instances_never_revive_a_revoked_allow(true).await;
+}
+
+/// Redis alone keeps the epochs and restarts empty: it forgets the values it assigned, and the
+/// next bump, from an instance whose clock is behind, gets a value below one the instance ahead
+/// remembers. That instance must notice the loss (Redis's epoch high water went down) and forget
+/// the values, or it would keep serving an allow the lower bump invalidated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_empty_cannot_hide_a_bump_behind_a_value_it_forgot() {
+    let mut owned = tokio::task::block_in_place(support::faults::OwnedRedis::start);
+    let policy = Policy::default();
+    policy.allowed.store(true, Ordering::SeqCst);
+    let url = owned.url();
+    let build = |offset_ms: i64| {
+        let p = policy.clone();
+        AuthzCache::builder(move |_: Principal, _: Permission| {
+            p.calls.fetch_add(1, Ordering::SeqCst);
+            let allowed = p.allowed.load(Ordering::SeqCst);
+            async move { Ok::<_, BoxError>(Decision::from_bool(allowed)) }
+        })
+        .__wall_clock_offset(offset_ms)
+        .allow_ttl(Duration::from_secs(60))
+        .max_staleness(MAX_STALENESS)
+        .l2(RedisTier::builder(url.as_str(), SECRET).namespace("skew-restart").build().unwrap())
+        .build()
+    };
+    let ahead = build(SKEW_MS);
+    tokio::time::timeout(Duration::from_secs(10), ahead.ready()).await.expect("ready");
+    // The instance ahead invalidates bob: Redis assigns a value five minutes in the future.
+    ahead.invalidate(&Invalidation::principal("bob")).await.unwrap();
+    assert!(allowed(&ahead).await);
+    tokio::task::block_in_place(|| owned.restart_empty());
+    // The instance behind starts after the restart: nothing tells it of the value Redis forgot
+    // (its floor is its own clock). The instance ahead re-subscribes and computes bob's allow.
+    let behind = build(-SKEW_MS);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ahead.stats().backplane.is_none_or(|b| b.subscriptions < 2) {
+        assert!(Instant::now() < deadline, "the instance ahead re-subscribed after the restart");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for cache in [&ahead, &behind] {
+        tokio::time::timeout(Duration::from_secs(10), cache.ready()).await.expect("ready after the restart");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !allowed(&ahead).await {
+        assert!(Instant::now() < deadline, "the instance ahead answers again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(allowed(&ahead).await, "cached");
+    // Revoked, and invalidated through the instance behind: Redis, empty, assigns a value from
+    // that instance's clock, five minutes below the one the instance ahead had.
+    policy.allowed.store(false, Ordering::SeqCst);
+    // (Its pooled connections died with the server: retry until Redis has it, as callers must.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while behind.invalidate(&Invalidation::principal("bob")).await.is_err() {
+        assert!(Instant::now() < deadline, "the invalidation never reached Redis");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ended = Instant::now();
+    loop {
+        let served = allowed(&ahead).await;
+        if !served {
+            break;
+        }
+        assert!(ended.elapsed() <= MAX_STALENESS, "the instance ahead kept serving the revoked allow");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(MAX_STALENESS).await;
+    for _ in 0..20 {
+        assert!(!allowed(&ahead).await, "revived");
+        assert!(!allowed(&behind).await, "revived");
+    }
 }

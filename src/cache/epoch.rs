@@ -353,6 +353,19 @@ impl Epochs {
         self.global.fetch_max(value, Ordering::AcqRel);
     }
 
+    /// Forgets every shared value (the scopes and the global epoch read 0 again) and drops trust
+    /// in everything this process cached or is computing: for when the store that keeps the
+    /// epochs lost them (a Redis restarted empty or flushed). What the store assigns from then on
+    /// starts again from the floors, which stay above everything seen here (the Lamport clock is
+    /// kept), and a lower value from another process is no longer masked by one the store forgot.
+    pub(crate) fn reset_shared(&self) {
+        self.principals.clear();
+        self.resources.clear();
+        self.entries.clear();
+        self.global.store(0, Ordering::Release);
+        self.bump_local();
+    }
+
     /// Drops trust in everything this process cached or is computing.
     pub(crate) fn bump_local(&self) {
         self.local.fetch_add(1, Ordering::AcqRel);

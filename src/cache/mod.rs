@@ -507,9 +507,14 @@ impl Inner {
             Stats::incr(&self.stats.l2.misses);
             return SharedRead::Unread;
         }
+        let mark = l2.redis.high_water_mark();
         let Some(read) = self.timed_read("l2", &self.stats.l2, l2.redis.read(key_id, hashes)).await else {
             return SharedRead::Unread;
         };
+        if l2.redis.keeps_epochs() && !l2.redis.kept_its_epochs(mark, read.high_water, &self.epochs) {
+            Stats::incr(&self.stats.l2.rejected);
+            return SharedRead::Unread;
+        }
         self.accept_shared("l2", &self.stats.l2, keys, key, key_id, hashes, read.value, read.epochs)
     }
 
@@ -893,11 +898,7 @@ impl Inner {
     /// Whether Redis keeps the epochs (L2 without L3), and so is owed the bumps it missed.
     #[cfg(feature = "redis")]
     fn epochs_authority_is_redis(&self) -> bool {
-        #[cfg(feature = "postgres")]
-        if self.l3.is_some() {
-            return false;
-        }
-        self.l2.is_some()
+        self.l2.as_ref().is_some_and(|l2| l2.redis.keeps_epochs())
     }
 
     /// Records a bump owed to Postgres; past `MAX_PENDING`, the debt collapses to a global bump.
@@ -1250,6 +1251,16 @@ impl AuthzCacheBuilder {
         });
         let epochs = Arc::new(Epochs::new(keys.clone(), forget_after_ms, self.clock.clone()));
         let stats = Arc::new(Stats::new());
+        #[cfg(feature = "redis")]
+        {
+            #[cfg(feature = "postgres")]
+            let authority = self.l3.is_none();
+            #[cfg(not(feature = "postgres"))]
+            let authority = true;
+            if let Some(tier) = &self.l2 {
+                tier.shared.set_keeps_epochs(authority);
+            }
+        }
         #[cfg(feature = "redis")]
         let l2 = self.l2.map(|tier| L2 {
             writes: crate::tier::redis::spawn_writers(tier.shared.clone(), stats.clone(), self.clock.clone()),

@@ -275,6 +275,13 @@ async fn redis_session(
         }
     };
     subscribed(epochs, state);
+    // Messages sent while unsubscribed are lost; if Redis keeps the epochs, it may also have lost
+    // them (a restart is the usual reason to re-subscribe): check before trusting anything.
+    if redis.keeps_epochs() {
+        let mark = redis.high_water_mark();
+        let high_water = redis.high_water().await.ok();
+        redis.kept_its_epochs(mark, high_water, epochs);
+    }
     let mut stream = pubsub.on_message();
     loop {
         match tokio::time::timeout(silence, stream.next()).await {

@@ -147,6 +147,8 @@ impl RedisTierBuilder {
                 ns,
                 write_queue: self.write_queue,
                 eviction: std::sync::atomic::AtomicU8::new(Eviction::Unknown as u8),
+                keeps_epochs: std::sync::atomic::AtomicBool::new(false),
+                high_water_seen: std::sync::atomic::AtomicU64::new(0),
                 bump: redis::Script::new(&format!("{LUA_EPOCHS}{BUMP}")),
                 raise: redis::Script::new(&format!("{LUA_EPOCHS}{RAISE}")),
             }),
@@ -300,10 +302,13 @@ return 1
 pub(crate) type RedisError = GuardError<redis::RedisError>;
 
 /// What one L2 read returned: the value, if any, and the shared epochs covering the key
-/// (global, principal, resource, entry; 0 when absent).
+/// (global, principal, resource, entry; 0 when absent), and the epochs' high water.
 pub(crate) struct L2Read {
     pub(crate) value: Option<Vec<u8>>,
     pub(crate) epochs: Option<[u64; 4]>,
+    /// The high water of every epoch value Redis assigned (0 when absent: a Redis that lost its
+    /// state); `None` when unreadable.
+    pub(crate) high_water: Option<u64>,
 }
 
 pub(crate) struct RedisShared {
@@ -320,6 +325,11 @@ pub(crate) struct RedisShared {
     raise: redis::Script,
     /// What the last `maxmemory-policy` check found (see [`Eviction`]).
     eviction: std::sync::atomic::AtomicU8,
+    /// Whether Redis keeps the epochs (no L3 behind it): set by the cache when it is built.
+    keeps_epochs: std::sync::atomic::AtomicBool,
+    /// The highest epoch high water Redis reported (reads, bumps, re-subscriptions), to notice a
+    /// Redis that lost its epochs.
+    high_water_seen: std::sync::atomic::AtomicU64,
 }
 
 /// Whether Redis may evict keys the cache needs. Entries and epochs both carry expiries, so any
@@ -347,6 +357,71 @@ pub(crate) const EVICTION_UNKNOWN: &str =
     "redis maxmemory-policy could not be read (CONFIG GET refused): make sure it is noeviction";
 
 impl RedisShared {
+    pub(crate) fn set_keeps_epochs(&self, keeps: bool) {
+        self.keeps_epochs.store(keeps, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether Redis keeps the epochs (L2 without L3).
+    pub(crate) fn keeps_epochs(&self) -> bool {
+        self.keeps_epochs.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The highest epoch high water Redis reported so far: take it before a read, and give it to
+    /// [`kept_its_epochs`](Self::kept_its_epochs) with what the read returned (a bump that
+    /// completes while the read is in flight raises it, but cannot be in the read's answer).
+    pub(crate) fn high_water_mark(&self) -> u64 {
+        self.high_water_seen.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// With Redis keeping the epochs: whether the high water a read returned (`None`: could not
+    /// be read) is still at least `mark`, the highest seen before that read was sent. A lower one
+    /// means Redis lost its epochs (restarted empty, flushed); then, and when it cannot be read,
+    /// this process forgets every shared value it holds ([`Epochs::reset_shared`]): a value Redis
+    /// forgot would otherwise mask a lower one it assigns from now on, and an invalidation would
+    /// go unnoticed here.
+    ///
+    /// [`Epochs::reset_shared`]: crate::cache::epoch::Epochs::reset_shared
+    pub(crate) fn kept_its_epochs(
+        &self,
+        mark: u64,
+        high_water: Option<u64>,
+        epochs: &crate::cache::epoch::Epochs,
+    ) -> bool {
+        use std::sync::atomic::Ordering;
+        match high_water {
+            Some(now) if now >= mark => {
+                self.high_water_seen.fetch_max(now, Ordering::AcqRel);
+                return true;
+            }
+            Some(now) => {
+                // Start again from what Redis has now (a mark below Redis's real high water can
+                // only delay the next detection, never raise a false one).
+                self.high_water_seen.store(now, Ordering::Release);
+                tracing::warn!(
+                    target: "authz_cache::audit",
+                    seen = mark,
+                    now,
+                    "redis lost its epochs (restarted empty or flushed): shared epochs forgotten, L1 dropped"
+                );
+            }
+            None => {
+                tracing::warn!(target: "authz_cache::audit", "redis epoch high water unreadable: shared epochs forgotten");
+            }
+        }
+        epochs.reset_shared();
+        false
+    }
+
+    /// Redis's epoch high water (0 when it has none).
+    pub(crate) async fn high_water(&self) -> Result<u64, RedisError> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(&self.seq_key);
+        let raw: Option<String> = self.run(&cmd).await?;
+        Ok(raw.map_or(0, |v| {
+            v.parse::<u64>().map_or(crate::cache::epoch::EPOCH_MAX, |v| v.min(crate::cache::epoch::EPOCH_MAX))
+        }))
+    }
+
     /// Reads `maxmemory-policy` and records it; logs on `authz_cache::audit` when it changes to
     /// one that breaks the staleness bound. A failed call leaves the last finding.
     pub(crate) async fn check_eviction(&self) {
@@ -430,10 +505,11 @@ impl RedisShared {
             .arg(&self.global_key)
             .arg(self.epoch_key(Scope::Principal, hashes.principal))
             .arg(self.epoch_key(Scope::Resource, hashes.resource))
-            .arg(self.epoch_key(Scope::Entry, hashes.entry));
+            .arg(self.epoch_key(Scope::Entry, hashes.entry))
+            .arg(&self.seq_key);
         let mut values: Vec<Option<Vec<u8>>> = self.run(&cmd).await?;
-        if values.len() != 5 {
-            return Ok(L2Read { value: None, epochs: None });
+        if values.len() != 6 {
+            return Ok(L2Read { value: None, epochs: None, high_water: None });
         }
         // Values beyond what the stores hold saturate (see `epoch.rs`); what does not parse as an
         // integer at all is unreadable.
@@ -457,7 +533,8 @@ impl RedisShared {
             (Some(g), Some(p), Some(r), Some(k)) => Some([g, p, r, k]),
             _ => None,
         };
-        Ok(L2Read { value: values.swap_remove(0), epochs })
+        let high_water = parse(&values[5]);
+        Ok(L2Read { value: values.swap_remove(0), epochs, high_water })
     }
 
     /// Stores an envelope that stays valid for `px_ms`.
@@ -482,7 +559,11 @@ impl RedisShared {
         let mut invocation = self.bump.prepare_invoke();
         invocation.key(&self.seq_key).key(key).arg(floor_us).arg(px).arg(&self.channel).arg(prefix);
         let stored = self.with_conn(async |conn| invocation.invoke_async::<String>(conn).await).await?;
-        Ok(stored.parse::<u64>().map_or(crate::cache::epoch::EPOCH_MAX, |v| v.min(crate::cache::epoch::EPOCH_MAX)))
+        let value =
+            stored.parse::<u64>().map_or(crate::cache::epoch::EPOCH_MAX, |v| v.min(crate::cache::epoch::EPOCH_MAX));
+        // The value a bump stores is Redis's new high water.
+        self.high_water_seen.fetch_max(value, std::sync::atomic::Ordering::AcqRel);
+        Ok(value)
     }
 
     /// Raises a shared epoch (`None`: the global one) to `value`, assigned by the durable store,
