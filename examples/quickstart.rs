@@ -24,7 +24,7 @@
 //! every running instance through the trigger alone.
 
 #[path = "common/demo.rs"]
-mod demo;
+pub(crate) mod demo;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

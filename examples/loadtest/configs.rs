@@ -30,19 +30,9 @@ pub(crate) fn local_target(name: &str, addr: SocketAddr, authorizes: bool, cache
         cached,
     })
 }
-/// The quickstart's route table.
+/// The quickstart's route table (the demo's, in `examples/common/demo.rs`).
 pub(crate) fn routes() -> tower_authz_cache::RouteTable {
-    use axum::http::Method;
-    tower_authz_cache::RouteTable::new()
-        .public("/health")
-        .public_route(Method::GET, "/metrics")
-        .public_route(Method::GET, "/ready")
-        .route(Method::GET, "/documents/{id}", "documents:{id}", "read")
-        .route(Method::PUT, "/documents/{id}", "documents:{id}", "write")
-        .route(Method::DELETE, "/documents/{id}", "documents:{id}", "delete")
-        .route(Method::PUT, "/admin/users/{user}/role", "admin", "manage")
-        .route(Method::POST, "/admin/invalidate", "admin", "manage")
-        .route(Method::GET, "/admin/stats", "admin", "manage")
+    crate::quickstart::demo::routes()
 }
 /// The quickstart's handlers, with `GET /admin/stats` answering `cache`'s counters.
 pub(crate) fn handlers(cache: AuthzCache) -> axum::Router {
