@@ -37,6 +37,7 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::AuthzCacheBuilder;
+use crate::tier::names::{namespace_ok, schema_ok};
 
 const MODE: &str = "AUTHZ_CACHE_MODE";
 const L1_CACHE_SIZE_MB: &str = "L1_CACHE_SIZE_MB";
@@ -945,13 +946,6 @@ fn flag(variable: &'static str, raw: &str) -> Result<bool, ConfigError> {
     }
 }
 
-/// What [`PostgresTierBuilder::schema`](crate::PostgresTierBuilder::schema) accepts.
-fn schema_ok(schema: &str) -> bool {
-    (1..=40).contains(&schema.len())
-        && !schema.starts_with(|c: char| c.is_ascii_digit())
-        && schema.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-}
-
 /// Builds a tier from [`CacheConfig::postgres_builder`]; what it rejects is blamed on the URL
 /// (the config checked the rest).
 #[cfg(feature = "postgres")]
@@ -959,11 +953,6 @@ fn build_postgres(url: &str, builder: crate::PostgresTierBuilder) -> Result<crat
     builder
         .build()
         .map_err(|e| ConfigError::invalid(DATABASE_URL, url, format!("expected a URL the postgres tier accepts ({e})")))
-}
-
-fn namespace_ok(namespace: &str) -> bool {
-    (1..=64).contains(&namespace.len())
-        && namespace.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
 }
 
 /// A duration in seconds, as `AUTHZ_CACHE_*_TTL_S` writes it.

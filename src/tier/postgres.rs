@@ -152,11 +152,7 @@ impl PostgresTierBuilder {
         if self.secret.len() < 16 {
             return Err(PostgresTierError::config("secret must be at least 16 bytes"));
         }
-        let schema_ok = !self.schema.is_empty()
-            && self.schema.len() <= 40
-            && !self.schema.starts_with(|c: char| c.is_ascii_digit())
-            && self.schema.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-        if !schema_ok {
+        if !crate::tier::names::schema_ok(&self.schema) {
             return Err(PostgresTierError::config("schema must be 1-40 of [a-z0-9_], not starting with a digit"));
         }
         if self.pool_size == 0 {

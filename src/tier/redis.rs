@@ -115,10 +115,7 @@ impl RedisTierBuilder {
         if self.secret.len() < 16 {
             return Err(RedisTierError::config("secret must be at least 16 bytes"));
         }
-        let ns_ok = !self.namespace.is_empty()
-            && self.namespace.len() <= 64
-            && self.namespace.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
-        if !ns_ok {
+        if !crate::tier::names::namespace_ok(&self.namespace) {
             return Err(RedisTierError::config("namespace must be 1-64 of [A-Za-z0-9-_./]"));
         }
         if self.pool_size == 0 {
