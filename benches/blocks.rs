@@ -164,11 +164,11 @@ mod l2 {
         let _cleanup = Cleanup { url: url.clone(), ns: ns.clone() };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let authorizer = |_: Principal, _: Permission| async { Ok::<_, BoxError>(Decision::allow()) };
-        let tier = || RedisTier::builder(url.as_str(), super::SECRET).namespace(ns.as_str()).build().unwrap();
+        let tier = || RedisTier::builder(url.as_str()).namespace(ns.as_str()).build().unwrap();
         let (bob, read) = (Principal::new("bob"), Permission::new("documents:1", "read"));
         let (reader, mut raw, raw_key) = rt.block_on(async {
-            let writer = AuthzCache::builder(authorizer).l2(tier()).build();
-            let reader = AuthzCache::builder(authorizer).l1_max_bytes(0).l2(tier()).build();
+            let writer = AuthzCache::builder(authorizer).secret(super::SECRET).l2(tier()).build();
+            let reader = AuthzCache::builder(authorizer).l1_max_bytes(0).secret(super::SECRET).l2(tier()).build();
             writer.check(&bob, &read).await.unwrap();
             let client = redis::Client::open(url.as_str()).unwrap();
             let mut raw = client.get_multiplexed_async_connection().await.unwrap();
@@ -273,18 +273,13 @@ mod l3 {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let authorizer = |_: Principal, _: Permission| async { Ok::<_, BoxError>(Decision::allow()) };
         let tier = || {
-            PostgresTier::builder(url.as_str(), super::SECRET)
-                .schema(schema.as_str())
-                .pool_size(2)
-                .warm_on_start(0)
-                .build()
-                .unwrap()
+            PostgresTier::builder(url.as_str()).schema(schema.as_str()).pool_size(2).warm_on_start(0).build().unwrap()
         };
         let (bob, read) = (Principal::new("bob"), Permission::new("documents:1", "read"));
         let (reader, client, stmt, key) = rt.block_on(async {
             tier().migrate().await.unwrap();
-            let writer = AuthzCache::builder(authorizer).l3(tier()).build();
-            let reader = AuthzCache::builder(authorizer).l1_max_bytes(0).l3(tier()).build();
+            let writer = AuthzCache::builder(authorizer).secret(super::SECRET).l3(tier()).build();
+            let reader = AuthzCache::builder(authorizer).l1_max_bytes(0).secret(super::SECRET).l3(tier()).build();
             writer.check(&bob, &read).await.unwrap();
             let deadline = Instant::now() + Duration::from_secs(10);
             while writer.stats().tiers.l3.unwrap().writes < 1 {

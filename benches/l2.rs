@@ -33,11 +33,13 @@ fn main() {
         let secret = b"bench secret, 32 bytes long.....";
         let authorizer = |_: Principal, _: Permission| async { Ok::<_, BoxError>(Decision::allow()) };
         let writer = AuthzCache::builder(authorizer)
-            .l2(RedisTier::builder(url.as_str(), secret).namespace(ns.as_str()).build().unwrap())
+            .secret(secret)
+            .l2(RedisTier::builder(url.as_str()).namespace(ns.as_str()).build().unwrap())
             .build();
         let reader = AuthzCache::builder(authorizer)
+            .secret(secret)
             .l1_max_bytes(0)
-            .l2(RedisTier::builder(url.as_str(), secret).namespace(ns.as_str()).build().unwrap())
+            .l2(RedisTier::builder(url.as_str()).namespace(ns.as_str()).build().unwrap())
             .build();
         let (bob, read) = (Principal::new("bob"), Permission::new("documents:1", "read"));
         writer.check(&bob, &read).await.unwrap();

@@ -55,18 +55,12 @@ async fn connect(url: &str) -> tokio_postgres::Client {
 
 async fn bench(url: String, schema: String) {
     let secret = b"bench secret, 32 bytes long.....";
-    let tier = || {
-        PostgresTier::builder(url.as_str(), secret)
-            .schema(schema.as_str())
-            .pool_size(2)
-            .warm_on_start(0)
-            .build()
-            .unwrap()
-    };
+    let tier =
+        || PostgresTier::builder(url.as_str()).schema(schema.as_str()).pool_size(2).warm_on_start(0).build().unwrap();
     tier().migrate().await.unwrap();
     let authorizer = |_: Principal, _: Permission| async { Ok::<_, BoxError>(Decision::allow()) };
-    let writer = AuthzCache::builder(authorizer).l3(tier()).build();
-    let reader = AuthzCache::builder(authorizer).l1_max_bytes(0).l3(tier()).build();
+    let writer = AuthzCache::builder(authorizer).secret(secret).l3(tier()).build();
+    let reader = AuthzCache::builder(authorizer).secret(secret).l1_max_bytes(0).l3(tier()).build();
     let (bob, read) = (Principal::new("bob"), Permission::new("documents:1", "read"));
     writer.check(&bob, &read).await.unwrap();
     // Wait for the write-behind to land the row.

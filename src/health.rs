@@ -120,7 +120,6 @@ impl Health {
             reason: t.warning,
         };
         let (l2, l3) = (stats.tiers.l2.map(remote), stats.tiers.l3.map(remote));
-        #[cfg(any(feature = "redis", feature = "postgres"))]
         let backplane = stats.backplane.map(|b| {
             part(match (b.connected, b.l1_trusted) {
                 (true, true) => HealthStatus::Up,
@@ -128,8 +127,6 @@ impl Health {
                 (false, _) => HealthStatus::Down,
             })
         });
-        #[cfg(not(any(feature = "redis", feature = "postgres")))]
-        let backplane = None;
         let change_feed = stats.change_feed.map(|f| PartHealth {
             status: if f.caught_up { HealthStatus::Up } else { HealthStatus::Degraded },
             breaker: None,

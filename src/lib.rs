@@ -69,9 +69,6 @@
 #![deny(unreachable_pub, missing_docs)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
-// The shared-tier machinery (envelopes, keyed hashes, guards) is only used by the remote-tier
-// features; the all-features build (CI's clippy) still catches dead code in it.
-#![cfg_attr(not(all(feature = "redis", feature = "postgres")), allow(dead_code))]
 
 mod cache;
 mod config;
@@ -87,7 +84,7 @@ mod rbac;
 mod response;
 mod service;
 mod stats;
-mod tier;
+pub mod tier;
 
 #[cfg(feature = "axum")]
 mod extract;
@@ -97,9 +94,8 @@ mod extract;
 #[path = "internals.rs"]
 pub mod __internals;
 
-pub use crate::cache::guard::BreakerState;
 pub use crate::cache::warm::WarmReport;
-pub use crate::cache::{AuthzCache, AuthzCacheBuilder, CheckError, CheckErrorKind};
+pub use crate::cache::{AuthzCache, AuthzCacheBuilder, BuildError, CheckError, CheckErrorKind};
 pub use crate::config::{CacheConfig, ConfigError, Mode, Secret};
 pub use crate::core::authorizer::Authorizer;
 pub use crate::core::decision::Decision;
@@ -109,7 +105,6 @@ pub use crate::core::principal::{
 };
 pub use crate::future::ResponseFuture;
 pub use crate::health::{AUTHORIZER_DOWN_AFTER, Health, HealthStatus, PartHealth, TiersHealth};
-#[cfg(any(feature = "redis", feature = "postgres"))]
 pub use crate::invalidation::backplane::BackplaneSnapshot;
 pub use crate::invalidation::{Invalidation, InvalidationError, InvalidationFuture, InvalidationService};
 pub use crate::layer::CachedAuthorizationLayer;
@@ -122,6 +117,7 @@ pub use crate::stats::{
     ChangeFeedSnapshot, InvalidationsSnapshot, LatenciesSnapshot, LatencySnapshot, RemoteTierSnapshot, StatsSnapshot,
     TierSnapshot, TiersSnapshot,
 };
+pub use crate::tier::BreakerState;
 #[cfg(feature = "postgres")]
 pub use crate::tier::postgres::{PostgresTier, PostgresTierBuilder, PostgresTierError};
 #[cfg(feature = "redis")]

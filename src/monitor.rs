@@ -422,7 +422,6 @@ impl Monitor {
                 alerts.push(Alert::new(AlertKind::BreakerOpened, message, Some(recommendation)));
             }
         }
-        #[cfg(any(feature = "redis", feature = "postgres"))]
         if let Some(b) = &now.backplane {
             let distrusts = d(b.distrusts, prev.backplane.map_or(0, |p| p.distrusts));
             if !b.l1_trusted || distrusts > 0 {
@@ -787,7 +786,6 @@ mod tests {
         assert_eq!(report.alerts[0].recommendation, Some(FULL_L1));
     }
 
-    #[cfg(feature = "redis")]
     #[tokio::test]
     async fn a_breaker_that_opens_and_a_silent_backplane_raise_alerts() {
         use crate::{BackplaneSnapshot, BreakerState, RemoteTierSnapshot};

@@ -14,9 +14,12 @@
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let url = "postgres://app@127.0.0.1/app";
-//! let l3 = PostgresTier::builder(url, std::env::var("AUTHZ_CACHE_SECRET")?).schema("authz_cache").build()?;
+//! let l3 = PostgresTier::builder(url).schema("authz_cache").build()?;
 //! l3.migrate().await?;
-//! let cache = AuthzCache::builder(PostgresRbacAuthorizer::new(url, "authz_cache")?).l3(l3).build();
+//! let cache = AuthzCache::builder(PostgresRbacAuthorizer::new(url, "authz_cache")?)
+//!     .secret(std::env::var("AUTHZ_CACHE_SECRET")?)
+//!     .l3(l3)
+//!     .build();
 //! # Ok(()) }
 //! ```
 
@@ -28,7 +31,9 @@ use diesel::sql_types::{Bool, Text};
 use diesel_async::RunQueryDsl;
 use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 
-use crate::tier::postgres::{Manager, PostgresTierError};
+use crate::tier::pool::{self, Checked};
+
+use crate::tier::postgres::{Manager, PgFailure, PostgresTierError};
 use crate::{BoxError, Decision, Permission, Principal};
 
 /// Answers from `mv_user_authorization_context` in a schema migrated by
@@ -51,18 +56,15 @@ impl PostgresRbacAuthorizer {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(PostgresTierError::config("database url must start with postgres:// or postgresql://"));
         }
-        if schema.is_empty()
-            || schema.len() > 40
-            || !schema.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        {
-            return Err(PostgresTierError::config("schema must be 1-40 of [a-z0-9_]"));
+        if !crate::tier::names::schema_ok(schema) {
+            return Err(PostgresTierError::config("schema must be 1-40 of [a-z0-9_], not starting with a digit"));
         }
         let pool = bb8::Pool::builder()
             .max_size(10)
             .connection_timeout(std::time::Duration::from_secs(2))
             .test_on_check_out(false)
             .retry_connection(false)
-            .build_unchecked(Manager::new(AsyncDieselConnectionManager::new(url)));
+            .build_unchecked(Checked(AsyncDieselConnectionManager::new(url)));
         Ok(Self {
             pool,
             sql: [
@@ -109,23 +111,25 @@ impl QueryFragment<Pg> for GrantQuery<'_> {
 
 impl crate::Authorizer for PostgresRbacAuthorizer {
     async fn authorize(&self, principal: &Principal, permission: &Permission) -> Result<Decision, BoxError> {
-        let mut conn = self.pool.get().await.map_err(|e| -> BoxError {
-            match e {
-                bb8::RunError::User(e) => format!("postgres authorizer: connect: {e}").into(),
-                bb8::RunError::TimedOut => "postgres authorizer: timed out waiting for a connection".into(),
-            }
-        })?;
-        conn.mark_suspect(true);
         let query = GrantQuery {
             sql: &self.sql,
             principal: principal.id(),
             resource: permission.resource(),
             action: permission.action(),
         };
-        let granted = query.get_result::<bool>(conn.connection()).await.map_err(|e| -> BoxError {
-            format!("postgres authorizer: {}", crate::tier::postgres::PgFailure::from(e)).into()
-        })?;
-        conn.mark_suspect(false);
+        let granted = pool::with_conn(
+            &self.pool,
+            |e| match e {
+                bb8::RunError::User(e) => format!("postgres authorizer: connect: {e}"),
+                bb8::RunError::TimedOut => "postgres authorizer: timed out waiting for a connection".to_owned(),
+            },
+            Result::is_ok,
+            async |conn| {
+                query.get_result::<bool>(conn).await.map_err(|e| format!("postgres authorizer: {}", PgFailure::from(e)))
+            },
+        )
+        .await
+        .map_err(BoxError::from)?;
         Ok(if granted {
             Decision::allow()
         } else {

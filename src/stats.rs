@@ -267,7 +267,6 @@ pub struct StatsSnapshot {
     /// Latency by path.
     pub latency: LatenciesSnapshot,
     /// The invalidation backplane, when configured.
-    #[cfg(any(feature = "redis", feature = "postgres"))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backplane: Option<crate::BackplaneSnapshot>,
     /// The durable change feed of the permission tables, with L3.
@@ -313,8 +312,8 @@ pub(crate) struct Stats {
     pub(crate) l1_expired: AtomicU64,
     pub(crate) l1_stale: AtomicU64,
     pub(crate) l1_untrusted: AtomicU64,
-    pub(crate) l2: RemoteCounters,
-    pub(crate) l3: RemoteCounters,
+    pub(crate) l2: std::sync::Arc<RemoteCounters>,
+    pub(crate) l3: std::sync::Arc<RemoteCounters>,
     pub(crate) authorizer_calls: AtomicU64,
     pub(crate) authorizer_errors: AtomicU64,
     /// Authorizer failures since its last success.
@@ -342,8 +341,8 @@ impl Stats {
             l1_expired: AtomicU64::new(0),
             l1_stale: AtomicU64::new(0),
             l1_untrusted: AtomicU64::new(0),
-            l2: RemoteCounters::default(),
-            l3: RemoteCounters::default(),
+            l2: std::sync::Arc::default(),
+            l3: std::sync::Arc::default(),
             authorizer_calls: AtomicU64::new(0),
             authorizer_errors: AtomicU64::new(0),
             authorizer_failing: AtomicU64::new(0),
@@ -420,7 +419,6 @@ impl Stats {
                 l3_read: self.l3.read_latency.snapshot(),
                 authorizer: self.authorizer_latency.snapshot(),
             },
-            #[cfg(any(feature = "redis", feature = "postgres"))]
             backplane: None,
             change_feed: None,
         }
@@ -444,8 +442,7 @@ pub(crate) struct RemoteCounters {
 }
 
 impl RemoteCounters {
-    #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
-    pub(crate) fn snapshot(&self, guard: &crate::cache::guard::Guard) -> RemoteTierSnapshot {
+    pub(crate) fn snapshot(&self, guard: &crate::tier::guard::Guard) -> RemoteTierSnapshot {
         let (opens, errors, timeouts, skipped) = guard.counters();
         RemoteTierSnapshot {
             hits: self.hits.load(Relaxed),

@@ -146,7 +146,7 @@ struct Rig {
 }
 
 fn redis_tier(ns: &Namespace, url: &str) -> RedisTier {
-    RedisTier::builder(url, SECRET)
+    RedisTier::builder(url)
         .namespace(&ns.0)
         .pool_size(4)
         .connect_timeout(TIMEOUT)
@@ -160,7 +160,7 @@ fn redis_tier(ns: &Namespace, url: &str) -> RedisTier {
 }
 
 fn pg_tier(schema: &Schema, url: &str) -> PostgresTier {
-    PostgresTier::builder(url, SECRET)
+    PostgresTier::builder(url)
         .schema(&schema.0)
         .pool_size(4)
         .connect_timeout(TIMEOUT * 2)
@@ -199,11 +199,11 @@ impl Rig {
             let mut builder = AuthzCache::builder(policy.instance().authorizer()).max_staleness(MAX_STALENESS);
             if let Some(proxy) = &redis {
                 let url = if proxied { proxy.url("redis") } else { support::redis::url() };
-                builder = builder.l2(redis_tier(&ns, &url));
+                builder = builder.secret(SECRET).l2(redis_tier(&ns, &url));
             }
             if let (Some(proxy), Some(schema)) = (&pg, &schema) {
                 let url = if proxied { pg::url_via(proxy.addr()) } else { pg::url() };
-                builder = builder.l3(pg_tier(schema, &url));
+                builder = builder.secret(SECRET).l3(pg_tier(schema, &url));
             }
             builder.build()
         };

@@ -29,7 +29,7 @@ fn read(doc: u32) -> Permission {
 async fn seeded(test: &str) -> Schema {
     let schema = Schema::new(test);
     let db = pg::client().await;
-    PostgresTier::builder(pg::url(), SECRET).schema(&schema.0).build().unwrap().migrate().await.expect("migrations");
+    PostgresTier::builder(pg::url()).schema(&schema.0).build().unwrap().migrate().await.expect("migrations");
     pg::seed_rbac(&db, &schema.0).await;
     schema
 }
@@ -38,12 +38,14 @@ async fn seeded(test: &str) -> Schema {
 fn instance(schema: &Schema, proxy: &SplitProxy, redis: Option<&Namespace>, l1: bool) -> AuthzCache {
     let url = pg::url_via(proxy.addr());
     let mut builder = AuthzCache::builder(PostgresRbacAuthorizer::new(&url, &schema.0).unwrap())
-        .l3(PostgresTier::builder(&url, SECRET).schema(&schema.0).pool_size(4).warm_on_start(0).build().unwrap())
+        .secret(SECRET)
+        .l3(PostgresTier::builder(&url).schema(&schema.0).pool_size(4).warm_on_start(0).build().unwrap())
         .allow_ttl(Duration::from_secs(60))
         .max_staleness(MAX_STALENESS)
         .l1_max_bytes(if l1 { 16 << 20 } else { 0 });
     if let Some(ns) = redis {
-        builder = builder.l2(RedisTier::builder(support::redis::url(), SECRET).namespace(&ns.0).build().unwrap());
+        builder =
+            builder.secret(SECRET).l2(RedisTier::builder(support::redis::url()).namespace(&ns.0).build().unwrap());
     }
     builder.build()
 }
@@ -219,8 +221,10 @@ async fn a_role_with_100_000_holders_is_revoked_on_two_instances_within_max_stal
     let ns = Namespace::new("feed-bulk");
     let build = |_: usize| {
         AuthzCache::builder(PostgresRbacAuthorizer::new(&pg::url(), s).unwrap())
-            .l2(RedisTier::builder(support::redis::url(), SECRET).namespace(&ns.0).build().unwrap())
-            .l3(PostgresTier::builder(pg::url(), SECRET).schema(s).pool_size(4).warm_on_start(0).build().unwrap())
+            .secret(SECRET)
+            .l2(RedisTier::builder(support::redis::url()).namespace(&ns.0).build().unwrap())
+            .secret(SECRET)
+            .l3(PostgresTier::builder(pg::url()).schema(s).pool_size(4).warm_on_start(0).build().unwrap())
             .allow_ttl(Duration::from_secs(60))
             .max_staleness(BOUND)
             .build()

@@ -208,9 +208,10 @@ async fn warm_checks_an_empty_migrated_schema() {
 async fn warm_checks_the_rows_an_instance_wrote() {
     let schema = schema().await;
     let pg = support::pg::url();
-    let tier = PostgresTier::builder(pg.as_str(), SECRET).schema(&schema.0).warm_on_start(0).build().unwrap();
+    let tier = PostgresTier::builder(pg.as_str()).schema(&schema.0).warm_on_start(0).build().unwrap();
     tier.migrate().await.unwrap();
     let cache = AuthzCache::builder(|_: Principal, _: Permission| async { Ok::<_, BoxError>(Decision::allow()) })
+        .secret(SECRET)
         .l3(tier)
         .build();
     for d in 1..=3 {
@@ -307,7 +308,8 @@ async fn invalidate_reaches_a_running_instance_through_redis() {
         c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         async { Ok::<_, BoxError>(Decision::allow()) }
     })
-    .l2(RedisTier::builder(support::redis::url(), SECRET).namespace(&ns.0).build().unwrap())
+    .secret(SECRET)
+    .l2(RedisTier::builder(support::redis::url()).namespace(&ns.0).build().unwrap())
     .build();
     support::redis::wait_trusted(&cache).await;
     let (bob, read) = (Principal::new("bob"), Permission::new("documents:1", "read"));
@@ -343,7 +345,7 @@ async fn invalidate_reaches_a_running_instance_through_redis() {
 async fn invalidate_reaches_a_running_instance_through_postgres() {
     let schema = schema().await;
     let pg = support::pg::url();
-    let tier = PostgresTier::builder(pg.as_str(), SECRET).schema(&schema.0).warm_on_start(0).build().unwrap();
+    let tier = PostgresTier::builder(pg.as_str()).schema(&schema.0).warm_on_start(0).build().unwrap();
     tier.migrate().await.unwrap();
     let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let c = calls.clone();
@@ -351,6 +353,7 @@ async fn invalidate_reaches_a_running_instance_through_postgres() {
         c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         async { Ok::<_, BoxError>(Decision::allow()) }
     })
+    .secret(SECRET)
     .l3(tier)
     .build();
     support::redis::wait_trusted(&cache).await;

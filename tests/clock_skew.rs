@@ -47,9 +47,10 @@ impl Policy {
         .authorizer_timeout(AUTHZ_TIMEOUT)
         .max_staleness(MAX_STALENESS)
         .l1_max_bytes(if l1 { 16 << 20 } else { 0 })
-        .l2(RedisTier::builder(support::redis::url(), SECRET).namespace(&ns.0).build().unwrap());
+        .secret(SECRET)
+        .l2(RedisTier::builder(support::redis::url()).namespace(&ns.0).build().unwrap());
         if let Some(schema) = schema {
-            builder = builder.l3(PostgresTier::builder(pg::url(), SECRET)
+            builder = builder.secret(SECRET).l3(PostgresTier::builder(pg::url())
                 .schema(&schema.0)
                 .pool_size(4)
                 .warm_on_start(0)
@@ -74,7 +75,7 @@ async fn skewed_instances_never_revive_a_revoked_allow(with_postgres: bool) {
     let schema = if with_postgres {
         let schema = Schema::new("skew");
         let _ = pg::client().await;
-        PostgresTier::builder(pg::url(), SECRET).schema(&schema.0).build().unwrap().migrate().await.unwrap();
+        PostgresTier::builder(pg::url()).schema(&schema.0).build().unwrap().migrate().await.unwrap();
         Some(schema)
     } else {
         None
@@ -179,7 +180,8 @@ async fn a_redis_restarted_empty_cannot_hide_a_bump_behind_a_value_it_forgot() {
         .__wall_clock_offset(offset_ms)
         .allow_ttl(Duration::from_secs(60))
         .max_staleness(MAX_STALENESS)
-        .l2(RedisTier::builder(url.as_str(), SECRET).namespace("skew-restart").build().unwrap())
+        .secret(SECRET)
+        .l2(RedisTier::builder(url.as_str()).namespace("skew-restart").build().unwrap())
         .build()
     };
     let ahead = build(SKEW_MS);

@@ -367,7 +367,7 @@ fn service(cache: &AuthzCache) -> Svc {
 }
 
 fn redis_tier(ns: &str, url: &str, backplane: &str) -> RedisTier {
-    RedisTier::builder(url, SECRET)
+    RedisTier::builder(url)
         .namespace(ns)
         .pool_size(8)
         .connect_timeout(CONNECT_TIMEOUT)
@@ -380,7 +380,7 @@ fn redis_tier(ns: &str, url: &str, backplane: &str) -> RedisTier {
 }
 
 fn pg_tier(schema: &Schema, url: &str) -> PostgresTier {
-    PostgresTier::builder(url, SECRET)
+    PostgresTier::builder(url)
         .schema(&schema.0)
         .pool_size(6)
         .connect_timeout(CONNECT_TIMEOUT)
@@ -456,16 +456,19 @@ impl Rig {
             match cell.topo {
                 Topo::Redis => {
                     let ns = &ns.as_ref().unwrap().0;
-                    builder =
-                        builder.l2(redis_tier(ns, &rig.redis_data[i].url("redis"), &rig.redis_bp[i].url("redis")));
+                    builder = builder.secret(SECRET).l2(redis_tier(
+                        ns,
+                        &rig.redis_data[i].url("redis"),
+                        &rig.redis_bp[i].url("redis"),
+                    ));
                 }
                 Topo::OwnedRedis => {
                     let url = rig.owned.as_ref().unwrap().url();
-                    builder = builder.l2(redis_tier(&format!("fm-{tag}"), &url, &url));
+                    builder = builder.secret(SECRET).l2(redis_tier(&format!("fm-{tag}"), &url, &url));
                 }
                 Topo::Full => {
                     let url = support::redis::url();
-                    builder = builder.l2(redis_tier(&ns.as_ref().unwrap().0, &url, &url));
+                    builder = builder.secret(SECRET).l2(redis_tier(&ns.as_ref().unwrap().0, &url, &url));
                 }
                 Topo::Pg => {}
             }
@@ -474,7 +477,7 @@ impl Rig {
                     (Some(split), 0) => split.addr(),
                     _ => rig.pg[i].addr(),
                 };
-                builder = builder.l3(pg_tier(schema, &pg::url_via(addr)));
+                builder = builder.secret(SECRET).l3(pg_tier(schema, &pg::url_via(addr)));
             }
             let cache = builder.build();
             rig.services.push(service(&cache));
@@ -1277,6 +1280,7 @@ async fn owed_bumps_paid_in_a_burst_do_not_fail_checks() {
     })
     .authorizer_timeout(AUTHZ_TIMEOUT)
     .max_staleness(MAX_STALENESS)
+    .secret(SECRET)
     .l3(pg_tier(&schema, &pg::url_via(proxy.addr())))
     .build();
     support::redis::wait_trusted(&cache).await;

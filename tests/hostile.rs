@@ -179,13 +179,12 @@ async fn a_flood_of_distinct_principals_is_bounded_in_l1_and_every_redis_key_exp
     const FLOOD: usize = 20_000;
     let ns = support::redis::Namespace::new("flood");
     support::redis::addr();
-    let tier = tower_authz_cache::RedisTier::builder(support::redis::url(), support::redis::SECRET)
-        .namespace(&ns.0)
-        .build()
-        .expect("valid tier");
+    let tier =
+        tower_authz_cache::RedisTier::builder(support::redis::url()).namespace(&ns.0).build().expect("valid tier");
     let cache = AuthzCache::builder(|_: Principal, _: Permission| async { Ok::<_, BoxError>(Decision::allow()) })
         .l1_max_bytes(BOUND)
         .allow_ttl(std::time::Duration::from_secs(30))
+        .secret(support::redis::SECRET)
         .l2(tier)
         .build();
     support::redis::wait_trusted(&cache).await;

@@ -141,13 +141,14 @@ async fn busy_cache(shared: &Shared) -> AuthzCache {
     let mut builder = AuthzCache::builder(|p: Principal, _: Permission| async move {
         Ok::<_, BoxError>(Decision::from_bool(p.id() != "mallory"))
     })
-    .l2(RedisTier::builder(support::redis::url(), SECRET).namespace(&shared.ns.0).build().unwrap());
+    .secret(SECRET)
+    .l2(RedisTier::builder(support::redis::url()).namespace(&shared.ns.0).build().unwrap());
     #[cfg(feature = "postgres")]
     {
         let _ = support::pg::client().await; // fails with instructions when Postgres is down
-        let l3 = PostgresTier::builder(support::pg::url(), SECRET).schema(&shared.schema.0).build().unwrap();
+        let l3 = PostgresTier::builder(support::pg::url()).schema(&shared.schema.0).build().unwrap();
         l3.migrate().await.expect("migrations apply");
-        builder = builder.l3(l3);
+        builder = builder.secret(SECRET).l3(l3);
     }
     let cache = builder.build();
     support::redis::wait_trusted(&cache).await;

@@ -37,16 +37,21 @@ impl Policy {
 }
 
 fn tier(ns: &Namespace, url: &str) -> RedisTierBuilder {
-    RedisTier::builder(url, SECRET).namespace(&ns.0).pool_size(8).timeout(Duration::from_millis(50))
+    RedisTier::builder(url).namespace(&ns.0).pool_size(8).timeout(Duration::from_millis(50))
 }
 
 fn build(tier: RedisTierBuilder, policy: &Policy, max_staleness: Duration) -> AuthzCache {
+    build_under(SECRET, tier, policy, max_staleness)
+}
+
+fn build_under(secret: &[u8], tier: RedisTierBuilder, policy: &Policy, max_staleness: Duration) -> AuthzCache {
     let p = policy.clone();
     AuthzCache::builder(move |principal: Principal, _: Permission| {
         p.calls.fetch_add(1, Ordering::SeqCst);
         let revoked = p.revoked.lock().unwrap().contains(principal.id());
         async move { Ok::<_, BoxError>(Decision::from_bool(!revoked)) }
     })
+    .secret(secret)
     .l2(tier.build().expect("valid tier"))
     .max_staleness(max_staleness)
     .build()
@@ -163,6 +168,7 @@ async fn redis_black_hole_mid_stream_fails_no_request_and_the_breaker_recovers()
         Err::<Decision, BoxError>("the witness never decides".into())
     })
     .l1_max_bytes(0)
+    .secret(SECRET)
     .l2(tier(&ns, &url).build().unwrap())
     .build();
 
@@ -292,8 +298,9 @@ async fn forged_or_corrupted_values_in_redis_are_never_served_as_allows() {
     // An allow envelope from an attacker who does not have the secret.
     let attacker_ns = Namespace::new("attacker");
     let attacker_policy = Policy::default();
-    let attacker = build(
-        RedisTier::builder(url.as_str(), b"the attacker's own secret, 32 b.").namespace(&attacker_ns.0),
+    let attacker = build_under(
+        b"the attacker's own secret, 32 b.",
+        RedisTier::builder(url.as_str()).namespace(&attacker_ns.0),
         &attacker_policy,
         Duration::from_secs(1),
     );

@@ -32,7 +32,8 @@ impl Policy {
             async move { Ok::<_, BoxError>(Decision::from_bool(!revoked)) }
         })
         .max_staleness(Duration::from_millis(300))
-        .l2(RedisTier::builder(url, SECRET).namespace(ns).timeout(Duration::from_millis(50)).build().unwrap())
+        .secret(SECRET)
+        .l2(RedisTier::builder(url).namespace(ns).timeout(Duration::from_millis(50)).build().unwrap())
         .build()
     }
     fn calls(&self) -> usize {

@@ -47,8 +47,8 @@ impl Policy {
     }
 }
 
-fn redis(ns: &Namespace, secret: &str) -> RedisTier {
-    RedisTier::builder(support::redis::url(), secret)
+fn redis(ns: &Namespace) -> RedisTier {
+    RedisTier::builder(support::redis::url())
         .namespace(&ns.0)
         .pool_size(4)
         .timeout(Duration::from_millis(200))
@@ -65,7 +65,7 @@ async fn instance(
     rotation: Option<(&str, SystemTime)>,
     l1: bool,
 ) -> AuthzCache {
-    let mut builder = policy.builder().l2(redis(ns, secret)).l1_max_bytes(if l1 { 64 << 20 } else { 0 });
+    let mut builder = policy.builder().secret(secret).l2(redis(ns)).l1_max_bytes(if l1 { 64 << 20 } else { 0 });
     if let Some((other, until)) = rotation {
         builder = builder.rotation_secret(other, until);
     }
@@ -169,14 +169,12 @@ async fn redis_entries_under_the_old_secret_are_served_during_the_window_and_rej
 async fn postgres_entries_under_the_old_secret_are_served_during_the_window_and_rejected_after() {
     let schema = Schema::new("rotation");
     let _ = pg::client().await; // fails with instructions when Postgres is down
-    let tier = |secret: &str| {
-        PostgresTier::builder(pg::url(), secret).schema(&schema.0).pool_size(4).warm_on_start(0).build().unwrap()
-    };
-    tier(OLD).migrate().await.expect("migrations apply");
+    let tier = || PostgresTier::builder(pg::url()).schema(&schema.0).pool_size(4).warm_on_start(0).build().unwrap();
+    tier().migrate().await.expect("migrations apply");
     let truth = Policy::default();
     let until = SystemTime::now() + Duration::from_secs(3);
     let build = |policy: &Policy, secret: &str, rotation: Option<(&str, SystemTime)>| {
-        let mut builder = policy.builder().l3(tier(secret)).l1_max_bytes(0);
+        let mut builder = policy.builder().secret(secret).l3(tier()).l1_max_bytes(0);
         if let Some((other, until)) = rotation {
             builder = builder.rotation_secret(other, until);
         }

@@ -150,8 +150,11 @@ pub(crate) async fn start_app(name: &str, n: usize, b: &Backends) -> Result<(Arc
         ),
         #[cfg(feature = "redis")]
         "l1+l2" => {
-            let tier = redis_tier(b, n)?;
-            (Some(cache_builder(memory_authorizer(), b).l2(tier).build()), format!("L1 + L2 (redis); {memory}"))
+            let tier = redis_tier(b)?;
+            (
+                Some(cache_builder(memory_authorizer(), b).secret(secret(n)).l2(tier).build()),
+                format!("L1 + L2 (redis); {memory}"),
+            )
         }
         #[cfg(feature = "postgres")]
         "no-cache-pg" => {
@@ -163,11 +166,11 @@ pub(crate) async fn start_app(name: &str, n: usize, b: &Backends) -> Result<(Arc
         }
         #[cfg(all(feature = "redis", feature = "postgres"))]
         "l1+l2+l3" => {
-            let l2 = redis_tier(b, n)?;
+            let l2 = redis_tier(b)?;
             let (schema, l3) = pg_schema(b, n).await?;
             let url = b.database_url.as_deref().unwrap_or_default();
             let rbac = tower_authz_cache::PostgresRbacAuthorizer::new(url, &schema)?;
-            let cache = cache_builder(rbac, b).l2(l2).l3(l3).build();
+            let cache = cache_builder(rbac, b).secret(secret(n)).l2(l2).l3(l3).build();
             (Some(cache), format!("L1 + L2 (redis) + L3 (postgres, schema {schema}); PostgresRbacAuthorizer"))
         }
         other => {
@@ -196,12 +199,12 @@ pub(crate) async fn start_app(name: &str, n: usize, b: &Backends) -> Result<(Arc
     Ok((target, about))
 }
 #[cfg(feature = "redis")]
-pub(crate) fn redis_tier(b: &Backends, n: usize) -> Result<tower_authz_cache::RedisTier, BoxError> {
+pub(crate) fn redis_tier(b: &Backends) -> Result<tower_authz_cache::RedisTier, BoxError> {
     let (Some(url), Some((_, namespace))) = (&b.redis_url, &b.leftovers.redis) else {
         return Err("this configuration needs --redis-url".into());
     };
     b.leftovers.redis_used.store(true, Relaxed);
-    Ok(tower_authz_cache::RedisTier::builder(url, secret(n))
+    Ok(tower_authz_cache::RedisTier::builder(url)
         .namespace(namespace)
         .build()
         .map_err(|e| format!("--redis-url: {e}"))?)
@@ -215,7 +218,7 @@ pub(crate) async fn pg_schema(b: &Backends, n: usize) -> Result<(String, tower_a
     // Registered before it exists: whatever happens next, it is dropped at the end.
     b.leftovers.add_schema(&schema);
     let started = Instant::now();
-    let tier = tower_authz_cache::PostgresTier::builder(url, secret(n))
+    let tier = tower_authz_cache::PostgresTier::builder(url)
         .schema(&schema)
         .build()
         .map_err(|e| format!("--database-url: {e}"))?;

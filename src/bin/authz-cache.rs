@@ -364,7 +364,7 @@ fn cli_cache(config: &CacheConfig, builder: AuthzCacheBuilder) -> Result<AuthzCa
             Failure::Usage(format!("DATABASE_URL={:?}: {e}", config.database_url_redacted().unwrap_or_default()))
         })?),
     };
-    let builder = config.clone().with_database_url(None).apply(builder).map_err(usage)?;
+    let builder = config.clone().with_database_url(None).apply(builder.secret(config.secret_bytes())).map_err(usage)?;
     Ok(match l3 {
         Some(tier) => builder.l3(tier),
         None => builder,

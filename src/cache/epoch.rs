@@ -71,13 +71,8 @@ impl EpochStamp {
     }
 }
 
-/// The scope hashes of one key.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct ScopeHashes {
-    pub(crate) principal: u64,
-    pub(crate) resource: u64,
-    pub(crate) entry: u64,
-}
+/// The scope hashes of one key (public: shared tiers store epochs under them).
+pub(crate) use crate::tier::shared::ScopeHashes;
 
 #[derive(Clone, Copy)]
 struct Slot {

@@ -1,22 +1,25 @@
-//! The durable change feed (with L3): changes to the permission tables, recorded in
-//! `authz_cache_changes` by the changing transaction (see `migrations/0003_durable_changes.sql`),
-//! applied to the shared epochs by whichever instance gets to them first.
+//! The durable change feed, over the authority's [`ChangeFeed`] (Postgres: changes to the
+//! permission tables, recorded in `authz_cache_changes` by the changing transaction, see
+//! `migrations/0003_durable_changes.sql`), applied to the shared epochs by whichever instance
+//! gets to them first.
 //!
 //! A NOTIFY on the changes channel is only a hint: it wakes [`run`] at once. Without it, `run`
 //! polls every `max_staleness / 4`, and it catches up whenever the Postgres listener
 //! (re)subscribes. One round:
 //!
 //! 1. poll: are changes, or Redis mirror debts, waiting? (one cheap statement);
-//! 2. drain the changes in transactions of [`DRAIN_BATCH`](crate::tier::postgres::DRAIN_BATCH)
-//!    (`FOR UPDATE SKIP LOCKED`: instances never apply one change twice), each bumping the
-//!    principals' epochs (or the global one) durably and deleting the rows it applied; with L2,
-//!    recording the values as Redis mirror debts in the same transaction;
-//! 3. with L2, pay the mirror debts (any instance's): raise Redis, then delete them;
+//! 2. drain the changes in batches (Postgres: transactions with `FOR UPDATE SKIP LOCKED`, so
+//!    instances never apply one change twice), each bumping the principals' epochs (or the
+//!    global one) durably and deleting what it applied; with shallower tiers, recording the
+//!    values as mirror debts in the same transaction;
+//! 3. with shallower tiers, pay the mirror debts (any instance's): raise them, then delete the
+//!    debts;
 //! 4. poll again; only a poll that finds nothing waiting confirms the feed caught up, as of the
 //!    moment that poll started.
 //!
-//! What the confirmation guards: every L3 read checks the changes table itself (nothing is
-//! accepted while a change waits), but L1 and L2 cannot. So with L3, L1 and L2 are trusted only
+//! What the confirmation guards: every read of the authority checks for waiting changes itself
+//! (nothing is accepted while a change waits), but L1 and the shallower tiers cannot. So with a
+//! change feed, L1 and the shallower tiers are trusted only
 //! while the last confirmation is younger than `max_staleness` ([`watchdog`] withdraws the trust
 //! when it is not). A change committed at `t` therefore stops being served everywhere by
 //! `t + max_staleness` at the latest, whatever NOTIFYs were lost, whatever listener was away,
@@ -29,9 +32,9 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use super::Inner;
-use super::epoch::Target;
 use super::key::Scope;
 use crate::stats::{ChangeFeedSnapshot, Stats};
+use crate::tier::shared::{ChangeFeed, EpochTarget};
 
 /// Rounds of drain-and-poll in one catch-up before it gives up until the next tick.
 const MAX_ROUNDS: usize = 64;
@@ -167,28 +170,25 @@ pub(crate) async fn watchdog(state: Arc<FeedState>) {
 
 /// One catch-up (see the module docs); whether it confirmed the feed caught up.
 async fn catch_up(inner: &Inner, state: &FeedState) -> bool {
-    let Some(l3) = &inner.l3 else { return false };
-    #[cfg(feature = "redis")]
-    let mirror = inner.l2.is_some();
-    #[cfg(not(feature = "redis"))]
-    let mirror = false;
+    let Some(authority) = inner.authority() else { return false };
+    let Some(feed) = authority.tier.change_feed() else { return false };
+    let mirror = inner.tiers.len() > 1;
     for _ in 0..MAX_ROUNDS {
         let started = state.now_ms();
-        let Ok(backlog) = l3.pg.feed_backlog().await else { return false };
+        let Ok(backlog) = authority.background(feed.backlog()).await else { return false };
         let waiting = backlog.changes || (mirror && backlog.mirror);
         if !waiting {
             state.confirm(started);
             return true;
         }
         if backlog.changes {
-            let Some(drained) = drain(inner, state, mirror).await else { return false };
+            let Some(drained) = drain(inner, feed, state, mirror).await else { return false };
             if drained == 0 {
                 // Every waiting change is being applied by another instance: look again soon.
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
-        #[cfg(feature = "redis")]
-        if mirror && !pay_mirror(inner, state).await {
+        if mirror && !pay_mirror(inner, feed, state).await {
             return false;
         }
     }
@@ -196,57 +196,59 @@ async fn catch_up(inner: &Inner, state: &FeedState) -> bool {
 }
 
 /// Applies one batch of changes; how many it applied (`None`: it failed, nothing applied).
-async fn drain(inner: &Inner, state: &FeedState, mirror: bool) -> Option<usize> {
-    let l3 = inner.l3.as_ref()?;
+async fn drain(inner: &Inner, feed: &dyn ChangeFeed, state: &FeedState, mirror: bool) -> Option<usize> {
+    let authority = inner.authority()?;
     let now = inner.clock.now_ms();
     let rotation = inner.rotation.as_ref().filter(|r| now < r.until_ms);
-    let targets = |principal: Option<&str>| -> Vec<Target> {
-        let Some(id) = principal else { return vec![None] };
+    let targets = |principal: Option<&str>| -> Vec<EpochTarget> {
+        let Some(id) = principal else { return vec![EpochTarget::GLOBAL] };
         // During a rotation, the principal's scope under the other secret too.
         std::iter::once(&inner.keys)
             .chain(rotation.map(|r| &r.keys))
-            .map(|keys| Some((Scope::Principal, keys.scope_hash(Scope::Principal, id))))
+            .map(|keys| EpochTarget(Some((Scope::Principal, keys.scope_hash(Scope::Principal, id)))))
             .collect()
     };
-    let (changes, values) =
-        match l3.pg.drain_changes(targets, inner.epochs.floor(), inner.shared_retention_ms, mirror).await {
-            Ok(done) => done,
-            Err(e) => {
-                tracing::debug!(target: "authz_cache", error = %e, "change feed drain failed");
-                return None;
-            }
-        };
-    if changes == 0 {
+    let retention = Duration::from_millis(inner.shared_retention_ms);
+    let drained = match authority.background(feed.drain(&targets, inner.epochs.floor(), retention, mirror)).await {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::debug!(target: "authz_cache", error = %e, "change feed drain failed");
+            return None;
+        }
+    };
+    if drained.changes == 0 {
         return Some(0);
     }
-    for (target, value) in &values {
-        inner.epochs.merge_target(*target, *value);
+    for (target, value) in &drained.values {
+        inner.epochs.merge_target(target.0, *value);
         Stats::incr(&inner.stats.change_feed);
     }
     state.drains.fetch_add(1, Ordering::Relaxed);
-    state.applied.fetch_add(changes as u64, Ordering::Relaxed);
+    state.applied.fetch_add(drained.changes as u64, Ordering::Relaxed);
     tracing::info!(
         target: "authz_cache::audit",
-        changes,
-        scopes = values.len(),
-        everything = values.iter().any(|(t, _)| t.is_none()),
-        "change feed: permission-table changes applied to the shared epochs"
+        changes = drained.changes,
+        scopes = drained.values.len(),
+        everything = drained.values.iter().any(|(t, _)| t.is_global()),
+        "change feed: source-of-truth changes applied to the shared epochs"
     );
-    Some(changes)
+    Some(drained.changes)
 }
 
-/// Raises Redis to the Postgres values recorded as mirror debts (any instance's), then clears
-/// them; whether every debt read was paid.
-#[cfg(feature = "redis")]
-async fn pay_mirror(inner: &Inner, state: &FeedState) -> bool {
-    let (Some(l3), Some(l2)) = (&inner.l3, &inner.l2) else { return true };
-    let Ok(debts) = l3.pg.mirror_debts().await else { return false };
+/// Raises the shallower tiers to the values recorded as mirror debts (any instance's), then
+/// clears them; whether every debt read was paid.
+async fn pay_mirror(inner: &Inner, feed: &dyn ChangeFeed, state: &FeedState) -> bool {
+    let Some(authority) = inner.authority() else { return true };
+    let Ok(debts) = authority.background(feed.mirror_debts()).await else { return false };
+    let retention = Duration::from_millis(inner.shared_retention_ms);
     let mut paid = Vec::with_capacity(debts.len());
-    for (target, value) in &debts {
-        if l2.redis.raise(*target, *value, inner.shared_retention_ms).await.is_err() {
-            break;
+    'debts: for (target, value) in &debts {
+        for mirror in inner.mirrors() {
+            if mirror.tier.raise(*target, *value, retention).await.is_err() {
+                break 'debts;
+            }
         }
-        inner.epochs.merge_target(*target, *value);
+        inner.epochs.merge_target(target.0, *value);
         paid.push((*target, *value));
     }
     let all = paid.len() == debts.len();
@@ -254,5 +256,5 @@ async fn pay_mirror(inner: &Inner, state: &FeedState) -> bool {
         return all;
     }
     state.mirrored.fetch_add(paid.len() as u64, Ordering::Relaxed);
-    l3.pg.paid_mirror(&paid).await.is_ok() && all
+    authority.background(feed.paid_mirror(&paid)).await.is_ok() && all
 }

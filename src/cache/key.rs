@@ -59,7 +59,7 @@ impl fmt::Debug for CacheKey {
 }
 
 /// Which epoch scope a hash names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Scope {
     Principal,
     Resource,
@@ -91,7 +91,6 @@ pub(crate) struct Keys {
     key: HmacSha256,
     mac: HmacSha256,
     scope: (u64, u64),
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     subject: [u8; 32],
 }
 
@@ -168,11 +167,9 @@ impl Keys {
     }
 }
 
-/// The largest tuple a sealed subject may hold; longer ones are not stored in L3.
-#[cfg(feature = "postgres")]
+/// The largest tuple a sealed subject may hold; longer ones are not stored.
 pub(crate) const MAX_SUBJECT: usize = 8192 - 16;
 
-#[cfg(feature = "postgres")]
 impl Keys {
     /// The tuple of `key`, sealed (ChaCha20-Poly1305) under the subject key and bound to its key
     /// id, for the L3 row: Postgres never holds the ids in clear, warming can still rebuild the
@@ -256,10 +253,6 @@ impl fmt::Display for ShortHash {
     }
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,7 +276,6 @@ mod tests {
         );
     }
 
-    #[cfg(feature = "postgres")]
     #[test]
     fn sealed_subjects_open_only_under_their_key_id_and_secret() {
         let k = Keys::derive(b"0123456789abcdef0123456789abcdef");

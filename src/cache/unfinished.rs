@@ -12,10 +12,10 @@
 //!
 //! | stage | in flight | on drop |
 //! |---|---|---|
-//! | start | the first store's bump | owed to the store that keeps the epochs, bumped here |
-//! | Postgres owed | the fallback bump in Redis | bumped here |
-//! | assigned | the mirror to Redis | owed to Redis (the value is already settled here) |
-//! | mirror owed | recording the mirror debt in Postgres | nothing more (owed in this process) |
+//! | start | the authority's bump | owed to the authority, bumped here |
+//! | authority owed | the fallback bump in a shallower tier | bumped here |
+//! | assigned | the raise of mirror `i` (and the ones after it) | raises owed to mirrors `i..` (the value is already settled here) |
+//! | done | recording a mirror debt durably | nothing more (owed in this process) |
 //!
 //! "Bumped here" is a local-only bump (see `epoch.rs`): the shared value stays what the stores
 //! say, so the debt, paid with a floor above everything seen here, still raises it everywhere.
@@ -23,6 +23,7 @@
 //! A store that did record the dropped bump is bumped once more when the debt is paid: epochs only
 //! rise, so the extra bump can only turn entries into misses.
 
+use super::debts::Owed;
 use super::{Inner, Target};
 
 /// See the module docs.
@@ -35,35 +36,26 @@ pub(super) struct Unfinished<'a> {
 #[derive(Clone, Copy)]
 enum Stage {
     Start,
-    #[cfg(feature = "postgres")]
-    PgOwed,
-    #[cfg(feature = "postgres")]
-    Assigned(u64),
+    AuthorityOwed,
+    /// The authority assigned the value; mirrors from this index on are not raised yet.
+    Assigned(u64, usize),
     Done,
 }
 
 impl<'a> Unfinished<'a> {
-    /// Armed: dropped from now on, `target` is bumped here and owed to the store keeping epochs.
+    /// Armed: dropped from now on, `target` is bumped here and owed to the authority.
     pub(super) fn new(inner: &'a Inner, target: Target) -> Self {
         Self { inner, target, stage: Stage::Start }
     }
 
-    /// Postgres failed and was owed the bump; the Redis fallback is next.
-    #[cfg(feature = "postgres")]
-    pub(super) fn pg_owed(&mut self) {
-        self.stage = Stage::PgOwed;
+    /// The authority failed and was owed the bump; a fallback in a shallower tier is next.
+    pub(super) fn authority_owed(&mut self) {
+        self.stage = Stage::AuthorityOwed;
     }
 
-    /// Postgres assigned `value`, settled here; the mirror to Redis is next.
-    #[cfg(feature = "postgres")]
-    pub(super) fn assigned(&mut self, value: u64) {
-        self.stage = Stage::Assigned(value);
-    }
-
-    /// The mirror failed and is owed in this process; recording it in Postgres is next.
-    #[cfg(all(feature = "postgres", feature = "redis"))]
-    pub(super) fn mirror_owed(&mut self) {
-        self.stage = Stage::Done;
+    /// The authority assigned `value`, settled here; mirror `next` is raised next.
+    pub(super) fn assigned(&mut self, value: u64, next: usize) {
+        self.stage = Stage::Assigned(value, next);
     }
 
     /// The bump completed (or failed) the ordinary way: nothing left to do on drop.
@@ -75,33 +67,20 @@ impl<'a> Unfinished<'a> {
 impl Drop for Unfinished<'_> {
     fn drop(&mut self) {
         let inner = self.inner;
-        #[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(unused_mut))]
         let mut owed = false;
         match self.stage {
             Stage::Done => return,
-            #[cfg(feature = "postgres")]
-            Stage::Assigned(value) => {
-                #[cfg(feature = "redis")]
-                if inner.l2.is_some() {
-                    inner.owe_redis(self.target, super::Owed::Raise(value));
+            Stage::Assigned(value, next) => {
+                for mirror in next..inner.tiers.len().saturating_sub(1) {
+                    inner.owe(mirror, self.target, Owed::Raise(value));
                     owed = true;
                 }
-                let _ = value;
             }
-            #[cfg(feature = "postgres")]
-            Stage::PgOwed => inner.epochs.bump_local_only(self.target),
+            Stage::AuthorityOwed => inner.epochs.bump_local_only(self.target),
             Stage::Start => {
-                #[cfg(feature = "postgres")]
-                if inner.l3.is_some() {
-                    inner.owe_pg(self.target);
+                if let Some(authority) = inner.tiers.len().checked_sub(1) {
+                    inner.owe(authority, self.target, Owed::Bump);
                     owed = true;
-                }
-                #[cfg(feature = "redis")]
-                if inner.epochs_authority_is_redis() {
-                    inner.owe_redis(self.target, super::Owed::Bump);
-                    owed = true;
-                }
-                if inner.has_shared_tier() {
                     inner.epochs.bump_local_only(self.target);
                 } else {
                     inner.epochs.bump_target(self.target);

@@ -1,13 +1,14 @@
 //! Warming: decisions loaded into L1 before requests ask for them.
 //!
 //! - [`AuthzCache::warm`]: explicit keys, through the usual tiers (L2, L3, then the authorizer);
-//! - [`AuthzCache::warm_from_l3`]: the most-hit valid L3 rows (run at start-up with
+//! - [`AuthzCache::warm_from_l3`]: the most-hit valid rows of the deepest tier that counts hits
+//!   (a [`WarmSource`](crate::tier::WarmSource); run at start-up with its `warm_on_start`, e.g.
 //!   [`PostgresTierBuilder::warm_on_start`](crate::PostgresTierBuilder::warm_on_start));
 //! - [`AuthzCache::warm_teammates`]: the most-hit rows of a principal's closest team-mates (run
-//!   in the background when a principal becomes active, with
+//!   in the background when a principal becomes active, with the source's `warm_teammates`, e.g.
 //!   [`PostgresTierBuilder::warm_teammates`](crate::PostgresTierBuilder::warm_teammates)).
 //!
-//! Rows loaded from L3 are checked exactly like an L3 hit (MAC, deadline, durable epochs); their
+//! Rows loaded from a tier are checked exactly like a hit of that tier (MAC, deadline, durable epochs); their
 //! keys come from the sealed subject stored beside them, which opens only under the secret and
 //! only for its own key id. Progress goes to tracing (`authz_cache` target) and to
 //! [`StatsSnapshot::warmed`](crate::StatsSnapshot::warmed).
@@ -30,11 +31,43 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::AuthzCache;
+use std::sync::Arc;
+
 use super::key::CacheKey;
-#[cfg(feature = "postgres")]
+use super::{AuthzCache, Inner, Slot};
 use crate::stats::Stats;
+use crate::tier::shared::{KeyId, WarmSource};
 use crate::{Permission, Principal};
+
+/// Team-mate warming's state: principals seen recently, and the runs allowed at once.
+pub(super) struct Teammates {
+    active: mini_moka::sync::Cache<Arc<str>, ()>,
+    per_teammate: usize,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl Teammates {
+    /// On when the deepest tier that warms asks for team-mates.
+    pub(super) fn new(tiers: &[Slot], longest_ttl: std::time::Duration) -> Option<Self> {
+        let source = tiers.iter().rev().find_map(|slot| slot.tier.tier.warm_source())?;
+        let per_teammate = source.warm_teammates();
+        (per_teammate > 0).then(|| Self {
+            active: mini_moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(longest_ttl.max(std::time::Duration::from_secs(1)))
+                .build(),
+            per_teammate,
+            permits: Arc::new(tokio::sync::Semaphore::new(2)),
+        })
+    }
+}
+
+impl Inner {
+    /// The deepest tier that can warm, and its source.
+    pub(super) fn warm_source(&self) -> Option<(usize, &dyn WarmSource)> {
+        self.tiers.iter().enumerate().rev().find_map(|(i, slot)| Some((i, slot.tier.tier.warm_source()?)))
+    }
+}
 
 /// What a warming run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -100,13 +133,14 @@ impl AuthzCache {
         report
     }
 
-    /// Loads the `limit` most-hit valid L3 rows into L1 (feature `postgres`; nothing without L3).
-    #[cfg(feature = "postgres")]
+    /// Loads the `limit` most-hit valid rows of the deepest tier that counts hits (L3 on
+    /// Postgres) into L1; nothing without such a tier.
     pub async fn warm_from_l3(&self, limit: usize) -> WarmReport {
         let start = Instant::now();
-        let Some(l3) = &self.inner.l3 else { return WarmReport::default() };
-        match l3.pg.most_hit(None, limit).await {
-            Ok(rows) => self.warm_rows(rows, "most-hit l3 rows", start).await,
+        let Some((i, source)) = self.inner.warm_source() else { return WarmReport::default() };
+        let tier = &self.inner.tiers[i].tier;
+        match tier.call(source.most_hit(None, limit)).await {
+            Ok(rows) => self.warm_rows(i, rows, "most-hit l3 rows", start).await,
             Err(e) => {
                 tracing::warn!(target: "authz_cache", error = %e, "warming from l3 failed");
                 WarmReport { elapsed_ms: start.elapsed().as_millis() as u64, ..WarmReport::default() }
@@ -114,14 +148,14 @@ impl AuthzCache {
         }
     }
 
-    /// Loads into L1 the `per_teammate` most-hit valid L3 rows of each of the (at most 16)
-    /// principals sharing the most teams with `principal`, from the reference schema's
-    /// `mv_team_collaboration_patterns` (feature `postgres`).
-    #[cfg(feature = "postgres")]
+    /// Loads into L1 the `per_teammate` most-hit valid rows of each of the (at most 16)
+    /// principals sharing the most teams with `principal`, as the warming tier names them
+    /// (Postgres: the reference schema's `mv_team_collaboration_patterns`).
     pub async fn warm_teammates(&self, principal: &str, per_teammate: usize) -> WarmReport {
         let start = Instant::now();
-        let Some(l3) = &self.inner.l3 else { return WarmReport::default() };
-        let mates = match l3.pg.teammates(principal, 16).await {
+        let Some((i, source)) = self.inner.warm_source() else { return WarmReport::default() };
+        let tier = &self.inner.tiers[i].tier;
+        let mates = match tier.call(source.teammates(principal, 16)).await {
             Ok(mates) => mates,
             Err(e) => {
                 tracing::debug!(target: "authz_cache", error = %e, "team-mates not read");
@@ -130,8 +164,8 @@ impl AuthzCache {
         };
         let mut rows = Vec::new();
         for mate in mates {
-            let hash = self.inner.epochs.scope_hash(super::Scope::Principal, &mate);
-            match l3.pg.most_hit(Some(hash), per_teammate).await {
+            let hash = self.inner.epochs.scope_hash(super::key::Scope::Principal, &mate);
+            match tier.call(source.most_hit(Some(hash), per_teammate)).await {
                 Ok(mut some) => rows.append(&mut some),
                 Err(e) => {
                     tracing::debug!(target: "authz_cache", error = %e, "team-mate rows not read");
@@ -139,32 +173,33 @@ impl AuthzCache {
                 }
             }
         }
-        self.warm_rows(rows, "team-mates", start).await
+        self.warm_rows(i, rows, "team-mates", start).await
     }
 
-    /// Checks and promotes L3 rows, reporting progress every tenth of the way.
-    #[cfg(feature = "postgres")]
+    /// Checks and promotes rows of tier `tier`, reporting progress every tenth of the way.
     async fn warm_rows(
         &self,
-        rows: Vec<crate::tier::postgres::WarmRow>,
+        tier: usize,
+        rows: Vec<(KeyId, Vec<u8>)>,
         what: &'static str,
         start: Instant,
     ) -> WarmReport {
         let mut report = WarmReport::default();
         let total = rows.len();
         let step = (total / 10).max(1);
-        for (i, row) in rows.into_iter().enumerate() {
+        let counters = &self.inner.tiers[tier].tier.counters;
+        for (i, (key_id, subject)) in rows.into_iter().enumerate() {
             report.keys += 1;
-            match self.inner.keys.open_subject(&row.key_id, &row.subject) {
+            match self.inner.keys.open_subject(&key_id, &subject) {
                 None => {
                     report.skipped += 1;
-                    Stats::incr(&self.inner.stats.l3.rejected);
-                    tracing::warn!(target: "authz_cache::audit", "security: l3 subject failed verification, not warmed");
+                    Stats::incr(&counters.rejected);
+                    tracing::warn!(target: "authz_cache::audit", "security: warming subject failed verification, not warmed");
                 }
                 Some(key) if self.inner.lookup_l1(&key, false, true).is_some() => report.already_cached += 1,
-                Some(key) => match self.inner.lookup_l3(&key, &row.key_id).await.hit() {
-                    Some(_) => report.loaded += 1,
-                    None => report.skipped += 1,
+                Some(key) => match self.inner.lookup_shared(tier, &key, &key_id).await {
+                    super::read::SharedRead::Hit(_) => report.loaded += 1,
+                    _ => report.skipped += 1,
                 },
             }
             if (i + 1) % step == 0 && total >= 10 {
@@ -188,16 +223,15 @@ impl AuthzCache {
 
     /// Team-mate warming: the first check of a principal in a while warms its team-mates in the
     /// background (at most two such runs at once; more are skipped).
-    #[cfg(feature = "postgres")]
     pub(crate) fn note_active(&self, principal: &Principal) {
-        let (Some(active), Some(l3)) = (&self.inner.active, &self.inner.l3) else { return };
+        let Some(warming) = &self.inner.warming else { return };
         let id = principal.id_arc();
-        if active.contains_key(id) {
+        if warming.active.contains_key(id) {
             return;
         }
-        active.insert(id.clone(), ());
-        let Ok(permit) = l3.warmers.clone().try_acquire_owned() else { return };
-        let (cache, id, per) = (self.clone(), id.clone(), l3.teammates);
+        warming.active.insert(id.clone(), ());
+        let Ok(permit) = warming.permits.clone().try_acquire_owned() else { return };
+        let (cache, id, per) = (self.clone(), id.clone(), warming.per_teammate);
         tokio::spawn(async move {
             cache.warm_teammates(&id, per).await;
             drop(permit);
@@ -205,9 +239,8 @@ impl AuthzCache {
     }
 }
 
-/// Warms from L3 once the cache trusts L1 (its backplane was heard: a first subscription drops
-/// L1, so warming before it would be wasted), waiting at most 10 s for that.
-#[cfg(feature = "postgres")]
+/// Warms from the warming tier once the cache trusts L1 (its backplane was heard: a first
+/// subscription drops L1, so warming before it would be wasted), waiting at most 10 s for that.
 pub(super) async fn on_start(inner: std::sync::Weak<super::Inner>, limit: usize) {
     if limit == 0 {
         return;

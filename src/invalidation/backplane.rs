@@ -1,8 +1,8 @@
-//! The backplane, on Redis pub/sub or Postgres LISTEN/NOTIFY: invalidations published by any
-//! instance reach every other instance's epochs within milliseconds, and a heartbeat tells each
-//! instance whether it is still hearing them. On Postgres the same connection also carries the
-//! change feed's hints (the permission tables' triggers record each change durably first; see
-//! `cache/feed.rs`).
+//! The backplane, over any shared tier's [`Transport`] (Redis pub/sub, Postgres LISTEN/NOTIFY,
+//! a custom tier's): invalidations published by any instance reach every other instance's
+//! epochs within milliseconds, and a heartbeat tells each instance whether it is still hearing
+//! them. A transport may also carry the change feed's hints ([`Notice::Changed`]: the source of
+//! truth recorded a change durably first; see `cache/feed.rs`).
 //!
 //! Three tasks per backplane:
 //! - the subscriber holds one dedicated connection (pub/sub, or LISTEN); it applies invalidation messages
@@ -25,15 +25,23 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 
 use crate::cache::epoch::Epochs;
-use crate::cache::key::Scope;
+use crate::cache::feed::FeedState;
+use crate::tier::guarded::Guarded;
+use crate::tier::shared::{Notice, Transport};
 
-/// Where a backplane listens and publishes.
-pub(crate) enum Source {
-    #[cfg(feature = "redis")]
-    Redis(Arc<crate::tier::redis::RedisShared>),
-    /// Postgres; a message on the changes channel (or a new subscription) hints `feed`.
-    #[cfg(feature = "postgres")]
-    Postgres { pg: Arc<crate::tier::postgres::PostgresShared>, feed: Arc<crate::cache::feed::FeedState> },
+/// What a backplane listens on, and what it tells.
+pub(crate) struct Source {
+    pub(crate) tier: Arc<Guarded>,
+    /// Whether the tier is the authority (its epoch high water is checked at every subscription).
+    pub(crate) authority: bool,
+    /// The change feed to hint at every subscription and [`Notice::Changed`].
+    pub(crate) feed: Option<Arc<FeedState>>,
+}
+
+impl Source {
+    fn transport(&self) -> Option<&dyn Transport> {
+        self.tier.tier.transport()
+    }
 }
 
 /// What the backplane is doing, for stats and health.
@@ -77,7 +85,6 @@ impl BackplaneState {
     }
 
     /// Whether the subscription is up.
-    #[cfg(feature = "postgres")]
     pub(crate) fn connected(&self) -> bool {
         self.connected.load(Ordering::Acquire)
     }
@@ -126,22 +133,18 @@ impl Drop for Backplane {
     }
 }
 
-/// Parses and applies one message; returns false when it did not parse.
-fn apply(payload: &str, epochs: &Epochs, state: &BackplaneState) -> bool {
-    let mut parts = payload.split(' ');
-    match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some("h"), Some(_), None, None, None) => true,
-        (Some("i"), Some(tag), Some(hash), Some(value), None) => {
-            let (Ok(hash), Ok(value)) = (u64::from_str_radix(hash, 16), value.parse::<u64>()) else {
-                return false;
-            };
-            if tag == "g" {
-                epochs.merge_global(value);
-            } else if let Some(scope) = Scope::from_tag(tag) {
-                epochs.merge(scope, hash, value);
-            } else {
-                return false;
+/// Applies one notice; returns false when it did not parse.
+fn apply(notice: Notice, source: &Source, epochs: &Epochs, state: &BackplaneState) -> bool {
+    match notice {
+        Notice::Heartbeat => true,
+        Notice::Changed => {
+            if let Some(feed) = &source.feed {
+                feed.hint();
             }
+            true
+        }
+        Notice::Epoch { target, value } => {
+            epochs.merge_target(target.0, value);
             state.invalidations.fetch_add(1, Ordering::Relaxed);
             true
         }
@@ -174,12 +177,7 @@ pub(crate) fn start(source: Source, epochs: Arc<Epochs>, max_staleness: Duration
             let silence = Duration::from_millis(max_staleness_ms);
             let mut backoff = Duration::from_millis(100);
             loop {
-                let heard_any = match &*source {
-                    #[cfg(feature = "redis")]
-                    Source::Redis(redis) => redis_session(redis, &epochs, &state, silence).await,
-                    #[cfg(feature = "postgres")]
-                    Source::Postgres { pg, feed } => pg_session(pg, feed, &epochs, &state, silence).await,
-                };
+                let heard_any = session(&source, &epochs, &state, silence).await;
                 if heard_any {
                     backoff = Duration::from_millis(100);
                 }
@@ -197,12 +195,8 @@ pub(crate) fn start(source: Source, epochs: Arc<Epochs>, max_staleness: Duration
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let sent = match &*source {
-                    #[cfg(feature = "redis")]
-                    Source::Redis(redis) => redis.heartbeat(&instance).await.map_err(|e| e.to_string()),
-                    #[cfg(feature = "postgres")]
-                    Source::Postgres { pg, .. } => pg.heartbeat(&instance).await.map_err(|e| e.to_string()),
-                };
+                let Some(transport) = source.transport() else { return };
+                let sent = source.tier.call(transport.heartbeat(&instance)).await;
                 if let Err(e) = sent {
                     tracing::debug!(target: "authz_cache", error = %e, "backplane heartbeat failed");
                 }
@@ -238,122 +232,66 @@ fn subscribed(epochs: &Epochs, state: &BackplaneState) {
     tracing::info!(target: "authz_cache::audit", "backplane subscribed");
 }
 
-/// Applies one message and records that something was heard.
-fn received(payload: Option<&str>, epochs: &Epochs, state: &BackplaneState) {
+/// Applies one notice and records that something was heard.
+fn received(notice: Notice, source: &Source, epochs: &Epochs, state: &BackplaneState) {
     state.messages.fetch_add(1, Ordering::Relaxed);
-    if payload.is_some_and(|p| apply(p, epochs, state)) {
+    if apply(notice, source, epochs, state) {
         state.heard(epochs);
     } else {
         state.malformed.fetch_add(1, Ordering::Relaxed);
     }
 }
 
-/// One Redis subscription, until it breaks or stays silent past `silence`. Returns whether it
-/// was established.
-#[cfg(feature = "redis")]
-async fn redis_session(
-    redis: &crate::tier::redis::RedisShared,
-    epochs: &Epochs,
-    state: &BackplaneState,
-    silence: Duration,
-) -> bool {
-    use futures_util::StreamExt;
-    let connect = async {
-        let mut pubsub = redis.backplane.get_async_pubsub().await?;
-        pubsub.subscribe(&redis.channel).await?;
-        Ok::<_, redis::RedisError>(pubsub)
-    };
-    let mut pubsub = match tokio::time::timeout(silence.max(Duration::from_secs(1)), connect).await {
-        Ok(Ok(pubsub)) => pubsub,
+/// One subscription, until it breaks or stays silent past `silence`. Returns whether it was
+/// established. The subscription itself hints the change feed (notices sent while nobody
+/// listened are gone) and, with the tier as the authority, checks that the tier kept its epochs
+/// (a restart is the usual reason to re-subscribe).
+async fn session(source: &Source, epochs: &Epochs, state: &BackplaneState, silence: Duration) -> bool {
+    let Some(transport) = source.transport() else { return false };
+    let mut subscription = match tokio::time::timeout(silence.max(Duration::from_secs(2)), transport.subscribe()).await
+    {
+        Ok(Ok(subscription)) => subscription,
         Ok(Err(e)) => {
-            tracing::debug!(target: "authz_cache", error = %e, "backplane connect failed");
+            tracing::debug!(target: "authz_cache", tier = source.tier.level, error = %e, "backplane connect failed");
             return false;
         }
         Err(_) => {
-            tracing::debug!(target: "authz_cache", "backplane connect timed out");
+            tracing::debug!(target: "authz_cache", tier = source.tier.level, "backplane connect timed out");
             return false;
         }
     };
     subscribed(epochs, state);
-    // Messages sent while unsubscribed are lost; if Redis keeps the epochs, it may also have lost
-    // them (a restart is the usual reason to re-subscribe): check before trusting anything.
-    if redis.keeps_epochs() {
-        let mark = redis.high_water_mark();
-        let high_water = redis.high_water().await.ok();
-        redis.kept_its_epochs(mark, high_water, epochs);
+    if let Some(feed) = &source.feed {
+        feed.hint();
     }
-    let mut stream = pubsub.on_message();
+    if source.authority {
+        let mark = source.tier.high_water_mark();
+        match source.tier.call(source.tier.tier.high_water()).await {
+            Ok(Some(now)) => {
+                source.tier.kept_its_epochs(mark, now, epochs);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(target: "authz_cache::audit", tier = source.tier.level, error = %e, "epoch high water unreadable: shared epochs forgotten");
+                epochs.reset_shared();
+            }
+        }
+    }
     loop {
-        match tokio::time::timeout(silence, stream.next()).await {
-            Ok(Some(msg)) => received(msg.get_payload::<String>().ok().as_deref(), epochs, state),
+        match tokio::time::timeout(silence, subscription.next()).await {
+            Ok(Some(Ok(notice))) => received(notice, source, epochs, state),
+            Ok(Some(Err(e))) => {
+                tracing::debug!(target: "authz_cache", tier = source.tier.level, error = %e, "backplane error");
+                break;
+            }
             Ok(None) => break,
             Err(_) => {
-                tracing::warn!(target: "authz_cache::audit", "backplane silent: reconnecting");
+                tracing::warn!(target: "authz_cache::audit", tier = source.tier.level, "backplane silent: reconnecting");
                 break;
             }
         }
     }
     state.connected.store(false, Ordering::Release);
-    tracing::warn!(target: "authz_cache::audit", "backplane lost");
-    true
-}
-
-/// One Postgres LISTEN session on the epochs and changes channels, until the connection breaks
-/// or stays silent past `silence`. Returns whether it was established. Anything on the changes
-/// channel, and the subscription itself (NOTIFYs sent while nobody listened are gone), wakes the
-/// durable change feed, which does the actual work (see `cache/feed.rs`).
-#[cfg(feature = "postgres")]
-async fn pg_session(
-    pg: &crate::tier::postgres::PostgresShared,
-    feed: &crate::cache::feed::FeedState,
-    epochs: &Epochs,
-    state: &BackplaneState,
-    silence: Duration,
-) -> bool {
-    use diesel_async::SimpleAsyncConnection;
-    use futures_util::StreamExt;
-    let connect = async {
-        let mut conn = pg.connect().await.map_err(|e| e.to_string())?;
-        let listen = format!("LISTEN \"{}\"; LISTEN \"{}\"", pg.epochs_channel, pg.changes_channel);
-        conn.batch_execute(&listen).await.map_err(|e| e.to_string())?;
-        Ok::<_, String>(conn)
-    };
-    let mut conn = match tokio::time::timeout(silence.max(Duration::from_secs(2)), connect).await {
-        Ok(Ok(conn)) => conn,
-        Ok(Err(e)) => {
-            tracing::debug!(target: "authz_cache", error = %e, "postgres listener connect failed");
-            return false;
-        }
-        Err(_) => {
-            tracing::debug!(target: "authz_cache", "postgres listener connect timed out");
-            return false;
-        }
-    };
-    subscribed(epochs, state);
-    feed.hint();
-    {
-        let mut stream = std::pin::pin!(conn.notifications_stream());
-        loop {
-            match tokio::time::timeout(silence, stream.next()).await {
-                Ok(Some(Ok(n))) if n.channel == pg.changes_channel => {
-                    state.messages.fetch_add(1, Ordering::Relaxed);
-                    feed.hint();
-                    state.heard(epochs);
-                }
-                Ok(Some(Ok(n))) => received(Some(&n.payload), epochs, state),
-                Ok(Some(Err(e))) => {
-                    tracing::debug!(target: "authz_cache", error = %e, "postgres listener error");
-                    break;
-                }
-                Ok(None) => break,
-                Err(_) => {
-                    tracing::warn!(target: "authz_cache::audit", "postgres backplane silent: reconnecting");
-                    break;
-                }
-            }
-        }
-    }
-    state.connected.store(false, Ordering::Release);
-    tracing::warn!(target: "authz_cache::audit", "postgres backplane lost");
+    tracing::warn!(target: "authz_cache::audit", tier = source.tier.level, "backplane lost");
     true
 }

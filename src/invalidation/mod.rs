@@ -20,7 +20,6 @@
 //! # });
 //! ```
 
-#[cfg(any(feature = "redis", feature = "postgres"))]
 pub(crate) mod backplane;
 
 use std::fmt;

@@ -1,5 +1,6 @@
-//! L3 on PostgreSQL (feature `postgres`): [`PostgresTier`], a diesel-async bb8 pool behind the
-//! guard, and [`PostgresTier::migrate`], which applies the embedded `migrations/`.
+//! L3 on PostgreSQL (feature `postgres`): [`PostgresTier`], a diesel-async bb8 pool implementing
+//! [`SharedTier`] with a durable [`ChangeFeed`], a LISTEN/NOTIFY [`Transport`] and a
+//! [`WarmSource`], and [`PostgresTier::migrate`], which applies the embedded `migrations/`.
 //!
 //! Rows of `authz_cache_entries` are keyed by the same HMAC key id as Redis keys and hold the same
 //! MAC-protected envelope, plus the tuple sealed under a key derived from the secret (for warming)
@@ -14,7 +15,7 @@
 //! use tower_authz_cache::{AuthzCache, Decision, Permission, PostgresTier, Principal};
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let l3 = PostgresTier::builder("postgres://app@127.0.0.1/app", std::env::var("AUTHZ_CACHE_SECRET")?)
+//! let l3 = PostgresTier::builder("postgres://app@127.0.0.1/app")
 //!     .schema("authz_cache")
 //!     .pool_size(10)
 //!     .build()?;
@@ -23,6 +24,7 @@
 //! let cache = AuthzCache::builder(|_: Principal, _: Permission| async {
 //!     Ok::<_, std::convert::Infallible>(Decision::allow())
 //! })
+//! .secret(std::env::var("AUTHZ_CACHE_SECRET")?)
 //! .l3(l3)
 //! .build();
 //! # Ok(()) }
@@ -36,12 +38,19 @@ use std::time::Duration;
 use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, BigInt, Bool, Bytea, Nullable, Text};
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, PoolError};
+use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 
-use crate::cache::epoch::{ScopeHashes, Target};
-use crate::cache::guard::{BreakerConfig, Guard, GuardError};
+use crate::cache::epoch::Target;
 use crate::cache::key::Scope;
+use crate::tier::pool::{self, Checked};
+use crate::tier::shared::{
+    Backlog, ChangeFeed, Drained, EpochTarget, KeyId, Notice, NoticeFuture, ScopeHashes, SharedTier, Subscription,
+    TierError, TierFuture, TierRead, TierSettings, TierWrite, Transport, WarmSource,
+};
+
+/// The pool's manager: diesel-async's, with the suspect mark of `tier/pool.rs`.
+pub(crate) type Manager = Checked<AsyncDieselConnectionManager<AsyncPgConnection>>;
 
 /// The migrations, in the order they apply: (name, SQL).
 const MIGRATIONS: [(&str, &str); 4] = [
@@ -57,12 +66,10 @@ const MIGRATIONS: [(&str, &str); 4] = [
 #[must_use]
 pub struct PostgresTierBuilder {
     url: String,
-    secret: Vec<u8>,
     schema: String,
     pool_size: u32,
     connect_timeout: Duration,
-    breaker: BreakerConfig,
-    write_queue: usize,
+    settings: TierSettings,
     sweep_every: Duration,
     sweep_batch: u32,
     warm_on_start: usize,
@@ -74,7 +81,6 @@ impl fmt::Debug for PostgresTierBuilder {
         f.debug_struct("PostgresTierBuilder")
             .field("schema", &self.schema)
             .field("pool_size", &self.pool_size)
-            .field("secret", &"<redacted>")
             .finish_non_exhaustive()
     }
 }
@@ -102,25 +108,25 @@ impl PostgresTierBuilder {
 
     /// How long one Postgres call may take (pool checkout included) before it counts as a failure.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.breaker.timeout = timeout;
+        self.settings.timeout = timeout;
         self
     }
 
     /// Consecutive failures that open the circuit breaker.
     pub fn failure_threshold(mut self, failures: u32) -> Self {
-        self.breaker.failure_threshold = failures.max(1);
+        self.settings.failure_threshold = failures.max(1);
         self
     }
 
     /// How long the breaker stays open before one probe is let through.
     pub fn open_for(mut self, duration: Duration) -> Self {
-        self.breaker.open_for = duration;
+        self.settings.open_for = duration;
         self
     }
 
     /// Capacity of the background write queue; when it is full, writes are dropped and counted.
     pub fn write_queue(mut self, capacity: usize) -> Self {
-        self.write_queue = capacity.max(1);
+        self.settings.write_queue = capacity.max(1);
         self
     }
 
@@ -149,9 +155,6 @@ impl PostgresTierBuilder {
     /// Validates the configuration and builds the tier. Connections are made lazily, so a
     /// Postgres that is down at start-up costs a breaker, not the application.
     pub fn build(self) -> Result<PostgresTier, PostgresTierError> {
-        if self.secret.len() < 16 {
-            return Err(PostgresTierError::config("secret must be at least 16 bytes"));
-        }
         if !crate::tier::names::schema_ok(&self.schema) {
             return Err(PostgresTierError::config("schema must be 1-40 of [a-z0-9_], not starting with a digit"));
         }
@@ -166,16 +169,14 @@ impl PostgresTierBuilder {
             .connection_timeout(self.connect_timeout)
             .test_on_check_out(false)
             .retry_connection(false)
-            .build_unchecked(Manager::new(AsyncDieselConnectionManager::new(self.url.as_str())));
+            .build_unchecked(Checked(AsyncDieselConnectionManager::new(self.url.as_str())));
         let s = &self.schema;
         Ok(PostgresTier {
             shared: Arc::new(PostgresShared {
                 pool,
                 url: self.url.clone(),
                 connect_timeout: self.connect_timeout,
-                guard: Guard::new("l3", self.breaker),
-                background_timeout: (self.breaker.timeout * 10).max(Duration::from_secs(1)),
-                secret: self.secret,
+                settings: self.settings,
                 epochs_channel: format!("{s}.authz_cache_epochs"),
                 changes_channel: format!("{s}.authz_cache_changes"),
                 read_sql: [
@@ -194,12 +195,12 @@ impl PostgresTierBuilder {
                     format!("), 0), EXISTS (SELECT 1 FROM {s}.authz_cache_changes)"),
                 ],
                 schema: self.schema,
-                write_queue: self.write_queue,
                 sweep_every: self.sweep_every,
                 sweep_batch: self.sweep_batch,
                 warm_on_start: self.warm_on_start,
                 warm_teammates: self.warm_teammates,
                 hits: Mutex::new(HashMap::new()),
+                upkeep: Mutex::new((std::time::Instant::now(), std::time::Instant::now())),
             }),
         })
     }
@@ -219,18 +220,20 @@ impl fmt::Debug for PostgresTier {
 }
 
 impl PostgresTier {
-    /// Starts building a tier on `url` (`postgres://user@host:port/db`). `secret` keys the hashes,
-    /// MACs and seals of everything this tier stores: every instance sharing the schema needs the
-    /// same secret (at least 16 bytes; 32 random bytes recommended), and the same one as L2.
-    pub fn builder(url: impl Into<String>, secret: impl AsRef<[u8]>) -> PostgresTierBuilder {
+    /// Starts building a tier on `url` (`postgres://user@host:port/db`). The secret that keys
+    /// what it stores is the cache's ([`AuthzCacheBuilder::secret`](crate::AuthzCacheBuilder::secret)).
+    pub fn builder(url: impl Into<String>) -> PostgresTierBuilder {
         PostgresTierBuilder {
             url: url.into(),
-            secret: secret.as_ref().to_vec(),
             schema: "authz_cache".into(),
             pool_size: 10,
             connect_timeout: Duration::from_secs(2),
-            breaker: BreakerConfig { timeout: Duration::from_millis(100), ..BreakerConfig::default() },
-            write_queue: 10_000,
+            // One writer, up to 256 rows per upsert, lingering 5 ms for more: an upsert costs
+            // Postgres about as much CPU for one row as for ten, and a copy is not urgent.
+            settings: TierSettings::default()
+                .timeout(Duration::from_millis(100))
+                .writes(1, 256, Duration::from_millis(5))
+                .stores_subjects(true),
             sweep_every: Duration::from_secs(30),
             sweep_batch: 1000,
             warm_on_start: 1000,
@@ -334,51 +337,7 @@ impl From<diesel::result::Error> for PgFailure {
     }
 }
 
-pub(crate) type PgError = GuardError<PgFailure>;
-
-/// Like the Redis tier's manager: a connection is marked suspect for the length of each call and
-/// the mark is cleared only when the call completed, so a call abandoned by a timeout (a black
-/// hole, a stuck server) gets its connection dropped by bb8 instead of reused.
-pub(crate) struct Manager(AsyncDieselConnectionManager<AsyncPgConnection>);
-
-pub(crate) struct Tracked {
-    conn: AsyncPgConnection,
-    suspect: bool,
-}
-
-impl Manager {
-    pub(crate) fn new(inner: AsyncDieselConnectionManager<AsyncPgConnection>) -> Self {
-        Self(inner)
-    }
-}
-
-impl Tracked {
-    /// Marks the connection suspect while a call runs on it (see [`Manager`]).
-    pub(crate) fn mark_suspect(&mut self, suspect: bool) {
-        self.suspect = suspect;
-    }
-
-    pub(crate) fn connection(&mut self) -> &mut AsyncPgConnection {
-        &mut self.conn
-    }
-}
-
-impl bb8::ManageConnection for Manager {
-    type Connection = Tracked;
-    type Error = PoolError;
-
-    async fn connect(&self) -> Result<Tracked, PoolError> {
-        Ok(Tracked { conn: bb8::ManageConnection::connect(&self.0).await?, suspect: false })
-    }
-
-    async fn is_valid(&self, conn: &mut Tracked) -> Result<(), PoolError> {
-        bb8::ManageConnection::is_valid(&self.0, &mut conn.conn).await
-    }
-
-    fn has_broken(&self, conn: &mut Tracked) -> bool {
-        conn.suspect || bb8::ManageConnection::has_broken(&self.0, &mut conn.conn)
-    }
-}
+pub(crate) type PgError = TierError;
 
 /// The L3 read: the entry and its four epochs in one statement. A hand-built query (rather than
 /// `sql_query`) so that diesel caches its prepared statement: one round trip per read.
@@ -413,31 +372,8 @@ impl QueryFragment<Pg> for ReadQuery<'_> {
     }
 }
 
-/// What one L3 read returned: the value, if any, and the durable epochs covering the key
-/// (global, principal, resource, entry; 0 when absent). `epochs` is `None` when one is unreadable;
-/// `changes_pending` when the permission tables recorded a change not applied to the epochs yet.
-pub(crate) struct L3Read {
-    pub(crate) value: Option<Vec<u8>>,
-    pub(crate) epochs: Option<[u64; 4]>,
-    pub(crate) changes_pending: bool,
-}
-
-/// What the change feed's poll found: changes not applied yet, epoch values not mirrored to
-/// Redis yet.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct FeedBacklog {
-    pub(crate) changes: bool,
-    pub(crate) mirror: bool,
-}
-
 /// Changes taken per drain transaction.
 pub(crate) const DRAIN_BATCH: i64 = 256;
-
-/// One row to warm: its key id and sealed subject (the entry itself is read like any L3 hit).
-pub(crate) struct WarmRow {
-    pub(crate) key_id: [u8; 32],
-    pub(crate) subject: Vec<u8>,
-}
 
 #[derive(diesel::QueryableByName)]
 struct WarmRowSql {
@@ -460,20 +396,18 @@ pub(crate) struct PostgresShared {
     pool: bb8::Pool<Manager>,
     url: String,
     connect_timeout: Duration,
-    pub(crate) guard: Guard,
-    pub(crate) secret: Vec<u8>,
+    settings: TierSettings,
     pub(crate) schema: String,
     pub(crate) epochs_channel: String,
     pub(crate) changes_channel: String,
     read_sql: [String; 6],
-    /// The change feed's call timeout (see `with_conn_background`).
-    background_timeout: Duration,
-    pub(crate) write_queue: usize,
     pub(crate) sweep_every: Duration,
     pub(crate) sweep_batch: u32,
     pub(crate) warm_on_start: usize,
     pub(crate) warm_teammates: usize,
     hits: Mutex<HashMap<[u8; 32], i64>>,
+    /// When hits were last flushed and rows last swept.
+    upkeep: Mutex<(std::time::Instant, std::time::Instant)>,
 }
 
 impl PostgresShared {
@@ -486,45 +420,23 @@ impl PostgresShared {
         }
     }
 
-    /// Runs `f` on a pooled connection, under the guard (see [`Manager`]).
+    /// Runs `f` on a pooled connection, marked suspect unless `f` succeeds (see `tier/pool.rs`).
+    /// Timeouts and the breaker are the cache's.
     async fn with_conn<T>(
         &self,
         f: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, PgFailure>,
-    ) -> Result<T, PgError> {
-        self.guard.call(self.pooled(f)).await
-    }
-
-    /// Runs `f` on a pooled connection for the change feed: under [`background_timeout`] only,
-    /// not the breaker. The feed runs off the request path, and must be able to confirm the
-    /// moment Postgres is back rather than when the request path's breaker next probes.
-    ///
-    /// [`background_timeout`]: PostgresShared::background_timeout
-    async fn with_conn_background<T>(
-        &self,
-        f: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, PgFailure>,
-    ) -> Result<T, PgError> {
-        match tokio::time::timeout(self.background_timeout, self.pooled(f)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(GuardError::Failed(e)),
-            Err(_) => Err(GuardError::Timeout),
-        }
-    }
-
-    /// Runs `f` on a pooled connection, marked suspect unless `f` succeeds (see [`Manager`]).
-    async fn pooled<T>(
-        &self,
-        f: impl AsyncFnOnce(&mut AsyncPgConnection) -> Result<T, PgFailure>,
-    ) -> Result<T, PgFailure> {
-        let mut conn = self.pool.get().await.map_err(|e| match e {
-            bb8::RunError::User(e) => PgFailure(format!("connect: {e}")),
-            bb8::RunError::TimedOut => PgFailure("timed out waiting for a connection".to_owned()),
-        })?;
-        conn.suspect = true;
-        let result = f(&mut conn.conn).await;
-        if result.is_ok() {
-            conn.suspect = false;
-        }
-        result
+    ) -> Result<T, TierError> {
+        pool::with_conn(
+            &self.pool,
+            |e| match e {
+                bb8::RunError::User(e) => PgFailure(format!("connect: {e}")),
+                bb8::RunError::TimedOut => PgFailure("timed out waiting for a connection".to_owned()),
+            },
+            Result::is_ok,
+            f,
+        )
+        .await
+        .map_err(TierError::new)
     }
 
     /// The entry and its durable epochs, in one round trip. A row written more than `max_age_ms`
@@ -536,7 +448,7 @@ impl PostgresShared {
         key_id: &[u8; 32],
         hashes: &ScopeHashes,
         max_age_ms: u64,
-    ) -> Result<L3Read, PgError> {
+    ) -> Result<TierRead, PgError> {
         let query = ReadQuery {
             sql: &self.read_sql,
             key: key_id,
@@ -553,11 +465,12 @@ impl PostgresShared {
             [Some(g), Some(p), Some(r), Some(k)] => Some([g, p, r, k]),
             _ => None,
         };
-        Ok(L3Read { value, epochs, changes_pending })
+        let read = TierRead::new(value, epochs);
+        Ok(if changes_pending { read.with_pending_changes() } else { read })
     }
 
     /// Upserts a batch of rows (one statement).
-    async fn write_batch(&self, rows: &[Write]) -> Result<(), PgError> {
+    async fn write_batch(&self, rows: &[TierWrite]) -> Result<(), PgError> {
         let s = &self.schema;
         let sql = format!(
             "INSERT INTO {s}.authz_cache_entries (key, value, subject, principal_hash, expires_at) \
@@ -565,9 +478,12 @@ impl PostgresShared {
              ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, subject = EXCLUDED.subject, \
              principal_hash = EXCLUDED.principal_hash, expires_at = EXCLUDED.expires_at, written_at = now()"
         );
-        let keys: Vec<&[u8]> = rows.iter().map(|w| &w.key_id[..]).collect();
-        let values: Vec<&[u8]> = rows.iter().map(|w| &w.value[..]).collect();
-        let subjects: Vec<&[u8]> = rows.iter().map(|w| &w.subject[..]).collect();
+        // Rows without a sealed subject (the cache seals one for every write to this tier) are
+        // not written: warming could not open them.
+        let rows: Vec<&TierWrite> = rows.iter().filter(|w| w.subject().is_some()).collect();
+        let keys: Vec<&[u8]> = rows.iter().map(|w| &w.key_id()[..]).collect();
+        let values: Vec<&[u8]> = rows.iter().map(|w| w.value()).collect();
+        let subjects: Vec<&[u8]> = rows.iter().map(|w| w.subject().unwrap_or_default()).collect();
         let principals: Vec<i64> = rows.iter().map(|w| w.principal_hash as i64).collect();
         let expires: Vec<i64> = rows.iter().map(|w| i64::try_from(w.valid_until_ms).unwrap_or(i64::MAX)).collect();
         self.with_conn(async |conn| {
@@ -605,11 +521,11 @@ impl PostgresShared {
                     .map_err(PgFailure::from)
             })
             .await?;
-        u64::try_from(row.v).map_err(|_| GuardError::Failed(PgFailure("negative epoch".to_owned())))
+        u64::try_from(row.v).map_err(|_| TierError::new("negative epoch"))
     }
 
     /// Whether changes or Redis mirror debts wait in the change feed's tables (one round trip).
-    pub(crate) async fn feed_backlog(&self) -> Result<FeedBacklog, PgError> {
+    pub(crate) async fn feed_backlog(&self) -> Result<Backlog, PgError> {
         #[derive(diesel::QueryableByName)]
         struct Row {
             #[diesel(sql_type = Bool)]
@@ -623,11 +539,9 @@ impl PostgresShared {
              EXISTS (SELECT 1 FROM {s}.authz_cache_mirror) AS mirror"
         );
         let row = self
-            .with_conn_background(async |conn| {
-                diesel::sql_query(sql).get_result::<Row>(conn).await.map_err(PgFailure::from)
-            })
+            .with_conn(async |conn| diesel::sql_query(sql).get_result::<Row>(conn).await.map_err(PgFailure::from))
             .await?;
-        Ok(FeedBacklog { changes: row.changes, mirror: row.mirror })
+        Ok(Backlog::new(row.changes, row.mirror))
     }
 
     /// Applies up to [`DRAIN_BATCH`] recorded changes in one transaction: takes them (rows that
@@ -638,11 +552,11 @@ impl PostgresShared {
     /// connection is discarded, which rolls the transaction back).
     pub(crate) async fn drain_changes(
         &self,
-        targets: impl Fn(Option<&str>) -> Vec<Target>,
+        targets: &(dyn Fn(Option<&str>) -> Vec<EpochTarget> + Send + Sync),
         floor_us: u64,
         ttl_ms: u64,
         mirror: bool,
-    ) -> Result<(usize, Vec<(Target, u64)>), PgError> {
+    ) -> Result<Drained, PgError> {
         #[derive(diesel::QueryableByName)]
         struct Change {
             #[diesel(sql_type = BigInt)]
@@ -667,17 +581,17 @@ impl PostgresShared {
             "SELECT out_scope::text AS out_scope, out_hash, out_value FROM {s}.authz_cache_apply_changes(\
              $1, CAST($2 AS \"char\"[]), $3, $4, $5, $6)"
         );
-        self.with_conn_background(async |conn| {
+        self.with_conn(async |conn| {
             conn.batch_execute("BEGIN").await.map_err(PgFailure::from)?;
             let changes = diesel::sql_query(take).load::<Change>(conn).await.map_err(PgFailure::from)?;
             if changes.is_empty() {
                 conn.batch_execute("COMMIT").await.map_err(PgFailure::from)?;
-                return Ok((0, Vec::new()));
+                return Ok(Drained::default());
             }
             // Each target once, however many changes name it; everything covers the rest.
             let mut named: Vec<Target> = Vec::new();
             for change in &changes {
-                for target in targets(change.principal.as_deref()) {
+                for target in targets(change.principal.as_deref()).into_iter().map(|t| t.0) {
                     if !named.contains(&target) {
                         named.push(target);
                     }
@@ -704,13 +618,13 @@ impl PostgresShared {
                 .into_iter()
                 .filter_map(|a| Some((target_of(&a.out_scope, a.out_hash)?, u64::try_from(a.out_value).ok()?)))
                 .collect();
-            Ok((changes.len(), values))
+            Ok(Drained::new(changes.len(), values))
         })
         .await
     }
 
     /// Epoch values Redis has not been raised to yet (at most [`DRAIN_BATCH`]).
-    pub(crate) async fn mirror_debts(&self) -> Result<Vec<(Target, u64)>, PgError> {
+    pub(crate) async fn mirror_debts(&self) -> Result<Vec<(EpochTarget, u64)>, PgError> {
         #[derive(diesel::QueryableByName)]
         struct Debt {
             #[diesel(sql_type = Text)]
@@ -725,7 +639,7 @@ impl PostgresShared {
             self.schema
         );
         let debts = self
-            .with_conn_background(async |conn| diesel::sql_query(sql).load::<Debt>(conn).await.map_err(PgFailure::from))
+            .with_conn(async |conn| diesel::sql_query(sql).load::<Debt>(conn).await.map_err(PgFailure::from))
             .await?;
         Ok(debts
             .into_iter()
@@ -735,16 +649,16 @@ impl PostgresShared {
 
     /// Records that Redis must be raised to `value` for `target` (an instance that could not
     /// reach Redis leaves the debt where every instance finds it).
-    pub(crate) async fn owe_mirror(&self, target: Target, value: u64) -> Result<(), PgError> {
+    pub(crate) async fn owe_mirror(&self, target: EpochTarget, value: u64) -> Result<(), PgError> {
         self.settle_mirror(&[(target, value)], true).await
     }
 
     /// Removes mirror debts Redis has now been raised to (at or above their value).
-    pub(crate) async fn paid_mirror(&self, paid: &[(Target, u64)]) -> Result<(), PgError> {
+    pub(crate) async fn paid_mirror(&self, paid: &[(EpochTarget, u64)]) -> Result<(), PgError> {
         self.settle_mirror(paid, false).await
     }
 
-    async fn settle_mirror(&self, rows: &[(Target, u64)], owe: bool) -> Result<(), PgError> {
+    async fn settle_mirror(&self, rows: &[(EpochTarget, u64)], owe: bool) -> Result<(), PgError> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -761,8 +675,8 @@ impl PostgresShared {
                  WHERE m.scope = CAST(t.s AS \"char\") AND m.hash = t.h AND m.value <= t.v"
             )
         };
-        let tags: Vec<&str> = rows.iter().map(|(t, _)| t.map_or("g", |(scope, _)| scope.tag())).collect();
-        let hashes: Vec<i64> = rows.iter().map(|(t, _)| t.map_or(0, |(_, h)| h as i64)).collect();
+        let tags: Vec<&str> = rows.iter().map(|(t, _)| t.tag()).collect();
+        let hashes: Vec<i64> = rows.iter().map(|(t, _)| t.hash() as i64).collect();
         let values: Vec<i64> = rows.iter().map(|(_, v)| i64::try_from(*v).unwrap_or(i64::MAX)).collect();
         let run = async |conn: &mut AsyncPgConnection| {
             diesel::sql_query(sql)
@@ -774,20 +688,7 @@ impl PostgresShared {
                 .map(|_| ())
                 .map_err(PgFailure::from)
         };
-        // A debt is recorded on the invalidation's path (guarded); paid by the feed (background).
-        if owe { self.with_conn(run).await } else { self.with_conn_background(run).await }
-    }
-
-    /// The durable global epoch (0 before the first migration set it).
-    pub(crate) async fn global_epoch(&self) -> Result<u64, PgError> {
-        let sql = format!(
-            "SELECT COALESCE((SELECT value FROM {}.authz_cache_epochs WHERE scope = 'g' AND hash = 0), 0) AS v",
-            self.schema
-        );
-        let row = self
-            .with_conn(async |conn| diesel::sql_query(sql).get_result::<BigIntRow>(conn).await.map_err(PgFailure::from))
-            .await?;
-        Ok(u64::try_from(row.v).unwrap_or(0))
+        self.with_conn(run).await
     }
 
     /// Publishes a heartbeat on the epochs channel.
@@ -853,7 +754,11 @@ impl PostgresShared {
     }
 
     /// The `limit` most-hit rows that are still valid, optionally of one principal (by hash).
-    pub(crate) async fn most_hit(&self, principal_hash: Option<u64>, limit: usize) -> Result<Vec<WarmRow>, PgError> {
+    pub(crate) async fn most_hit(
+        &self,
+        principal_hash: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(KeyId, Vec<u8>)>, PgError> {
         let s = &self.schema;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
@@ -882,10 +787,7 @@ impl PostgresShared {
                 .map_err(PgFailure::from)
             })
             .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|r| Some(WarmRow { key_id: r.key.try_into().ok()?, subject: r.subject }))
-            .collect())
+        Ok(rows.into_iter().filter_map(|r| Some((r.key.try_into().ok()?, r.subject))).collect())
     }
 
     /// The principals who share the most teams with `principal` (the reference schema's
@@ -917,83 +819,220 @@ impl PostgresShared {
 }
 
 /// The target a scope tag and hash name in the epochs table.
-fn target_of(tag: &str, hash: i64) -> Option<Target> {
-    match tag {
-        "g" => Some(None),
-        tag => Some(Some((Scope::from_tag(tag)?, hash as u64))),
+fn target_of(tag: &str, hash: i64) -> Option<EpochTarget> {
+    EpochTarget::from_tag(tag, hash as u64)
+}
+
+/// How often counted hits are added to the rows.
+const FLUSH_HITS_EVERY: Duration = Duration::from_secs(1);
+
+impl PostgresShared {
+    /// Raises a durable epoch to `value` (never lowering it) and notifies every listener.
+    async fn raise(&self, target: EpochTarget, value: u64, ttl_ms: u64) -> Result<(), PgError> {
+        let s = &self.schema;
+        let sql = format!(
+            "WITH up AS (INSERT INTO {s}.authz_cache_epochs AS e (scope, hash, value, expires_at) \
+             VALUES (CAST($1 AS \"char\"), $2, $3, CASE WHEN $1 = 'g' OR $4 <= 0 THEN NULL \
+             ELSE now() + $4 * interval '1 millisecond' END) \
+             ON CONFLICT (scope, hash) DO UPDATE SET value = GREATEST(e.value, EXCLUDED.value), \
+             expires_at = EXCLUDED.expires_at RETURNING e.value) \
+             SELECT pg_notify($5, 'i ' || $1 || ' ' || lpad(to_hex($2), 16, '0') || ' ' || (SELECT value FROM up))"
+        );
+        let channel = &self.epochs_channel;
+        self.with_conn(async |conn| {
+            diesel::sql_query(sql)
+                .bind::<Text, _>(target.tag())
+                .bind::<BigInt, _>(target.hash() as i64)
+                .bind::<BigInt, _>(i64::try_from(value).unwrap_or(i64::MAX))
+                .bind::<BigInt, _>(i64::try_from(ttl_ms).unwrap_or(i64::MAX))
+                .bind::<Text, _>(channel)
+                .execute(conn)
+                .await
+                .map(|_| ())
+                .map_err(PgFailure::from)
+        })
+        .await
     }
-}
 
-/// One background write.
-pub(crate) struct Write {
-    pub(crate) key_id: [u8; 32],
-    pub(crate) value: Vec<u8>,
-    pub(crate) subject: Vec<u8>,
-    pub(crate) principal_hash: u64,
-    pub(crate) valid_until_ms: u64,
-    /// When it was queued: a write that waited longer than [`MAX_WRITE_DELAY`] is dropped.
-    pub(crate) queued_at: std::time::Instant,
-}
-
-/// How long a row may wait in the write queue. Readers accept a row for the longest ttl after
-/// Postgres stored it (`written_at`); a row queued for longer than this would outlive what its
-/// stamp was checked against by more than the retention margin allows, so it is dropped
-/// (counted as a write drop).
-pub(crate) const MAX_WRITE_DELAY: Duration = Duration::from_secs(2);
-
-/// Rows per upsert statement.
-const WRITE_BATCH: usize = 256;
-
-/// How long the writer waits for more rows after the first of a batch.
-const WRITE_LINGER: Duration = Duration::from_millis(5);
-
-/// Starts the write-behind worker: it drains the bounded queue in batches of up to
-/// `WRITE_BATCH` rows per statement, and stops when the returned sender is dropped.
-pub(crate) fn spawn_writer(
-    shared: Arc<PostgresShared>,
-    stats: Arc<crate::stats::Stats>,
-    clock: crate::cache::clock::Clock,
-) -> tokio::sync::mpsc::Sender<Write> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Write>(shared.write_queue);
-    tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(WRITE_BATCH);
-        while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
-            // Linger a little for more rows: an upsert costs Postgres about as much CPU for one
-            // row as for ten, and a write-behind copy is not urgent.
-            let linger = tokio::time::Instant::now() + WRITE_LINGER;
-            while batch.len() < WRITE_BATCH {
-                let room = WRITE_BATCH - batch.len();
-                match tokio::time::timeout_at(linger, rx.recv_many(&mut batch, room)).await {
-                    Ok(n) if n > 0 => {}
-                    _ => break,
-                }
+    /// Flushes hit counters every second and sweeps expired rows every `sweep_every` (in
+    /// batches until one comes back short; bounded, so one sweep cannot run forever), each
+    /// statement within the tier's timeout times ten.
+    async fn maintain(&self) -> Result<u64, PgError> {
+        let step = (self.settings.timeout * 10).max(Duration::from_secs(1));
+        let (flush, sweep) = {
+            let mut at = self.upkeep.lock().unwrap_or_else(|e| e.into_inner());
+            let flush = at.0.elapsed() >= FLUSH_HITS_EVERY;
+            let sweep = at.1.elapsed() >= self.sweep_every;
+            if flush {
+                at.0 = std::time::Instant::now();
             }
-            let now = clock.now_ms();
-            batch.retain(|w| w.valid_until_ms > now);
-            let queued = batch.len();
-            batch.retain(|w| w.queued_at.elapsed() < MAX_WRITE_DELAY);
-            let late = queued - batch.len();
-            if late > 0 {
-                stats.l3.write_drops.fetch_add(late as u64, std::sync::atomic::Ordering::Relaxed);
+            if sweep {
+                at.1 = std::time::Instant::now();
             }
-            // One statement cannot upsert a key twice: keep the last write of each key.
-            let mut seen = std::collections::HashSet::with_capacity(batch.len());
-            let mut rows: Vec<Write> = batch.drain(..).rev().filter(|w| seen.insert(w.key_id)).collect();
-            rows.reverse();
-            if rows.is_empty() {
-                continue;
+            (flush, sweep)
+        };
+        if flush {
+            match tokio::time::timeout(step, self.flush_hits()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(target: "authz_cache", error = %e, "l3 hit counters not flushed"),
+                Err(_) => tracing::debug!(target: "authz_cache", "l3 hit counters not flushed: timed out"),
             }
-            let n = rows.len() as u64;
-            match shared.write_batch(&rows).await {
-                Ok(()) => {
-                    stats.l3.writes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                }
-                Err(e) => {
-                    stats.l3.write_errors.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                    tracing::debug!(target: "authz_cache", error = %e, rows = n, "l3 write failed");
+        }
+        let mut swept = 0;
+        if sweep {
+            for _ in 0..1000 {
+                match tokio::time::timeout(step, self.sweep_once()).await {
+                    Ok(Ok(n)) => {
+                        swept += n;
+                        if n < u64::from(self.sweep_batch) {
+                            break;
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(target: "authz_cache", error = %e, "l3 sweep failed");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::debug!(target: "authz_cache", "l3 sweep timed out");
+                        break;
+                    }
                 }
             }
         }
-    });
-    tx
+        Ok(swept)
+    }
+}
+
+fn ms_of(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl SharedTier for PostgresTier {
+    fn settings(&self) -> TierSettings {
+        self.shared.settings
+    }
+
+    fn read<'a>(&'a self, key_id: &'a KeyId, scopes: &'a ScopeHashes, max_age: Duration) -> TierFuture<'a, TierRead> {
+        Box::pin(self.shared.read(key_id, scopes, ms_of(max_age)))
+    }
+
+    fn write<'a>(&'a self, batch: &'a [TierWrite]) -> TierFuture<'a, ()> {
+        Box::pin(self.shared.write_batch(batch))
+    }
+
+    fn bump(&self, target: EpochTarget, floor: u64, retention: Duration) -> TierFuture<'_, u64> {
+        Box::pin(self.shared.bump(target.0, floor, ms_of(retention)))
+    }
+
+    fn raise(&self, target: EpochTarget, value: u64, retention: Duration) -> TierFuture<'_, ()> {
+        Box::pin(self.shared.raise(target, value, ms_of(retention)))
+    }
+
+    fn transport(&self) -> Option<&dyn Transport> {
+        Some(self)
+    }
+
+    fn change_feed(&self) -> Option<&dyn ChangeFeed> {
+        Some(self)
+    }
+
+    fn warm_source(&self) -> Option<&dyn WarmSource> {
+        Some(self)
+    }
+
+    fn count_hit(&self, key_id: &KeyId) {
+        self.shared.count_hit(key_id);
+    }
+
+    fn maintain(&self) -> TierFuture<'_, u64> {
+        Box::pin(self.shared.maintain())
+    }
+}
+
+/// LISTEN on the epochs and changes channels, on a connection of its own (not pooled); a
+/// notice on the changes channel is [`Notice::Changed`].
+impl Transport for PostgresTier {
+    fn subscribe(&self) -> TierFuture<'_, Box<dyn Subscription>> {
+        Box::pin(async move {
+            let mut conn = self.shared.connect().await.map_err(TierError::new)?;
+            let listen =
+                format!("LISTEN \"{}\"; LISTEN \"{}\"", self.shared.epochs_channel, self.shared.changes_channel);
+            conn.batch_execute(&listen).await.map_err(|e| TierError::new(PgFailure::from(e)))?;
+            let changes = self.shared.changes_channel.clone();
+            Ok(Box::new(PgSubscription { conn, changes }) as Box<dyn Subscription>)
+        })
+    }
+
+    fn heartbeat<'a>(&'a self, instance: &'a str) -> TierFuture<'a, ()> {
+        Box::pin(self.shared.heartbeat(instance))
+    }
+}
+
+struct PgSubscription {
+    conn: AsyncPgConnection,
+    changes: String,
+}
+
+impl Subscription for PgSubscription {
+    fn next(&mut self) -> NoticeFuture<'_> {
+        Box::pin(async move {
+            use futures_util::StreamExt;
+            let changes = &self.changes;
+            let mut stream = std::pin::pin!(self.conn.notifications_stream());
+            Some(match stream.next().await? {
+                Ok(n) if n.channel == *changes => Ok(Notice::Changed),
+                Ok(n) => Ok(Notice::parse(&n.payload)),
+                Err(e) => Err(TierError::new(PgFailure::from(e))),
+            })
+        })
+    }
+}
+
+/// `authz_cache_changes` (see `migrations/0003_durable_changes.sql`).
+impl ChangeFeed for PostgresTier {
+    fn backlog(&self) -> TierFuture<'_, Backlog> {
+        Box::pin(self.shared.feed_backlog())
+    }
+
+    fn drain<'a>(
+        &'a self,
+        targets: &'a (dyn Fn(Option<&str>) -> Vec<EpochTarget> + Send + Sync),
+        floor: u64,
+        retention: Duration,
+        mirror: bool,
+    ) -> TierFuture<'a, Drained> {
+        Box::pin(self.shared.drain_changes(targets, floor, ms_of(retention), mirror))
+    }
+
+    fn mirror_debts(&self) -> TierFuture<'_, Vec<(EpochTarget, u64)>> {
+        Box::pin(self.shared.mirror_debts())
+    }
+
+    fn owe_mirror(&self, target: EpochTarget, value: u64) -> TierFuture<'_, ()> {
+        Box::pin(self.shared.owe_mirror(target, value))
+    }
+
+    fn paid_mirror<'a>(&'a self, paid: &'a [(EpochTarget, u64)]) -> TierFuture<'a, ()> {
+        Box::pin(self.shared.paid_mirror(paid))
+    }
+}
+
+/// The most-hit rows (hits counted per read and flushed every second), and team-mates from the
+/// reference schema's `mv_team_collaboration_patterns`.
+impl WarmSource for PostgresTier {
+    fn most_hit(&self, principal_hash: Option<u64>, limit: usize) -> TierFuture<'_, Vec<(KeyId, Vec<u8>)>> {
+        Box::pin(self.shared.most_hit(principal_hash, limit))
+    }
+
+    fn warm_on_start(&self) -> usize {
+        self.shared.warm_on_start
+    }
+
+    fn warm_teammates(&self) -> usize {
+        self.shared.warm_teammates
+    }
+
+    fn teammates<'a>(&'a self, principal: &'a str, limit: usize) -> TierFuture<'a, Vec<String>> {
+        Box::pin(self.shared.teammates(principal, limit))
+    }
 }

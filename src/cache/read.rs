@@ -1,0 +1,261 @@
+//! Reading the tiers: L1 (checked against the local epochs), then each shared tier in order
+//! (its entry checked against the epochs read with it), then, during a secret rotation, the
+//! entries under the other secret.
+
+use std::time::Duration;
+
+use super::entry::Entry;
+use super::epoch::Epochs;
+use super::key::{CacheKey, Keys, Scope, ShortHash};
+use super::{Inner, write_behind};
+use crate::Decision;
+use crate::stats::Stats;
+use crate::tier::shared::ScopeHashes;
+
+/// How long a read that found a recorded change not applied yet waits for the change feed to
+/// apply it, before the request goes on without that tier (and writes no copy to it).
+const FEED_CATCH_UP_WAIT: Duration = Duration::from_millis(250);
+
+/// What one shared-tier read found.
+pub(super) enum SharedRead {
+    /// A valid entry (its local stamp and capped deadline set, ready for L1).
+    Hit(Entry),
+    /// No valid entry, but the tier's epochs for the key were read and merged.
+    Miss,
+    /// The tier was not read (failed, gated, or its epochs were unreadable).
+    Unread,
+}
+
+impl SharedRead {
+    fn hit(self) -> Option<Entry> {
+        match self {
+            SharedRead::Hit(entry) => Some(entry),
+            _ => None,
+        }
+    }
+}
+
+impl Inner {
+    /// Puts an entry into L1 with its local deadline: the shared deadline turned into this
+    /// process's monotonic clock, and never more than the longest ttl away, whatever clock wrote
+    /// the shared one.
+    pub(super) fn insert_l1(&self, key: CacheKey, mut entry: Entry) {
+        let left = entry.valid_until_ms.saturating_sub(self.clock.now_ms()).min(self.longest_ttl_ms);
+        entry.local_until_ms = self.clock.mono_ms().saturating_add(left);
+        self.l1.insert(key, entry);
+    }
+
+    /// A valid L1 entry's decision. `count` says whether to update hit/miss counters.
+    pub(super) fn lookup_l1(&self, key: &CacheKey, count: bool, check_trust: bool) -> Option<Decision> {
+        if check_trust && !self.l1_trusted() {
+            if count {
+                Stats::incr(&self.stats.l1_untrusted);
+                Stats::incr(&self.stats.l1_misses);
+            }
+            return None;
+        }
+        let found = self.l1.get(key);
+        let result = match &found {
+            None => None,
+            Some(e) if self.clock.mono_ms() >= e.local_until_ms => {
+                if count {
+                    Stats::incr(&self.stats.l1_expired);
+                }
+                self.l1.remove(key);
+                None
+            }
+            Some(e) if e.stamp != self.epochs.stamp(key) => {
+                if count {
+                    Stats::incr(&self.stats.l1_stale);
+                }
+                None
+            }
+            Some(e) => Some(e.decision()),
+        };
+        if count {
+            Stats::incr(if result.is_some() { &self.stats.l1_hits } else { &self.stats.l1_misses });
+        }
+        result
+    }
+
+    /// Shared tier `i`: its entry and epochs in one round trip. A valid entry is promoted to L1
+    /// (deadline unchanged) and copied to the shallower tiers.
+    pub(super) async fn lookup_shared(&self, i: usize, key: &CacheKey, key_id: &[u8; 32]) -> SharedRead {
+        let hashes = self.epochs.hashes(key);
+        let read = self.read_tier(i, &self.keys, key, key_id, &hashes).await;
+        if let SharedRead::Hit(entry) = &read {
+            if i > 0 {
+                self.write_behind(key, key_id, entry, i - 1);
+            }
+            self.insert_l1(key.clone(), entry.clone());
+        }
+        read
+    }
+
+    /// Reads and checks one entry of tier `i` under `keys` (counted), without promoting it.
+    ///
+    /// The tier is not read while it (or a deeper tier it mirrors) is owed a bump, nor, for a
+    /// mirror, while the change feed is not known to be caught up: its epochs cannot vouch for
+    /// anything then. The authority's read says itself whether a change waits; then the feed is
+    /// hinted and the read waits (at most [`FEED_CATCH_UP_WAIT`]; one drain serves every request
+    /// waiting) and reads again, so that what this request computes is stamped after the change.
+    pub(super) async fn read_tier(
+        &self,
+        i: usize,
+        keys: &Keys,
+        key: &CacheKey,
+        key_id: &[u8; 32],
+        hashes: &ScopeHashes,
+    ) -> SharedRead {
+        let Some(slot) = self.tiers.get(i) else { return SharedRead::Unread };
+        let tier = &*slot.tier;
+        let authority = i + 1 == self.tiers.len();
+        if !self.owes_nothing_from(i) || (!authority && !self.feed_trusted()) {
+            Stats::incr(&tier.counters.misses);
+            return SharedRead::Unread;
+        }
+        let max_age = Duration::from_millis(self.longest_ttl_ms);
+        let mark = tier.high_water_mark();
+        let Some(mut read) = tier.read(key_id, hashes, max_age).await else { return SharedRead::Unread };
+        if read.pending_changes {
+            Stats::incr(&tier.counters.stale);
+            let Some(feed) = &self.feed else { return SharedRead::Unread };
+            let since = feed.now_ms();
+            feed.hint();
+            if tokio::time::timeout(FEED_CATCH_UP_WAIT, feed.caught_up_since(since)).await.is_err() {
+                return SharedRead::Unread;
+            }
+            let Some(again) = tier.read(key_id, hashes, max_age).await else { return SharedRead::Unread };
+            if again.pending_changes {
+                return SharedRead::Unread;
+            }
+            read = again;
+        }
+        if authority {
+            if let Some(now) = read.high_water {
+                if !tier.kept_its_epochs(mark, now, &self.epochs) {
+                    Stats::incr(&tier.counters.rejected);
+                    return SharedRead::Unread;
+                }
+            }
+        }
+        let read = self.accept_shared(tier.level, &tier.counters, keys, key, key_id, hashes, read.value, read.epochs);
+        if matches!(read, SharedRead::Hit(_)) {
+            tier.tier.count_hit(key_id);
+        }
+        read
+    }
+
+    /// Checks what a shared tier returned for `key`: merges the shared epochs read with it into
+    /// this process's, authenticates the envelope, checks deadline and epochs. Counts on
+    /// `counters`; failed verification is an audit event. The entry, when valid, has its local
+    /// stamp set to the current one (ready for L1) and its deadline capped at this process's
+    /// `now + longest ttl` (another process's clock may be far ahead).
+    #[allow(clippy::too_many_arguments)]
+    fn accept_shared(
+        &self,
+        tier: &'static str,
+        counters: &crate::stats::RemoteCounters,
+        keys: &Keys,
+        key: &CacheKey,
+        key_id: &[u8; 32],
+        hashes: &ScopeHashes,
+        value: Option<Vec<u8>>,
+        epochs: Option<[u64; 4]>,
+    ) -> SharedRead {
+        let Some([g, p, r, k]) = epochs else {
+            Stats::incr(&counters.rejected);
+            tracing::warn!(target: "authz_cache::audit", tier, "shared epoch value unreadable: not trusting the tier for this key");
+            return SharedRead::Unread;
+        };
+        let max = super::epoch::EPOCH_MAX;
+        self.epochs.merge_global(g.min(max));
+        self.epochs.merge(Scope::Principal, hashes.principal, p.min(max));
+        self.epochs.merge(Scope::Resource, hashes.resource, r.min(max));
+        self.epochs.merge(Scope::Entry, hashes.entry, k.min(max));
+        let Some(bytes) = value else {
+            Stats::incr(&counters.misses);
+            return SharedRead::Miss;
+        };
+        let mut entry = match Entry::decode(&bytes, keys, key_id) {
+            Ok(entry) => entry,
+            Err(e) => {
+                Stats::incr(&counters.rejected);
+                Stats::incr(&counters.misses);
+                tracing::warn!(
+                    target: "authz_cache::audit",
+                    tier,
+                    principal = %ShortHash::of(&key.principal),
+                    error = %e,
+                    "security: shared entry failed verification, treated as a miss"
+                );
+                return SharedRead::Miss;
+            }
+        };
+        let current = self.epochs.stamp_under(keys, key);
+        let now = self.clock.now_ms();
+        if now >= entry.valid_until_ms {
+            Stats::incr(&counters.expired);
+            Stats::incr(&counters.misses);
+            return SharedRead::Miss;
+        }
+        if entry.stamp.shared() != current.shared() || self.epochs.tainted_under(keys, key) {
+            // Stale, or covered by a bump only this process knows of (the stores missed it).
+            Stats::incr(&counters.stale);
+            Stats::incr(&counters.misses);
+            return SharedRead::Miss;
+        }
+        Stats::incr(&counters.hits);
+        entry.stamp.local = current.local;
+        entry.valid_until_ms = entry.valid_until_ms.min(now.saturating_add(self.longest_ttl_ms));
+        SharedRead::Hit(entry)
+    }
+
+    /// During a secret rotation, after a miss under the current secret: the entry under the other
+    /// secret (each shared tier in order), checked against the epochs under that secret, kept in
+    /// L1 until the end of the rotation at the latest. Its L1 copy is stamped with the current
+    /// epochs read *before* the shared read, so an invalidation from then on (applied under both
+    /// secrets by every instance of the rotation) makes it stale. It is not copied to the shared
+    /// tiers.
+    pub(super) async fn lookup_rotation(&self, key: &CacheKey) -> Option<Decision> {
+        let rotation = self.rotation.as_ref().filter(|r| self.clock.now_ms() < r.until_ms)?;
+        let current = self.epochs.stamp(key);
+        let key_id = rotation.keys.key_id(key);
+        let hashes = Epochs::hashes_under(&rotation.keys, key);
+        let mut found = None;
+        for i in 0..self.tiers.len() {
+            found = self.read_tier(i, &rotation.keys, key, &key_id, &hashes).await.hit();
+            if found.is_some() {
+                break;
+            }
+        }
+        let mut entry = found?;
+        entry.valid_until_ms = entry.valid_until_ms.min(rotation.until_ms);
+        entry.stamp = current;
+        tracing::debug!(target: "authz_cache", principal = %ShortHash::of(&key.principal), "hit under the rotation's other secret");
+        let decision = entry.decision();
+        self.insert_l1(key.clone(), entry);
+        Some(decision)
+    }
+
+    /// Queues the shared copies of an entry to tiers `0..=deepest` (see `miss.rs` for which
+    /// tiers a fresh entry may go to); a full queue drops a copy (counted).
+    pub(super) fn write_behind(&self, key: &CacheKey, key_id: &[u8; 32], entry: &Entry, deepest: usize) {
+        let mut value = None;
+        let mut subject = None;
+        let principal_hash = self.epochs.scope_hash(Scope::Principal, &key.principal);
+        for slot in self.tiers.iter().take(deepest + 1) {
+            let value = value.get_or_insert_with(|| entry.encode(&self.keys, key_id)).clone();
+            let subject = if slot.tier.settings.stores_subjects {
+                subject.get_or_insert_with(|| self.keys.seal_subject(key_id, key)).clone()
+            } else {
+                None
+            };
+            if slot.tier.settings.stores_subjects && subject.is_none() {
+                continue;
+            }
+            let copy = write_behind::copy(*key_id, value, entry.valid_until_ms, principal_hash, subject);
+            write_behind::queue(&slot.writes, &slot.tier, copy);
+        }
+    }
+}
