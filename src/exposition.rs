@@ -349,6 +349,7 @@ mod tests {
             call_timeouts: 0,
             calls_skipped: 0,
             warning: None,
+            owed: 0,
         }
     }
 
@@ -383,6 +384,7 @@ mod tests {
             call_timeouts: 1,
             calls_skipped: 0,
             warning: None,
+            owed: 0,
             ..remote(3, 3, 0, 4, BreakerState::HalfOpen)
         });
         s.change_feed_invalidations = 8;

@@ -189,6 +189,7 @@ mod tests {
             call_timeouts: 0,
             calls_skipped: 0,
             warning: None,
+            owed: 0,
         }
     }
 

@@ -809,6 +809,7 @@ mod tests {
             call_timeouts: 0,
             calls_skipped: 0,
             warning: None,
+            owed: 0,
         };
         let mut stats = StatsSnapshot::default();
         stats.tiers.l2 = Some(l2(0, BreakerState::Closed));
@@ -843,6 +844,7 @@ mod tests {
             call_timeouts: opens,
             calls_skipped: errors,
             warning: None,
+            owed: 0,
         }
     }
 

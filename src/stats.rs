@@ -193,6 +193,9 @@ pub struct RemoteTierSnapshot {
     /// that can evict epoch keys); the tier then reports degraded health.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<&'static str>,
+    /// Invalidations this process owes the tier (it could not record them yet; paid in the
+    /// background). While any is owed to it or to a deeper tier, the tier is not read.
+    pub owed: u64,
 }
 
 /// Per-tier counters.
@@ -461,6 +464,7 @@ impl RemoteCounters {
             call_timeouts: timeouts,
             calls_skipped: skipped,
             warning: None,
+            owed: 0,
         }
     }
 }

@@ -39,6 +39,11 @@ impl Pending {
         self.debts.iter().map(Vec::len).sum()
     }
 
+    /// Debts of tier `i`.
+    pub(crate) fn owed(&self, i: usize) -> u64 {
+        self.debts.get(i).map_or(0, |d| d.len() as u64)
+    }
+
     /// Whether tier `i` or a deeper one is owed anything (tier `i` cannot be read).
     pub(crate) fn blocks(&self, i: usize) -> bool {
         self.debts.iter().skip(i).any(|d| !d.is_empty())

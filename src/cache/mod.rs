@@ -240,13 +240,17 @@ impl AuthzCache {
     /// A copy of the counters.
     pub fn stats(&self) -> StatsSnapshot {
         let mut snapshot = self.inner.stats.snapshot(self.inner.l1.usage());
-        for slot in &self.inner.tiers {
+        let pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, slot) in self.inner.tiers.iter().enumerate() {
+            let mut tier = slot.tier.snapshot();
+            tier.owed = pending.owed(i);
             match slot.tier.level {
-                "l2" => snapshot.tiers.l2 = Some(slot.tier.snapshot()),
-                "l3" => snapshot.tiers.l3 = Some(slot.tier.snapshot()),
+                "l2" => snapshot.tiers.l2 = Some(tier),
+                "l3" => snapshot.tiers.l3 = Some(tier),
                 _ => {}
             }
         }
+        drop(pending);
         snapshot.backplane = self.inner.backplane().map(|b| b.snapshot());
         snapshot.change_feed = self.inner.feed.as_ref().map(|f| f.snapshot());
         snapshot

@@ -97,9 +97,11 @@ async fn an_invalidation_the_tier_missed_is_owed_paid_and_the_tier_skipped_until
     tokio::time::sleep(Duration::from_millis(300)).await;
     a.check(&bob(), &read(3)).await.unwrap();
     assert_eq!(store.calls().0, reads, "a tier owed a bump is not read");
+    assert_eq!(a.stats().tiers.l2.unwrap().owed, 1, "one debt, however many failed attempts");
     // The janitor pays within a tick; the store's epoch then covers bob, and it is read again.
     store.refuse_epochs(false);
     until("the owed bump to be paid", || store.highest_epoch() > before).await;
+    until("the debt to be cleared", || a.stats().tiers.l2.unwrap().owed == 0).await;
     a.check(&bob(), &read(4)).await.unwrap();
     assert_eq!(store.calls().0, reads + 1, "read again once paid");
     // A fresh instance reading the shared tier gets no allow for bob: the stored entry is stale.
@@ -136,6 +138,7 @@ async fn the_authority_assigns_and_a_mirror_that_missed_it_is_owed_the_raise() {
     assert_eq!(mirror.calls().0, reads, "a mirror owed a raise is not read");
     mirror.refuse_epochs(false);
     until("the raise to be paid", || mirror.highest_epoch() == assigned).await;
+    until("the debt to be cleared", || a.stats().tiers.l2.unwrap().owed == 0).await;
     a.check(&Principal::new("carol"), &read(2)).await.unwrap();
     assert_eq!(mirror.calls().0, reads + 1, "read again once paid");
 }
