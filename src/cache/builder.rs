@@ -13,6 +13,7 @@ use super::{AuthzCache, Inner, Rotation, Slot, debts, feed, tasks, warm, write_b
 use crate::core::authorizer::DynAuthorizer;
 use crate::stats::Stats;
 use crate::tier::guarded::Guarded;
+use crate::tier::local::{L1, LocalTier};
 use crate::tier::memory::MemoryTier;
 use crate::tier::shared::SharedTier;
 
@@ -29,6 +30,8 @@ pub struct AuthzCacheBuilder {
     max_staleness: Duration,
     secret: Option<Vec<u8>>,
     rotation: Option<(Vec<u8>, std::time::SystemTime)>,
+    /// A user's L1 instead of the default one.
+    l1: Option<Box<dyn LocalTier>>,
     /// Shared tiers by level (2: L2, 3: L3, ...).
     tiers: Vec<(u8, Arc<dyn SharedTier>)>,
 }
@@ -58,6 +61,7 @@ impl AuthzCacheBuilder {
             max_staleness: Duration::from_secs(1),
             secret: None,
             rotation: None,
+            l1: None,
             tiers: Vec::new(),
         }
     }
@@ -137,6 +141,14 @@ impl AuthzCacheBuilder {
     /// ```
     pub fn rotation_secret(mut self, secret: impl AsRef<[u8]>, until: std::time::SystemTime) -> Self {
         self.rotation = Some((secret.as_ref().to_vec(), until));
+        self
+    }
+
+    /// Your own in-process tier instead of the default (mini-moka with a per-thread front,
+    /// bounded by [`l1_max_bytes`](Self::l1_max_bytes), which then has no effect); see
+    /// [`LocalTier`].
+    pub fn l1(mut self, tier: impl LocalTier) -> Self {
+        self.l1 = Some(Box::new(tier));
         self
     }
 
@@ -286,7 +298,10 @@ impl AuthzCacheBuilder {
         }
         let warming = warm::Teammates::new(&tiers, longest_ttl);
         let inner = Arc::new(Inner {
-            l1: MemoryTier::new(self.l1_max_bytes, longest_ttl.max(Duration::from_millis(1))),
+            l1: match self.l1 {
+                Some(custom) => L1::Custom(custom),
+                None => L1::Moka(MemoryTier::new(self.l1_max_bytes, longest_ttl.max(Duration::from_millis(1)))),
+            },
             epochs,
             keys,
             rotation,

@@ -31,8 +31,11 @@ pub(crate) const MAX_REASON: usize = 1024;
 /// A cached decision. `valid_until_ms` (wall clock) is fixed when the authorizer answered and is
 /// copied, never extended, when an entry moves between tiers. `local_until_ms` is the L1 copy's
 /// deadline on this process's monotonic clock, set when the entry enters L1 (never shared).
+///
+/// As an L1 entry ([`LocalEntry`](crate::tier::LocalEntry)) it is opaque: cheap to clone (no
+/// allocation), checked by the cache on every read.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Entry {
+pub struct Entry {
     pub(crate) allowed: bool,
     pub(crate) reason: Option<Arc<str>>,
     pub(crate) valid_until_ms: u64,

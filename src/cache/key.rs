@@ -19,9 +19,10 @@ use crate::{Permission, Principal};
 
 pub(crate) type HmacSha256 = Hmac<Sha256>;
 
-/// The L1 key: the full tuple, compared exactly (no hash collision can mix two principals).
+/// The key of an L1 entry: the (principal, resource, action) tuple, compared exactly (no hash
+/// collision can mix two principals). Cheap to clone (three reference counts).
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub(crate) struct CacheKey {
+pub struct CacheKey {
     pub(crate) principal: Arc<str>,
     pub(crate) resource: Arc<str>,
     pub(crate) action: Arc<str>,

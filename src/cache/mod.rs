@@ -55,7 +55,7 @@ use crate::invalidation::Invalidation;
 use crate::invalidation::backplane::Backplane;
 use crate::stats::{Stats, StatsSnapshot};
 use crate::tier::guarded::Guarded;
-use crate::tier::memory::MemoryTier;
+use crate::tier::local::L1;
 use crate::tier::shared::TierWrite;
 use crate::{Decision, Permission, Principal};
 
@@ -93,7 +93,7 @@ pub struct AuthzCache {
 /// owed to tiers), `write_behind.rs` (shared copies), `feed.rs` (the change feed), `tasks.rs`
 /// (the janitor) and `builder.rs` (wiring).
 pub(crate) struct Inner {
-    l1: MemoryTier,
+    l1: L1,
     epochs: Arc<Epochs>,
     keys: Keys,
     /// The other secret of a secret rotation, honoured until its deadline.
@@ -171,7 +171,7 @@ impl AuthzCache {
                 let elapsed = start.elapsed();
                 self.inner.stats.l1_hit_latency.record(elapsed);
                 #[cfg(feature = "metrics")]
-                crate::exposition::record(crate::exposition::CHECK_DURATION, &[("path", "l1_hit")], elapsed);
+                crate::exposition::record_l1_hit(elapsed);
             }
             return Ok(decision);
         }

@@ -12,6 +12,7 @@
 
 pub(crate) mod guard;
 pub(crate) mod guarded;
+pub(crate) mod local;
 pub(crate) mod memory;
 pub(crate) mod names;
 #[cfg(any(feature = "redis", feature = "postgres"))]
@@ -25,6 +26,7 @@ pub(crate) mod shared;
 pub mod testing;
 
 pub use guard::BreakerState;
+pub use local::{LocalEntry, LocalKey, LocalTier, LocalUsage};
 pub use shared::{
     Backlog, ChangeFeed, Drained, EpochTarget, KeyId, Notice, NoticeFuture, ScopeHashes, SharedTier, Subscription,
     TierError, TierFuture, TierRead, TierSettings, TierWrite, Transport, WarmSource,
