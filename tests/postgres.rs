@@ -394,7 +394,6 @@ async fn invalidations_postgres_missed_are_paid_before_l3_is_read_again() {
     cache.check(&bob, &read(1)).await.unwrap();
     assert_eq!(policy.calls(), calls + 1, "the old row is stale against the durable epoch");
     assert_eq!(cache.stats().tiers.l3.unwrap().stale, 1, "{:?}", cache.stats().tiers.l3);
-
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

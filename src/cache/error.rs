@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::BoxError;
 
 /// No decision could be obtained. The layer answers 503; callers of
-/// [`AuthzCache::check`] must treat it as "not allowed".
+/// [`AuthzCache::check`](crate::AuthzCache::check) must treat it as "not allowed".
 #[derive(Clone)]
 pub struct CheckError {
     kind: CheckErrorKind,

@@ -1,54 +1,5 @@
-//! The in-process tier (L1) behind a small public trait, [`LocalTier`]. The default is the
-//! mini-moka tier with its per-thread front (`memory.rs`), bounded by
-//! [`AuthzCacheBuilder::l1_max_bytes`](crate::AuthzCacheBuilder::l1_max_bytes); give your own
-//! with [`AuthzCacheBuilder::l1`](crate::AuthzCacheBuilder::l1).
-//!
-//! An L1 stores [`LocalEntry`]s under [`LocalKey`]s and decides nothing: every entry it returns
-//! is checked by the cache against its deadline and the current epochs, so an L1 that keeps an
-//! entry too long, or returns a stale copy, costs a miss, never a wrong answer. `get` is on the
-//! hit path of every request: it must not block, and should not allocate (the default does
-//! neither: a copy of an entry is a few reference counts).
-//!
-//! ```
-//! use std::collections::HashMap;
-//! use std::sync::Mutex;
-//! use tower_authz_cache::tier::{LocalEntry, LocalKey, LocalTier, LocalUsage};
-//! use tower_authz_cache::{AuthzCache, Decision, Permission, Principal};
-//!
-//! /// An unbounded L1 in a HashMap (for tests; a real one bounds its size).
-//! #[derive(Default)]
-//! struct MapL1(Mutex<HashMap<LocalKey, LocalEntry>>);
-//!
-//! impl LocalTier for MapL1 {
-//!     fn get(&self, key: &LocalKey) -> Option<LocalEntry> {
-//!         self.0.lock().unwrap().get(key).cloned()
-//!     }
-//!     fn insert(&self, key: LocalKey, entry: LocalEntry) {
-//!         self.0.lock().unwrap().insert(key, entry);
-//!     }
-//!     fn remove(&self, key: &LocalKey) {
-//!         self.0.lock().unwrap().remove(key);
-//!     }
-//!     fn clear(&self) {
-//!         self.0.lock().unwrap().clear();
-//!     }
-//!     fn usage(&self) -> LocalUsage {
-//!         LocalUsage::new(self.0.lock().unwrap().len() as u64, 0, 0)
-//!     }
-//! }
-//!
-//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-//! let cache = AuthzCache::builder(|_: Principal, _: Permission| async {
-//!     Ok::<_, std::convert::Infallible>(Decision::allow())
-//! })
-//! .l1(MapL1::default())
-//! .build();
-//! let (bob, read) = (Principal::new("bob"), Permission::new("documents:1", "read"));
-//! cache.check(&bob, &read).await.unwrap();
-//! cache.check(&bob, &read).await.unwrap();
-//! assert_eq!((cache.stats().tiers.l1.hits, cache.stats().authorizer_calls), (1, 1));
-//! # });
-//! ```
+//! The in-process tier (L1) behind a small public trait, [`LocalTier`] (docs and an example
+//! on the trait).
 
 use crate::cache::entry::Entry;
 use crate::cache::key::CacheKey;
@@ -105,7 +56,57 @@ impl LocalUsage {
     }
 }
 
-/// An in-process tier (see the [module docs](self)).
+/// The in-process tier (L1) behind a small public trait, [`LocalTier`]. The default is the
+/// mini-moka tier with its per-thread front (`memory.rs`), bounded by
+/// [`AuthzCacheBuilder::l1_max_bytes`](crate::AuthzCacheBuilder::l1_max_bytes); give your own
+/// with [`AuthzCacheBuilder::l1`](crate::AuthzCacheBuilder::l1).
+///
+/// An L1 stores [`LocalEntry`]s under [`LocalKey`]s and decides nothing: every entry it returns
+/// is checked by the cache against its deadline and the current epochs, so an L1 that keeps an
+/// entry too long, or returns a stale copy, costs a miss, never a wrong answer. `get` is on the
+/// hit path of every request: it must not block, and should not allocate (the default does
+/// neither: a copy of an entry is a few reference counts).
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::Mutex;
+/// use tower_authz_cache::tier::{LocalEntry, LocalKey, LocalTier, LocalUsage};
+/// use tower_authz_cache::{AuthzCache, Decision, Permission, Principal};
+///
+/// /// An unbounded L1 in a HashMap (for tests; a real one bounds its size).
+/// #[derive(Default)]
+/// struct MapL1(Mutex<HashMap<LocalKey, LocalEntry>>);
+///
+/// impl LocalTier for MapL1 {
+///     fn get(&self, key: &LocalKey) -> Option<LocalEntry> {
+///         self.0.lock().unwrap().get(key).cloned()
+///     }
+///     fn insert(&self, key: LocalKey, entry: LocalEntry) {
+///         self.0.lock().unwrap().insert(key, entry);
+///     }
+///     fn remove(&self, key: &LocalKey) {
+///         self.0.lock().unwrap().remove(key);
+///     }
+///     fn clear(&self) {
+///         self.0.lock().unwrap().clear();
+///     }
+///     fn usage(&self) -> LocalUsage {
+///         LocalUsage::new(self.0.lock().unwrap().len() as u64, 0, 0)
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let cache = AuthzCache::builder(|_: Principal, _: Permission| async {
+///     Ok::<_, std::convert::Infallible>(Decision::allow())
+/// })
+/// .l1(MapL1::default())
+/// .build();
+/// let (bob, read) = (Principal::new("bob"), Permission::new("documents:1", "read"));
+/// cache.check(&bob, &read).await.unwrap();
+/// cache.check(&bob, &read).await.unwrap();
+/// assert_eq!((cache.stats().tiers.l1.hits, cache.stats().authorizer_calls), (1, 1));
+/// # });
+/// ```
 pub trait LocalTier: Send + Sync + 'static {
     /// The entry under `key`, if held (the cache checks it).
     fn get(&self, key: &LocalKey) -> Option<LocalEntry>;
