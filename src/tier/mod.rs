@@ -1,6 +1,6 @@
 //! Cache tiers. L1 lives in-process ([`LocalTier`]; the default is mini-moka with a per-thread
 //! front, `memory.rs`); the shared tiers behind it plug in through one public trait,
-//! [`SharedTier`], which the built-in Redis (`redis.rs`) and Postgres (`postgres.rs`) tiers
+//! [`SharedTier`], which the built-in Redis (`redis/`) and Postgres (`postgres/`) tiers
 //! implement like any user's tier would.
 //!
 //! Where things are handled, whatever the tier:

@@ -35,6 +35,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
+mod eviction;
+mod scripts;
+mod transport;
+
+use eviction::{EVICTION_CHECK_EVERY, EVICTION_UNKNOWN, EVICTION_WARNING, Eviction};
+use scripts::{BUMP, LUA_EPOCHS, RAISE};
+
 use bb8_redis::RedisConnectionManager;
 use redis::aio::MultiplexedConnection;
 
@@ -42,8 +49,7 @@ use crate::cache::epoch::EPOCH_MAX;
 use crate::cache::key::Scope;
 use crate::tier::pool::{self, Checked};
 use crate::tier::shared::{
-    EpochTarget, KeyId, Notice, NoticeFuture, ScopeHashes, SharedTier, Subscription, TierError, TierFuture, TierRead,
-    TierSettings, TierWrite, Transport,
+    EpochTarget, KeyId, ScopeHashes, SharedTier, TierError, TierFuture, TierRead, TierSettings, TierWrite, Transport,
 };
 
 /// Builds a [`RedisTier`]. Defaults: pool 50, connect timeout 1 s, call timeout 50 ms, breaker
@@ -207,69 +213,6 @@ impl fmt::Display for RedisTierError {
 
 impl std::error::Error for RedisTierError {}
 
-/// Shared by both scripts: epoch values as Lua numbers. Lua's numbers are doubles, exact up to
-/// 2^53 - 1 (about 285 years of microseconds); an absent key is 0, and a value that is not a
-/// plain integer within that range (only a Redis writer could have stored one) is saturated:
-/// `nil`, stored back as the largest bigint, which every instance reads as `EPOCH_MAX`.
-const LUA_EPOCHS: &str = r"
-local LIMIT = 9007199254740991
-local SAT = '9223372036854775807'
-local function num(s)
-  if not s then return 0 end
-  if not string.match(s, '^%d+$') then return nil end
-  local n = tonumber(s)
-  if n == nil or n > LIMIT then return nil end
-  return n
-end
-local function str(n)
-  if n == nil or n > LIMIT then return SAT end
-  -- Lua 5.1 prints numbers past 14 digits in exponent form: format the integer explicitly.
-  return string.format('%.0f', n)
-end
-local function store(key, s, px)
-  if px == '0' then redis.call('SET', key, s) else redis.call('SET', key, s, 'PX', px) end
-end
-";
-
-/// Bumps an epoch where it is stored: `max(stored + 1, floor, high water + 1)`, so the stored
-/// value always rises, whatever the caller's clock, and never falls under any value assigned
-/// before; stores it (with an expiry, except the global one), raises the high water, publishes
-/// it, and returns it. KEYS: high water, epoch key. ARGV: floor, px (0 = none), channel, message
-/// prefix.
-const BUMP: &str = r"
-local floor = num(ARGV[1])
-local hw = num(redis.call('GET', KEYS[1]))
-local cur = num(redis.call('GET', KEYS[2]))
-local v = nil
-if floor ~= nil and hw ~= nil and cur ~= nil then
-  v = math.max(cur + 1, floor, hw + 1)
-end
-local s = str(v)
-redis.call('SET', KEYS[1], s)
-store(KEYS[2], s, ARGV[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. s)
-return s
-";
-
-/// Raises an epoch to a value assigned elsewhere (the durable epochs in Postgres): never lowers
-/// it; a value that is no integer is replaced. Raises the high water too, and publishes the
-/// value. KEYS: high water, epoch key. ARGV: value, px (0 = none), channel, message prefix.
-const RAISE: &str = r"
-local v = num(ARGV[1])
-local raw = redis.call('GET', KEYS[2])
-local cur = num(raw)
-local garbage = raw and not string.match(raw, '^%d+$')
-if v ~= nil and (garbage or (cur ~= nil and v > cur)) then
-  store(KEYS[2], str(v), ARGV[2])
-end
-local hw = num(redis.call('GET', KEYS[1]))
-if v ~= nil and hw ~= nil and v > hw then
-  redis.call('SET', KEYS[1], str(v))
-end
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. ARGV[1])
-return 1
-";
-
 struct RedisShared {
     pool: bb8::Pool<Checked<RedisConnectionManager>>,
     backplane: redis::Client,
@@ -284,33 +227,6 @@ struct RedisShared {
     eviction: AtomicU8,
     eviction_checked: std::sync::Mutex<Option<Instant>>,
 }
-
-/// Whether Redis may evict keys the cache needs. Entries and epochs both carry expiries, so any
-/// policy but `noeviction` (`volatile-*` as much as `allkeys-*`) can drop an epoch before the
-/// entries it invalidated, and an entry whose epoch was dropped validates again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub(crate) enum Eviction {
-    /// Not checked yet.
-    Unknown = 0,
-    /// `noeviction`.
-    Safe = 1,
-    /// A policy that can evict epoch keys.
-    Unsafe = 2,
-    /// `CONFIG GET` is not allowed (a managed Redis): the policy cannot be verified.
-    Unreadable = 3,
-}
-
-/// The health warning of a Redis whose policy can evict epoch keys.
-pub(crate) const EVICTION_WARNING: &str =
-    "redis maxmemory-policy can evict epoch keys (revoked entries could validate again): set noeviction";
-
-/// The health warning of a Redis whose policy could not be read.
-pub(crate) const EVICTION_UNKNOWN: &str =
-    "redis maxmemory-policy could not be read (CONFIG GET refused): make sure it is noeviction";
-
-/// How often Redis's `maxmemory-policy` is read again.
-const EVICTION_CHECK_EVERY: Duration = Duration::from_secs(5);
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -378,38 +294,6 @@ impl RedisShared {
                 u64::try_from(retention.as_millis()).unwrap_or(u64::MAX).max(1),
                 format!("i {} {h:016x} ", s.tag()),
             ),
-        }
-    }
-
-    /// Reads `maxmemory-policy` and records it; logs on `authz_cache::audit` when it changes to
-    /// one that breaks the staleness bound. A failed call leaves the last finding.
-    async fn check_eviction(&self) {
-        let mut cmd = redis::cmd("CONFIG");
-        cmd.arg("GET").arg("maxmemory-policy");
-        let reply = match tokio::time::timeout(self.settings.timeout, self.run::<Vec<String>>(&cmd)).await {
-            Ok(reply) => reply,
-            Err(_) => return,
-        };
-        let found = match reply {
-            Ok(reply) => match reply.get(1).map(String::as_str) {
-                Some("noeviction") => (Eviction::Safe, reply.get(1).cloned()),
-                Some(_) => (Eviction::Unsafe, reply.get(1).cloned()),
-                None => (Eviction::Unreadable, None),
-            },
-            Err(e) if e.kind() != redis::ErrorKind::Io && !e.is_connection_dropped() => (Eviction::Unreadable, None),
-            Err(_) => return,
-        };
-        let before = self.eviction.swap(found.0 as u8, Ordering::AcqRel);
-        if before != found.0 as u8 {
-            match found {
-                (Eviction::Unsafe, policy) => tracing::warn!(
-                    target: "authz_cache::audit",
-                    policy = policy.as_deref().unwrap_or("?"),
-                    "security: {EVICTION_WARNING}"
-                ),
-                (Eviction::Unreadable, _) => tracing::warn!(target: "authz_cache::audit", "{EVICTION_UNKNOWN}"),
-                _ => tracing::info!(target: "authz_cache::audit", "redis maxmemory-policy is noeviction"),
-            }
         }
     }
 }
@@ -524,36 +408,5 @@ impl SharedTier for RedisTier {
             3 => Some(EVICTION_UNKNOWN),
             _ => None,
         }
-    }
-}
-
-/// The Redis pub/sub backplane: one dedicated connection (not pooled) per subscription.
-impl Transport for RedisTier {
-    fn subscribe(&self) -> TierFuture<'_, Box<dyn Subscription>> {
-        Box::pin(async move {
-            let mut pubsub = self.shared.backplane.get_async_pubsub().await.map_err(failed)?;
-            pubsub.subscribe(&self.shared.channel).await.map_err(failed)?;
-            Ok(Box::new(RedisSubscription(pubsub.into_on_message())) as Box<dyn Subscription>)
-        })
-    }
-
-    fn heartbeat<'a>(&'a self, instance: &'a str) -> TierFuture<'a, ()> {
-        Box::pin(async move {
-            let mut cmd = redis::cmd("PUBLISH");
-            cmd.arg(&self.shared.channel).arg(Notice::heartbeat_payload(instance));
-            self.shared.run::<i64>(&cmd).await.map(|_| ()).map_err(failed)
-        })
-    }
-}
-
-struct RedisSubscription(redis::aio::PubSubStream);
-
-impl Subscription for RedisSubscription {
-    fn next(&mut self) -> NoticeFuture<'_> {
-        Box::pin(async move {
-            use futures_util::StreamExt;
-            let msg = self.0.next().await?;
-            Some(Ok(msg.get_payload::<String>().map_or(Notice::Malformed, |p| Notice::parse(&p))))
-        })
     }
 }
