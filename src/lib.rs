@@ -58,11 +58,16 @@
 //! - `redis` (default): L2 on Redis (`RedisTier`) and the Redis invalidation backplane.
 //! - `postgres` (default): L3 on Postgres (`PostgresTier`), its migrations, the durable change
 //!   feed and the LISTEN/NOTIFY backplane, warming, and `PostgresRbacAuthorizer`.
+//!
+//! Tiers are pluggable: any [`tier::SharedTier`] can be L2 or L3 (the built-in ones implement
+//! it like any other), and any [`tier::LocalTier`] can be L1.
 //! - `axum`: [`Principal`] is an axum extractor.
 //! - `metrics`: `AuthzCache::export_metrics` publishes the metric families through the
 //!   `metrics` facade.
 //! - `cli`: the `authz-cache` binary (`init`, `health`, `stats`, `invalidate`, `warm`).
 //! - `full`: all of the above.
+//! - `testing`: `tier::testing::MemoryShared`, an in-process shared tier with fault switches, for
+//!   tests that need shared tiers without servers.
 //! - `internals`: hidden, unstable hooks for the crate's own benches, fuzz targets and tests; no
 //!   semver, not for applications.
 

@@ -42,6 +42,7 @@ use crate::{BoxError, Decision, Permission, Principal};
 pub struct PostgresRbacAuthorizer {
     pool: bb8::Pool<Manager>,
     sql: [String; 4],
+    teammates_sql: String,
 }
 
 impl fmt::Debug for PostgresRbacAuthorizer {
@@ -67,6 +68,10 @@ impl PostgresRbacAuthorizer {
             .build_unchecked(Checked(AsyncDieselConnectionManager::new(url)));
         Ok(Self {
             pool,
+            teammates_sql: format!(
+                "SELECT teammate FROM {schema}.mv_team_collaboration_patterns WHERE principal = $1 \
+                 ORDER BY shared_teams DESC, teammate LIMIT $2"
+            ),
             sql: [
                 format!("SELECT EXISTS (SELECT 1 FROM {schema}.mv_user_authorization_context WHERE user_id = "),
                 " AND action = ".to_owned(),
@@ -134,6 +139,41 @@ impl crate::Authorizer for PostgresRbacAuthorizer {
             Decision::allow()
         } else {
             Decision::deny().with_reason(format!("no role grants {} on {}", permission.action(), permission.resource()))
+        })
+    }
+}
+
+/// Team-mates from the reference schema's `mv_team_collaboration_patterns` (the principals who
+/// share the most teams), for
+/// [`AuthzCacheBuilder::warm_teammates`](crate::AuthzCacheBuilder::warm_teammates).
+impl crate::tier::Teammates for PostgresRbacAuthorizer {
+    fn teammates<'a>(&'a self, principal: &'a str, limit: usize) -> crate::tier::TierFuture<'a, Vec<String>> {
+        #[derive(diesel::QueryableByName)]
+        struct Mate {
+            #[diesel(sql_type = Text)]
+            teammate: String,
+        }
+        Box::pin(async move {
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let mates = pool::with_conn(
+                &self.pool,
+                |e| match e {
+                    bb8::RunError::User(e) => format!("postgres team-mates: connect: {e}"),
+                    bb8::RunError::TimedOut => "postgres team-mates: timed out waiting for a connection".to_owned(),
+                },
+                Result::is_ok,
+                async |conn| {
+                    diesel::sql_query(self.teammates_sql.as_str())
+                        .bind::<Text, _>(principal)
+                        .bind::<diesel::sql_types::BigInt, _>(limit)
+                        .load::<Mate>(conn)
+                        .await
+                        .map_err(|e| format!("postgres team-mates: {}", PgFailure::from(e)))
+                },
+            )
+            .await
+            .map_err(crate::tier::TierError::new)?;
+            Ok(mates.into_iter().map(|m| m.teammate).collect())
         })
     }
 }

@@ -471,7 +471,8 @@ async fn warming_loads_the_most_hit_rows_and_a_principals_teammates() {
     let calls_c = Arc::new(AtomicUsize::new(0));
     let c = AuthzCache::builder(counted(&calls_c))
         .secret(SECRET)
-        .l3(l3(&schema, &pg::url()).warm_teammates(10).build().unwrap())
+        .warm_teammates(10, authorizer())
+        .l3(l3(&schema, &pg::url()).build().unwrap())
         .build();
     wait_trusted(&c).await;
     c.check(&Principal::new("bob"), &read(1)).await.unwrap();

@@ -15,7 +15,7 @@ use crate::stats::Stats;
 use crate::tier::guarded::Guarded;
 use crate::tier::local::{L1, LocalTier};
 use crate::tier::memory::MemoryTier;
-use crate::tier::shared::SharedTier;
+use crate::tier::shared::{SharedTier, Teammates};
 
 /// Builds an [`AuthzCache`]. Defaults: L1 64 MiB, allow ttl 60 s, deny ttl 10 s, authorizer
 /// timeout 5 s, max staleness 1 s, no shared tier.
@@ -30,6 +30,8 @@ pub struct AuthzCacheBuilder {
     max_staleness: Duration,
     secret: Option<Vec<u8>>,
     rotation: Option<(Vec<u8>, std::time::SystemTime)>,
+    /// Team-mate warming: rows per team-mate, and who the team-mates are.
+    teammates: Option<(usize, Box<dyn Teammates>)>,
     /// A user's L1 instead of the default one.
     l1: Option<Box<dyn LocalTier>>,
     /// Shared tiers by level (2: L2, 3: L3, ...).
@@ -62,6 +64,7 @@ impl AuthzCacheBuilder {
             secret: None,
             rotation: None,
             l1: None,
+            teammates: None,
             tiers: Vec::new(),
         }
     }
@@ -149,6 +152,16 @@ impl AuthzCacheBuilder {
     /// [`LocalTier`].
     pub fn l1(mut self, tier: impl LocalTier) -> Self {
         self.l1 = Some(Box::new(tier));
+        self
+    }
+
+    /// Team-mate warming: when a principal becomes active (its first check in this process within
+    /// the allow ttl), load into L1, in the background, the `per_teammate` most-hit valid rows of
+    /// each of its closest team-mates, as `source` names them (e.g. `PostgresRbacAuthorizer`,
+    /// from the reference schema; or a closure). Needs a tier that warms (L3 on Postgres); 0 (the
+    /// default) turns it off.
+    pub fn warm_teammates(mut self, per_teammate: usize, source: impl Teammates) -> Self {
+        self.teammates = Some((per_teammate, Box::new(source)));
         self
     }
 
@@ -296,7 +309,7 @@ impl AuthzCacheBuilder {
                 "no shared tier has a transport: other instances' invalidations reach this L1 only at ttl"
             );
         }
-        let warming = warm::Teammates::new(&tiers, longest_ttl);
+        let warming = warm::Teammates::new(&tiers, self.teammates, longest_ttl);
         let inner = Arc::new(Inner {
             l1: match self.l1 {
                 Some(custom) => L1::Custom(custom),

@@ -4,9 +4,10 @@
 //! - [`AuthzCache::warm_from_l3`]: the most-hit valid rows of the deepest tier that counts hits
 //!   (a [`WarmSource`](crate::tier::WarmSource); run at start-up with its `warm_on_start`, e.g.
 //!   [`PostgresTierBuilder::warm_on_start`](crate::PostgresTierBuilder::warm_on_start));
-//! - [`AuthzCache::warm_teammates`]: the most-hit rows of a principal's closest team-mates (run
-//!   in the background when a principal becomes active, with the source's `warm_teammates`, e.g.
-//!   [`PostgresTierBuilder::warm_teammates`](crate::PostgresTierBuilder::warm_teammates)).
+//! - [`AuthzCache::warm_teammates`]: the most-hit rows of a principal's closest team-mates, as a
+//!   [`Teammates`](crate::tier::Teammates) plug-in names them (run in the background when a
+//!   principal becomes active, with
+//!   [`AuthzCacheBuilder::warm_teammates`](crate::AuthzCacheBuilder::warm_teammates)).
 //!
 //! Rows loaded from a tier are checked exactly like a hit of that tier (MAC, deadline, durable epochs); their
 //! keys come from the sealed subject stored beside them, which opens only under the secret and
@@ -36,22 +37,29 @@ use std::sync::Arc;
 use super::key::CacheKey;
 use super::{AuthzCache, Inner, Slot};
 use crate::stats::Stats;
-use crate::tier::shared::{KeyId, WarmSource};
+use crate::tier::shared::{KeyId, Teammates as TeammatesSource, WarmSource};
 use crate::{Permission, Principal};
 
-/// Team-mate warming's state: principals seen recently, and the runs allowed at once.
+/// Team-mate warming's state: who the team-mates are, principals seen recently, and the runs
+/// allowed at once.
 pub(super) struct Teammates {
+    source: Box<dyn TeammatesSource>,
     active: mini_moka::sync::Cache<Arc<str>, ()>,
     per_teammate: usize,
     permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Teammates {
-    /// On when the deepest tier that warms asks for team-mates.
-    pub(super) fn new(tiers: &[Slot], longest_ttl: std::time::Duration) -> Option<Self> {
-        let source = tiers.iter().rev().find_map(|slot| slot.tier.tier.warm_source())?;
-        let per_teammate = source.warm_teammates();
+    /// On with a source, a tier that warms, and a non-zero count.
+    pub(super) fn new(
+        tiers: &[Slot],
+        config: Option<(usize, Box<dyn TeammatesSource>)>,
+        longest_ttl: std::time::Duration,
+    ) -> Option<Self> {
+        let (per_teammate, source) = config?;
+        tiers.iter().rev().find_map(|slot| slot.tier.tier.warm_source())?;
         (per_teammate > 0).then(|| Self {
+            source,
             active: mini_moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(longest_ttl.max(std::time::Duration::from_secs(1)))
@@ -149,13 +157,15 @@ impl AuthzCache {
     }
 
     /// Loads into L1 the `per_teammate` most-hit valid rows of each of the (at most 16)
-    /// principals sharing the most teams with `principal`, as the warming tier names them
-    /// (Postgres: the reference schema's `mv_team_collaboration_patterns`).
+    /// principals closest to `principal`, as the [`Teammates`](crate::tier::Teammates) plug-in
+    /// given to [`AuthzCacheBuilder::warm_teammates`](crate::AuthzCacheBuilder::warm_teammates)
+    /// names them; nothing without one.
     pub async fn warm_teammates(&self, principal: &str, per_teammate: usize) -> WarmReport {
         let start = Instant::now();
+        let Some(warming) = &self.inner.warming else { return WarmReport::default() };
         let Some((i, source)) = self.inner.warm_source() else { return WarmReport::default() };
         let tier = &self.inner.tiers[i].tier;
-        let mates = match tier.call(source.teammates(principal, 16)).await {
+        let mates = match tier.call(warming.source.teammates(principal, 16)).await {
             Ok(mates) => mates,
             Err(e) => {
                 tracing::debug!(target: "authz_cache", error = %e, "team-mates not read");

@@ -125,5 +125,5 @@ pub use guard::BreakerState;
 pub use local::{LocalEntry, LocalKey, LocalTier, LocalUsage};
 pub use shared::{
     Backlog, ChangeFeed, Drained, EpochTarget, KeyId, Notice, NoticeFuture, ScopeHashes, SharedTier, Subscription,
-    TierError, TierFuture, TierRead, TierSettings, TierWrite, Transport, WarmSource,
+    Teammates, TierError, TierFuture, TierRead, TierSettings, TierWrite, Transport, WarmSource,
 };

@@ -476,17 +476,39 @@ pub trait WarmSource: Send + Sync {
     fn warm_on_start(&self) -> usize {
         0
     }
+}
 
-    /// Team-mate warming: how many rows of each team-mate to load when a principal becomes
-    /// active (0: off, the default); see [`teammates`](Self::teammates).
-    fn warm_teammates(&self) -> usize {
-        0
-    }
+/// Who a principal works with, for team-mate warming (see
+/// [`AuthzCacheBuilder::warm_teammates`](crate::AuthzCacheBuilder::warm_teammates)): when a
+/// principal becomes active, the most-hit rows of its closest team-mates are loaded into L1.
+/// `PostgresRbacAuthorizer` answers from the reference schema's `mv_team_collaboration_patterns`;
+/// a closure `Fn(String, usize) -> impl Future<Output = Result<Vec<String>, E>>` works too.
+///
+/// ```
+/// use tower_authz_cache::{AuthzCache, Decision, Permission, Principal};
+///
+/// let cache = AuthzCache::builder(|_: Principal, _: Permission| async {
+///     Ok::<_, std::convert::Infallible>(Decision::allow())
+/// })
+/// .warm_teammates(10, |principal: String, limit: usize| async move {
+///     let team = if principal == "bob" { vec!["carol".to_owned()] } else { Vec::new() };
+///     Ok::<_, std::convert::Infallible>(team.into_iter().take(limit).collect::<Vec<_>>())
+/// });
+/// # drop(cache);
+/// ```
+pub trait Teammates: Send + Sync + 'static {
+    /// At most `limit` principals closest to `principal`, closest first.
+    fn teammates<'a>(&'a self, principal: &'a str, limit: usize) -> TierFuture<'a, Vec<String>>;
+}
 
-    /// The principals sharing the most teams with `principal`, for team-mate warming (the
-    /// reference RBAC schema's view; none by default).
+impl<F, Fut, E> Teammates for F
+where
+    F: Fn(String, usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Vec<String>, E>> + Send + 'static,
+    E: fmt::Display,
+{
     fn teammates<'a>(&'a self, principal: &'a str, limit: usize) -> TierFuture<'a, Vec<String>> {
-        let _ = (principal, limit);
-        Box::pin(async { Ok(Vec::new()) })
+        let answer = self(principal.to_owned(), limit);
+        Box::pin(async move { answer.await.map_err(TierError::new) })
     }
 }

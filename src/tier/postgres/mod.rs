@@ -75,7 +75,6 @@ pub struct PostgresTierBuilder {
     sweep_every: Duration,
     sweep_batch: u32,
     warm_on_start: usize,
-    warm_teammates: usize,
 }
 
 impl fmt::Debug for PostgresTierBuilder {
@@ -145,15 +144,6 @@ impl PostgresTierBuilder {
         self
     }
 
-    /// When a principal becomes active (its first check in this process within the allow ttl),
-    /// load into L1 the `per_teammate` most-hit valid entries of each of its closest team-mates
-    /// (from the reference schema's `mv_team_collaboration_patterns`), in the background.
-    /// 0 (the default) turns it off.
-    pub fn warm_teammates(mut self, per_teammate: usize) -> Self {
-        self.warm_teammates = per_teammate;
-        self
-    }
-
     /// Validates the configuration and builds the tier. Connections are made lazily, so a
     /// Postgres that is down at start-up costs a breaker, not the application.
     pub fn build(self) -> Result<PostgresTier, PostgresTierError> {
@@ -200,7 +190,6 @@ impl PostgresTierBuilder {
                 sweep_every: self.sweep_every,
                 sweep_batch: self.sweep_batch,
                 warm_on_start: self.warm_on_start,
-                warm_teammates: self.warm_teammates,
                 hits: Mutex::new(HashMap::new()),
                 upkeep: Mutex::new((std::time::Instant::now(), std::time::Instant::now())),
             }),
@@ -239,7 +228,6 @@ impl PostgresTier {
             sweep_every: Duration::from_secs(30),
             sweep_batch: 1000,
             warm_on_start: 1000,
-            warm_teammates: 0,
         }
     }
 
@@ -359,7 +347,6 @@ pub(crate) struct PostgresShared {
     pub(crate) sweep_every: Duration,
     pub(crate) sweep_batch: u32,
     pub(crate) warm_on_start: usize,
-    pub(crate) warm_teammates: usize,
     pub(super) hits: Mutex<HashMap<[u8; 32], i64>>,
     /// When hits were last flushed and rows last swept.
     pub(super) upkeep: Mutex<(std::time::Instant, std::time::Instant)>,

@@ -1,7 +1,6 @@
-//! Warming from L3: the most-hit valid rows, and team-mates from the reference schema's
-//! `mv_team_collaboration_patterns` (the [`WarmSource`]).
+//! Warming from L3: the most-hit valid rows (the [`WarmSource`]).
 
-use diesel::sql_types::{BigInt, Bytea, Text};
+use diesel::sql_types::{BigInt, Bytea};
 use diesel_async::RunQueryDsl;
 
 use super::{PgError, PgFailure, PostgresShared, PostgresTier};
@@ -52,33 +51,6 @@ impl PostgresShared {
             .await?;
         Ok(rows.into_iter().filter_map(|r| Some((r.key.try_into().ok()?, r.subject))).collect())
     }
-
-    /// The principals who share the most teams with `principal` (the reference schema's
-    /// `mv_team_collaboration_patterns`).
-    pub(crate) async fn teammates(&self, principal: &str, limit: usize) -> Result<Vec<String>, PgError> {
-        #[derive(diesel::QueryableByName)]
-        struct Mate {
-            #[diesel(sql_type = Text)]
-            teammate: String,
-        }
-        let sql = format!(
-            "SELECT teammate FROM {}.mv_team_collaboration_patterns WHERE principal = $1 \
-             ORDER BY shared_teams DESC, teammate LIMIT $2",
-            self.schema
-        );
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mates = self
-            .with_conn(async |conn| {
-                diesel::sql_query(sql)
-                    .bind::<Text, _>(principal)
-                    .bind::<BigInt, _>(limit)
-                    .load::<Mate>(conn)
-                    .await
-                    .map_err(PgFailure::from)
-            })
-            .await?;
-        Ok(mates.into_iter().map(|m| m.teammate).collect())
-    }
 }
 
 /// The most-hit rows (hits counted per read and flushed every second), and team-mates from the
@@ -90,13 +62,5 @@ impl WarmSource for PostgresTier {
 
     fn warm_on_start(&self) -> usize {
         self.shared.warm_on_start
-    }
-
-    fn warm_teammates(&self) -> usize {
-        self.shared.warm_teammates
-    }
-
-    fn teammates<'a>(&'a self, principal: &'a str, limit: usize) -> TierFuture<'a, Vec<String>> {
-        Box::pin(self.shared.teammates(principal, limit))
     }
 }
