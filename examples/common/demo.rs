@@ -1,6 +1,6 @@
-//! Demo-only code shared by the examples that serve the demo contract (`quickstart.rs` and
-//! `hyper.rs`): the users, their roles and tokens, the route table, the JSON bodies. One
-//! implementation, so both examples give the same answers.
+//! Demo-only code shared by the examples that serve the demo contract (`quickstart.rs`,
+//! `hyper.rs` and `custom_tier.rs`): the users, their roles and tokens, the route table, the JSON
+//! bodies. One implementation, so every example gives the same answers.
 //!
 //! Not an example of its own: cargo builds `examples/*.rs` and `examples/*/main.rs`, and this
 //! folder has no `main.rs`. Each example includes it with `#[path = "common/demo.rs"] mod demo;`.
