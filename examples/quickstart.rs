@@ -401,7 +401,7 @@ async fn run() -> Result<(), String> {
                 config = config.with_secret(Some(Secret::new(DEMO_SECRET)));
             }
             let tier = config.postgres_tier().map_err(|e| e.to_string())?.ok_or("DATABASE_URL: no tier")?;
-            tier.migrate().await.map_err(|e| format!("DATABASE_URL: {e}"))?;
+            tier.migrate_with_reference_rbac().await.map_err(|e| format!("DATABASE_URL: {e}"))?;
             let schema = config.database_schema().to_owned();
             let roles = Roles::postgres(&url, &schema).await.map_err(|e| format!("DATABASE_URL: {e}"))?;
             let rbac = tower_authz_cache::PostgresRbacAuthorizer::new(&url, &schema).map_err(|e| e.to_string())?;

@@ -15,7 +15,7 @@
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let url = "postgres://app@127.0.0.1/app";
 //! let l3 = PostgresTier::builder(url).schema("authz_cache").build()?;
-//! l3.migrate().await?;
+//! l3.migrate_with_reference_rbac().await?;
 //! let cache = AuthzCache::builder(PostgresRbacAuthorizer::new(url, "authz_cache")?)
 //!     .secret(std::env::var("AUTHZ_CACHE_SECRET")?)
 //!     .l3(l3)

@@ -181,7 +181,7 @@ impl Rig {
         let schema = if uses_pg {
             let _ = pg::client().await; // fails with instructions when Postgres is down
             let schema = Schema::new(&format!("cancel_{test}"));
-            pg_tier(&schema, &pg::url()).migrate().await.expect("migrations apply");
+            pg_tier(&schema, &pg::url()).migrate_with_reference_rbac().await.expect("migrations apply");
             Some(schema)
         } else {
             None

@@ -29,7 +29,13 @@ fn read(doc: u32) -> Permission {
 async fn seeded(test: &str) -> Schema {
     let schema = Schema::new(test);
     let db = pg::client().await;
-    PostgresTier::builder(pg::url()).schema(&schema.0).build().unwrap().migrate().await.expect("migrations");
+    PostgresTier::builder(pg::url())
+        .schema(&schema.0)
+        .build()
+        .unwrap()
+        .migrate_with_reference_rbac()
+        .await
+        .expect("migrations");
     pg::seed_rbac(&db, &schema.0).await;
     schema
 }

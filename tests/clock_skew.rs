@@ -75,7 +75,13 @@ async fn skewed_instances_never_revive_a_revoked_allow(with_postgres: bool) {
     let schema = if with_postgres {
         let schema = Schema::new("skew");
         let _ = pg::client().await;
-        PostgresTier::builder(pg::url()).schema(&schema.0).build().unwrap().migrate().await.unwrap();
+        PostgresTier::builder(pg::url())
+            .schema(&schema.0)
+            .build()
+            .unwrap()
+            .migrate_with_reference_rbac()
+            .await
+            .unwrap();
         Some(schema)
     } else {
         None

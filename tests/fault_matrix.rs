@@ -417,7 +417,7 @@ impl Rig {
         let schema = if uses_pg {
             let _ = pg::client().await; // fails with instructions when Postgres is down
             let schema = Schema::new(&format!("fm_{}", tag.to_ascii_lowercase()));
-            pg_tier(&schema, &pg::url()).migrate().await.expect("migrations apply");
+            pg_tier(&schema, &pg::url()).migrate_with_reference_rbac().await.expect("migrations apply");
             Some(schema)
         } else {
             None
@@ -1272,7 +1272,7 @@ async fn recovery_after_disconnects(
 async fn owed_bumps_paid_in_a_burst_do_not_fail_checks() {
     let _ = pg::client().await;
     let schema = Schema::new("fm_owed");
-    pg_tier(&schema, &pg::url()).migrate().await.expect("migrations apply");
+    pg_tier(&schema, &pg::url()).migrate_with_reference_rbac().await.expect("migrations apply");
     let proxy = FaultProxy::start(pg::addr()).await;
     let cache = AuthzCache::builder(|_: Principal, _: Permission| async {
         tokio::time::sleep(Duration::from_millis(3)).await;

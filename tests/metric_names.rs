@@ -147,7 +147,7 @@ async fn busy_cache(shared: &Shared) -> AuthzCache {
     {
         let _ = support::pg::client().await; // fails with instructions when Postgres is down
         let l3 = PostgresTier::builder(support::pg::url()).schema(&shared.schema.0).build().unwrap();
-        l3.migrate().await.expect("migrations apply");
+        l3.migrate_with_reference_rbac().await.expect("migrations apply");
         builder = builder.secret(SECRET).l3(l3);
     }
     let cache = builder.build();

@@ -52,7 +52,7 @@ fn l3(schema: &Schema, url: &str) -> PostgresTierBuilder {
 async fn migrated(test: &str) -> Schema {
     let schema = Schema::new(test);
     let _ = pg::client().await; // fails with instructions when Postgres is down
-    l3(&schema, &pg::url()).build().unwrap().migrate().await.expect("migrations apply");
+    l3(&schema, &pg::url()).build().unwrap().migrate_with_reference_rbac().await.expect("migrations apply");
     schema
 }
 
@@ -518,4 +518,30 @@ async fn ready_waits_for_the_postgres_listener_and_l1_survives_after_it() {
     }
     assert_eq!(policy.calls(), 1, "after ready, nothing drops the entry: {:?}", cache.stats().tiers.l1);
     assert_eq!(cache.stats().tiers.l1.hits, 2);
+}
+
+/// The cache's own migrations and the reference RBAC schema are applied separately: `migrate`
+/// creates the cache's tables only, and the cache works on them (a decision written to L3 is an
+/// L3 hit for another instance); `migrate_with_reference_rbac` adds the RBAC tables afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_migrates_without_the_reference_rbac_schema() {
+    let schema = Schema::new("cacheonly");
+    let db = pg::client().await;
+    let tier = || l3(&schema, &pg::url()).build().unwrap();
+    tier().migrate().await.expect("the cache's own migrations apply");
+    let exists = async |table: &str| -> bool {
+        db.query_one(&format!("SELECT to_regclass('{}.{table}') IS NOT NULL", schema.0), &[]).await.unwrap().get(0)
+    };
+    assert!(exists("authz_cache_entries").await && exists("authz_cache_changes").await);
+    assert!(!exists("user_roles").await, "no reference RBAC table without asking for it");
+    let policy = Policy::default();
+    let a = policy.builder().secret(SECRET).l3(tier()).build();
+    a.check(&Principal::new("bob"), &read(1)).await.unwrap();
+    wait_for("the L3 write", Duration::from_secs(5), || a.stats().tiers.l3.unwrap().writes >= 1).await;
+    let b = policy.builder().secret(SECRET).l1_max_bytes(0).l3(tier()).build();
+    wait_trusted(&b).await;
+    b.check(&Principal::new("bob"), &read(1)).await.unwrap();
+    assert_eq!(b.stats().tiers.l3.unwrap().hits, 1, "{:?}", b.stats().tiers.l3);
+    tier().migrate_with_reference_rbac().await.expect("the reference schema applies afterwards");
+    assert!(exists("user_roles").await && exists("mv_user_authorization_context").await);
 }

@@ -222,7 +222,7 @@ pub(crate) async fn pg_schema(b: &Backends, n: usize) -> Result<(String, tower_a
         .schema(&schema)
         .build()
         .map_err(|e| format!("--database-url: {e}"))?;
-    tokio::time::timeout(Duration::from_secs(60), tier.migrate())
+    tokio::time::timeout(Duration::from_secs(60), tier.migrate_with_reference_rbac())
         .await
         .map_err(|_| "--database-url: migrating timed out")?
         .map_err(|e| format!("--database-url: {e}"))?;

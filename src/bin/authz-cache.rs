@@ -29,8 +29,9 @@ use tower_authz_cache::{
 };
 
 const USAGE: &str = "usage: authz-cache <init|health|stats|invalidate|warm> [options]
-  init [--mode development|testing|production]
-      check the configuration, Redis and Postgres; apply the L3 migrations (DATABASE_SCHEMA)
+  init [--mode development|testing|production] [--cache-only]
+      check the configuration, Redis and Postgres; apply the L3 migrations (DATABASE_SCHEMA):
+      the cache's own and the reference RBAC schema, or with --cache-only the cache's alone
   health [--url URL]
   stats [--url URL] [--token TOKEN]
   invalidate (--principal ID | --resource ID | --all)
@@ -103,7 +104,7 @@ async fn run(args: &[String]) -> Result<(), Failure> {
         return Err(Failure::Usage("no command".into()));
     };
     match command.as_str() {
-        "init" => init(&options(rest, &["mode"], &[])?).await,
+        "init" => init(&options(rest, &["mode"], &["cache-only"])?).await,
         "health" => {
             let opts = options(rest, &["url"], &[])?;
             let (status, body) =
@@ -189,7 +190,7 @@ async fn init(opts: &[(String, String)]) -> Result<(), Failure> {
     match config.database_url() {
         None => println!("  migrations skip  DATABASE_URL not set"),
         Some(_) if !reachable => println!("  migrations skip  postgres unreachable"),
-        Some(url) => match migrate(&config, url).await {
+        Some(url) => match migrate(&config, url, option(opts, "cache-only").is_none()).await {
             Ok((applied, elapsed)) => {
                 println!("  migrations ok    schema {schema}: {} applied in {} ms", applied.len(), elapsed.as_millis());
                 for (name, before) in applied {
@@ -213,18 +214,27 @@ async fn init(opts: &[(String, String)]) -> Result<(), Failure> {
     }
 }
 
-/// Applies the embedded migrations with the tier the configuration describes: each migration
-/// with whether it had been recorded before, and how long it took.
-async fn migrate(config: &CacheConfig, url: &str) -> Result<(Vec<(&'static str, bool)>, Duration), String> {
+/// Applies the embedded migrations (with the reference RBAC schema, or the cache's own only) with
+/// the tier the configuration describes: each migration with whether it had been recorded
+/// before, and how long it took.
+async fn migrate(
+    config: &CacheConfig,
+    url: &str,
+    reference_rbac: bool,
+) -> Result<(Vec<(&'static str, bool)>, Duration), String> {
     let tier = config.postgres_tier().map_err(|e| e.to_string())?.ok_or("DATABASE_URL is not set")?;
     let before = recorded_migrations(url, tier.schema()).await;
     let started = Instant::now();
-    tokio::time::timeout(MIGRATE_TIMEOUT, tier.migrate())
+    let applied =
+        async { if reference_rbac { tier.migrate_with_reference_rbac().await } else { tier.migrate().await } };
+    tokio::time::timeout(MIGRATE_TIMEOUT, applied)
         .await
         .map_err(|_| format!("no answer within {} s", MIGRATE_TIMEOUT.as_secs()))?
         .map_err(|e| one_line(&e.to_string()))?;
     let elapsed = started.elapsed();
-    Ok((PostgresTier::migrations().map(|name| (name, before.contains(name))).collect(), elapsed))
+    let names: Vec<&'static str> =
+        if reference_rbac { PostgresTier::migrations().collect() } else { PostgresTier::cache_migrations().collect() };
+    Ok((names.into_iter().map(|name| (name, before.contains(name))).collect(), elapsed))
 }
 
 /// The migrations recorded in `schema` (none when the table is missing or unreadable: the

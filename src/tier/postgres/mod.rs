@@ -55,10 +55,17 @@ use crate::tier::shared::{
 pub(crate) type Manager = Checked<AsyncDieselConnectionManager<AsyncPgConnection>>;
 
 /// The migrations, in the order they apply: (name, SQL).
-const MIGRATIONS: [(&str, &str); 4] = [
+/// The cache's own migrations (entries, epochs, the change feed's tables and functions).
+const CACHE_MIGRATIONS: [(&str, &str); 2] = [
     ("0001_authz_cache", include_str!("../../../migrations/0001_authz_cache.sql")),
-    ("0002_reference_rbac", include_str!("../../../migrations/0002_reference_rbac.sql")),
     ("0003_durable_changes", include_str!("../../../migrations/0003_durable_changes.sql")),
+];
+
+/// The reference RBAC schema (users, roles, the views `PostgresRbacAuthorizer` reads, and the
+/// triggers that record its changes in the cache's change feed): applied only on request, after
+/// the cache's own.
+const REFERENCE_RBAC_MIGRATIONS: [(&str, &str); 2] = [
+    ("0002_reference_rbac", include_str!("../../../migrations/0002_reference_rbac.sql")),
     ("0004_rbac_change_feed", include_str!("../../../migrations/0004_rbac_change_feed.sql")),
 ];
 
@@ -236,16 +243,38 @@ impl PostgresTier {
         &self.shared.schema
     }
 
-    /// The names of the embedded migrations, in the order [`migrate`](Self::migrate) applies them.
+    /// The names of every embedded migration, in the order
+    /// [`migrate_with_reference_rbac`](Self::migrate_with_reference_rbac) applies them: the
+    /// cache's own ([`cache_migrations`](Self::cache_migrations)), then the reference RBAC schema's.
     pub fn migrations() -> impl Iterator<Item = &'static str> {
-        MIGRATIONS.iter().map(|(name, _)| *name)
+        CACHE_MIGRATIONS.iter().chain(&REFERENCE_RBAC_MIGRATIONS).map(|(name, _)| *name)
     }
 
-    /// Creates the schema if needed and applies the embedded migrations it has not recorded yet,
-    /// in one transaction, under an advisory lock (instances starting together apply them one at
-    /// a time; an up-to-date schema costs one round trip and takes no lock on its tables). Every
-    /// migration could also be applied again without harm. Never called implicitly.
+    /// The names of the cache's own migrations, in the order [`migrate`](Self::migrate) applies
+    /// them.
+    pub fn cache_migrations() -> impl Iterator<Item = &'static str> {
+        CACHE_MIGRATIONS.iter().map(|(name, _)| *name)
+    }
+
+    /// Creates the schema if needed and applies the cache's own migrations (entries, epochs, the
+    /// change feed) it has not recorded yet; the reference RBAC schema is not touched (see
+    /// [`migrate_with_reference_rbac`](Self::migrate_with_reference_rbac)). One transaction,
+    /// under an advisory lock (instances starting together apply them one at a time; an
+    /// up-to-date schema costs one round trip and takes no lock on its tables). Every migration
+    /// could also be applied again without harm. Never called implicitly.
     pub async fn migrate(&self) -> Result<(), PostgresTierError> {
+        self.apply(&[&CACHE_MIGRATIONS]).await
+    }
+
+    /// [`migrate`](Self::migrate), then the reference RBAC schema (`users`, `roles`,
+    /// `user_roles`, `role_permissions`, teams, the views `PostgresRbacAuthorizer` reads, and the
+    /// triggers that record every change in the cache's change feed), in the same transaction.
+    /// For the demo, the tests, and apps that adopt the reference schema.
+    pub async fn migrate_with_reference_rbac(&self) -> Result<(), PostgresTierError> {
+        self.apply(&[&CACHE_MIGRATIONS, &REFERENCE_RBAC_MIGRATIONS]).await
+    }
+
+    async fn apply(&self, sets: &[&[(&str, &str)]]) -> Result<(), PostgresTierError> {
         #[derive(diesel::QueryableByName)]
         struct Name {
             #[diesel(sql_type = Text)]
@@ -265,7 +294,9 @@ impl PostgresTier {
         let done: Vec<Name> =
             diesel::sql_query("SELECT name FROM authz_cache_migrations").load(&mut conn).await.map_err(failed)?;
         let mut sql = String::new();
-        for (name, body) in MIGRATIONS.iter().filter(|(name, _)| !done.iter().any(|d| d.name == *name)) {
+        for (name, body) in
+            sets.iter().flat_map(|set| set.iter()).filter(|(name, _)| !done.iter().any(|d| d.name == *name))
+        {
             sql.push_str(body);
             sql.push_str(&format!("\nINSERT INTO authz_cache_migrations (name) VALUES ('{name}');\n"));
         }
