@@ -53,6 +53,14 @@
 //! future dropped at any await leaves nothing half-done. The README's "Security model" states
 //! every guarantee and what it costs.
 //!
+//! # Layout
+//!
+//! The headline types are at the crate root ([`AuthzCache`], [`CachedAuthorizationLayer`],
+//! [`Principal`], [`Permission`], [`Decision`], [`Authorizer`], [`Invalidation`],
+//! [`CacheConfig`], ...). Each area is also a public module with its own docs and example:
+//! [`tier`] (the `SharedTier` and `LocalTier` traits, the in-process test tier),
+//! [`invalidation`], [`stats`], [`health`], [`monitor`], [`config`].
+//!
 //! # Features
 //!
 //! - `redis` (default): L2 on Redis (`RedisTier`) and the Redis invalidation backplane.
@@ -76,19 +84,19 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod cache;
-mod config;
+pub mod config;
 mod core;
 mod exposition;
 mod future;
-mod health;
-mod invalidation;
+pub mod health;
+pub mod invalidation;
 mod layer;
-mod monitor;
+pub mod monitor;
 #[cfg(feature = "postgres")]
 mod rbac;
 mod response;
 mod service;
-mod stats;
+pub mod stats;
 pub mod tier;
 
 #[cfg(feature = "axum")]
