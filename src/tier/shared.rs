@@ -331,6 +331,13 @@ impl TierSettings {
 
 /// An invalidation backplane (see [`SharedTier::transport`]): what a store's bumps publish
 /// reaches every subscribed instance.
+///
+/// The `max_staleness` bound rests on one property: **a subscription that delivers heartbeats
+/// delivers every epoch notice published while it lived.** The cache trusts L1 only while it
+/// hears something within `max_staleness`, and treats every new subscription as having missed
+/// everything before it (L1 is dropped); so a transport may lose messages only by losing the
+/// whole subscription (end it, or go silent). Heartbeats and notices must therefore travel the
+/// same ordered path (one pub/sub connection, one LISTEN session, one poll of the store).
 pub trait Transport: Send + Sync {
     /// A new subscription. The cache bounds the call with a timeout, holds the subscription until
     /// it fails or stays silent for longer than `max_staleness`, and subscribes again (with
