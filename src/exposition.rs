@@ -10,6 +10,7 @@
 //! | `authz_cache_swept_rows_total` | counter | `tier="l3"` |
 //! | `authz_cache_breaker_opens_total` | counter | `tier` (`l2`, `l3`) |
 //! | `authz_cache_breaker_state` | gauge, 0 closed / 1 half-open / 2 open | `tier` (`l2`, `l3`) |
+//! | `authz_cache_owed_invalidations` | gauge | `tier` (`l2`, `l3`) |
 //! | `authz_cache_authorizer_calls_total`, `authz_cache_authorizer_errors_total` | counter | |
 //! | `authz_cache_single_flight_joins_total`, `authz_cache_undecided_total` | counter | |
 //! | `authz_cache_plugin_panics_total` | counter | |
@@ -95,6 +96,13 @@ fn remote_rows(labels: &'static [(&'static str, &'static str)], t: &RemoteTierSn
         row("authz_cache_tier_errors_total", "Remote reads that failed or were skipped.", Counter, t.errors),
         row("authz_cache_write_drops_total", "Background writes dropped on a full queue.", Counter, t.write_drops),
         row("authz_cache_breaker_opens_total", "Times a tier's circuit breaker opened.", Counter, t.breaker_opens),
+        Row {
+            name: "authz_cache_owed_invalidations",
+            help: "Invalidations this instance owes a tier (not recorded there yet; the tier is not read meanwhile).",
+            kind: Gauge,
+            labels,
+            value: t.owed as f64,
+        },
         Row {
             name: "authz_cache_breaker_state",
             help: "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
@@ -395,7 +403,7 @@ mod tests {
             call_timeouts: 1,
             calls_skipped: 0,
             warning: None,
-            owed: 0,
+            owed: 2,
             ..remote(3, 3, 0, 4, BreakerState::HalfOpen)
         });
         s.change_feed_invalidations = 8;
@@ -476,7 +484,7 @@ mod tests {
             assert_eq!(l2.len(), l3.len(), "{name}: {l2:?} vs {l3:?}");
             per_tier += usize::from(!l3.is_empty());
         }
-        assert_eq!(per_tier, 10, "9 counter and gauge families and the read-duration summary");
+        assert_eq!(per_tier, 11, "10 counter and gauge families and the read-duration summary");
         let l3 = |name: &str, labels: &str| families[name][&format!("{name}{{{labels}}}")].clone();
         let sample = |name: &str| families[name][name].clone();
         assert_eq!(l3("authz_cache_hits_total", "tier=\"l3\""), "3");
@@ -485,6 +493,7 @@ mod tests {
         assert_eq!(l3("authz_cache_write_drops_total", "tier=\"l3\""), "5");
         assert_eq!(l3("authz_cache_breaker_state", "tier=\"l3\""), "1");
         assert_eq!(l3("authz_cache_breaker_opens_total", "tier=\"l3\""), "1");
+        assert_eq!(l3("authz_cache_owed_invalidations", "tier=\"l3\""), "2");
         assert_eq!(l3("authz_cache_swept_rows_total", "tier=\"l3\""), "12");
         assert_eq!(families["authz_cache_swept_rows_total"].len(), 1, "Redis has no sweeper");
         assert_eq!(l3("authz_cache_tier_read_duration_seconds", "tier=\"l3\",quantile=\"0.95\""), "0.0015");
