@@ -18,6 +18,8 @@ use support::pg::{self, Schema};
 use support::redis::{Namespace, SECRET};
 use tower_authz_cache::{AuthzCache, BoxError, Decision, Invalidation, Permission, PostgresTier, Principal, RedisTier};
 
+/// The shared tiers' call timeout in this test (see `Policy::cache`).
+const TIER_TIMEOUT: Duration = Duration::from_millis(500);
 const SKEW_MS: i64 = 5 * 60 * 1000;
 const TTL: Duration = Duration::from_secs(1);
 const AUTHZ_TIMEOUT: Duration = Duration::from_millis(200);
@@ -48,10 +50,13 @@ impl Policy {
         .max_staleness(MAX_STALENESS)
         .l1_max_bytes(if l1 { 16 << 20 } else { 0 })
         .secret(SECRET)
-        .l2(RedisTier::builder(support::redis::url()).namespace(&ns.0).build().unwrap());
+        // Generous call timeouts: this test is about clocks, and every invalidation must reach the
+        // shared tiers (on a loaded CI machine, the 50/100 ms defaults failed one now and then).
+        .l2(RedisTier::builder(support::redis::url()).namespace(&ns.0).timeout(TIER_TIMEOUT).build().unwrap());
         if let Some(schema) = schema {
-            builder = builder.secret(SECRET).l3(PostgresTier::builder(pg::url())
+            builder = builder.l3(PostgresTier::builder(pg::url())
                 .schema(&schema.0)
+                .timeout(TIER_TIMEOUT)
                 .pool_size(4)
                 .warm_on_start(0)
                 .sweep(Duration::from_millis(100), 1000)
