@@ -294,10 +294,17 @@ async fn set_role(
         Err(_) => return problem(StatusCode::SERVICE_UNAVAILABLE, "role store unavailable"),
     }
     // The store changed first, then the cache forgets: the next request asks the store again.
-    if state.cache.invalidate_as(&Invalidation::principal(user), &admin).await.is_err() {
-        return problem(StatusCode::SERVICE_UNAVAILABLE, "role changed, but the invalidation was not delivered");
+    // The answer carries the invalidation's consistency token: a request that sends it back
+    // (header `authz-consistency`), to any instance, sees the change.
+    match state.cache.invalidate_as(&Invalidation::principal(user), &admin).await {
+        Ok(token) => with_token(token),
+        Err(_) => problem(StatusCode::SERVICE_UNAVAILABLE, "role changed, but the invalidation was not delivered"),
     }
-    StatusCode::NO_CONTENT.into_response()
+}
+
+/// 204 with the invalidation's consistency token in the `authz-consistency` header.
+fn with_token(token: tower_authz_cache::ConsistencyToken) -> Response {
+    ([(tower_authz_cache::consistency::DEFAULT_HEADER, token.to_string())], StatusCode::NO_CONTENT).into_response()
 }
 
 async fn invalidate(State(state): State<AppState>, Extension(admin): Extension<Principal>, body: Bytes) -> Response {
@@ -306,7 +313,7 @@ async fn invalidate(State(state): State<AppState>, Extension(admin): Extension<P
         Err(detail) => return problem(StatusCode::BAD_REQUEST, detail),
     };
     match state.cache.invalidate_as(&invalidation, &admin).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Ok(token) => with_token(token),
         Err(_) => problem(StatusCode::SERVICE_UNAVAILABLE, "invalidation not delivered"),
     }
 }

@@ -15,6 +15,7 @@
 //! | `authz_cache_single_flight_joins_total`, `authz_cache_undecided_total` | counter | |
 //! | `authz_cache_plugin_panics_total` | counter | |
 //! | `authz_cache_invalidations_total` | counter | `scope` |
+//! | `authz_cache_consistency_tokens_total` | counter | `outcome` (`applied`, `refused`) |
 //! | `authz_cache_change_feed_invalidations_total` | counter | |
 //! | `authz_cache_change_feed_caught_up`, `authz_cache_change_feed_behind_seconds` | gauge | |
 //! | `authz_cache_warmed_entries_total` | counter | |
@@ -169,6 +170,14 @@ pub(crate) fn rows(s: &StatsSnapshot) -> Vec<Row> {
         row("authz_cache_invalidations_total", "", Counter, &[("scope", "resource")], inv.resource),
         row("authz_cache_invalidations_total", "", Counter, &[("scope", "entry")], inv.entry),
         row("authz_cache_invalidations_total", "", Counter, &[("scope", "all")], inv.all),
+        row(
+            "authz_cache_consistency_tokens_total",
+            "Consistency tokens checks required, by outcome (refused: unauthentic or from the future).",
+            Counter,
+            &[("outcome", "applied")],
+            s.tokens_applied,
+        ),
+        row("authz_cache_consistency_tokens_total", "", Counter, &[("outcome", "refused")], s.tokens_refused),
     ]);
     if s.tiers.l3.is_some() {
         rows.push(row(

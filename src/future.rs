@@ -6,14 +6,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http::request::Parts;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use pin_project::pin_project;
 use tower::Service;
 
 use crate::response::ResponseBody;
+use crate::service::{Authorized, CACHE_STATUS};
 
-type Authorizing = Pin<Box<dyn Future<Output = Result<Parts, Response<Bytes>>> + Send>>;
+type Authorizing = Pin<Box<dyn Future<Output = Result<Authorized, Response<Bytes>>> + Send>>;
 
 /// The response future of [`CachedAuthorization`](crate::CachedAuthorization): first the
 /// authorization, then the inner service's future.
@@ -38,6 +38,8 @@ where
     Calling {
         #[pin]
         fut: S::Future,
+        /// The `Cache-Status` member to add to the response (when on).
+        cache_status: Option<HeaderValue>,
     },
     Done,
 }
@@ -56,7 +58,7 @@ where
     }
 
     pub(crate) fn calling(fut: S::Future) -> Self {
-        Self { state: State::Calling { fut } }
+        Self { state: State::Calling { fut, cache_status: None } }
     }
 }
 
@@ -85,9 +87,9 @@ where
                         panic!("ResponseFuture polled after completion");
                     };
                     match outcome {
-                        Ok(parts) => {
+                        Ok((parts, cache_status)) => {
                             let fut = inner.call(Request::from_parts(parts, body));
-                            this.state.set(State::Calling { fut });
+                            this.state.set(State::Calling { fut, cache_status });
                         }
                         Err(rejection) => {
                             this.state.set(State::Done);
@@ -95,8 +97,11 @@ where
                         }
                     }
                 }
-                StateProj::Calling { fut } => {
-                    let res = ready!(fut.poll(cx));
+                StateProj::Calling { fut, cache_status } => {
+                    let mut res = ready!(fut.poll(cx));
+                    if let (Ok(res), Some(status)) = (&mut res, cache_status.take()) {
+                        res.headers_mut().append(&CACHE_STATUS, status);
+                    }
                     this.state.set(State::Done);
                     return Poll::Ready(res.map(|r| r.map(ResponseBody::inner)));
                 }

@@ -27,9 +27,10 @@ use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::Response;
+use http::{HeaderName, Response};
 use tower::Layer;
 
+use crate::consistency::DEFAULT_HEADER;
 use crate::response::{Responder, default_responder};
 use crate::service::{CachedAuthorization, Shared};
 use crate::{AuthzCache, MapPermission, Rejection, ResolvePrincipal};
@@ -41,11 +42,32 @@ use crate::{AuthzCache, MapPermission, Rejection, ResolvePrincipal};
 /// 503 when no decision can be obtained). On allow, the [`Principal`](crate::Principal),
 /// [`Permission`](crate::Permission) and [`Decision`](crate::Decision) are put in the request's
 /// extensions for the handler.
+///
+/// A request may carry a [`ConsistencyToken`](crate::ConsistencyToken) (from an invalidation's
+/// answer) in the `authz-consistency` header, or as a request extension put there by an outer
+/// layer: the check is then at least as fresh as that invalidation, on any instance (see
+/// [`consistency`](crate::consistency)); a refused token is a 400.
 pub struct CachedAuthorizationLayer<R, M> {
     cache: AuthzCache,
     resolver: Arc<R>,
     mapper: Arc<M>,
     respond: Responder,
+    options: Options,
+}
+
+/// What the layer reads and adds besides the check itself.
+#[derive(Clone, Debug)]
+pub(crate) struct Options {
+    /// The request header a consistency token is read from (`None`: the extension only).
+    pub(crate) consistency_header: Option<HeaderName>,
+    /// Whether responses carry a `Cache-Status` member for the check.
+    pub(crate) cache_status: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { consistency_header: Some(HeaderName::from_static(DEFAULT_HEADER)), cache_status: false }
+    }
 }
 
 impl<R, M> CachedAuthorizationLayer<R, M>
@@ -56,7 +78,13 @@ where
     /// Authorizes requests with `cache`, finding principals with `resolver` and permissions with
     /// `mapper`.
     pub fn new(cache: AuthzCache, resolver: R, mapper: M) -> Self {
-        Self { cache, resolver: Arc::new(resolver), mapper: Arc::new(mapper), respond: default_responder() }
+        Self {
+            cache,
+            resolver: Arc::new(resolver),
+            mapper: Arc::new(mapper),
+            respond: default_responder(),
+            options: Options::default(),
+        }
     }
 }
 
@@ -73,6 +101,41 @@ impl<R, M> CachedAuthorizationLayer<R, M> {
         self
     }
 
+    /// Reads consistency tokens from `header` instead of `authz-consistency`.
+    #[must_use]
+    pub fn with_consistency_header(mut self, header: HeaderName) -> Self {
+        self.options.consistency_header = Some(header);
+        self
+    }
+
+    /// Reads consistency tokens from the request extensions only (an outer layer puts them
+    /// there), never from a header.
+    #[must_use]
+    pub fn without_consistency_header(mut self) -> Self {
+        self.options.consistency_header = None;
+        self
+    }
+
+    /// Adds a `Cache-Status` member (RFC 9211) to every response the layer authorized or
+    /// denied, for debugging: `tower-authz-cache; hit; detail=l1` (or `l2`, `l3`),
+    /// `tower-authz-cache; fwd=miss` (the authorizer answered), `...; fwd=miss; collapsed` (a
+    /// single-flight join). Off by default; it tells clients what is cached about them, so keep
+    /// it off in production.
+    ///
+    /// ```
+    /// # use tower_authz_cache::{AuthzCache, CachedAuthorizationLayer, Decision, Permission, Principal, TrustedHeader};
+    /// # let cache = AuthzCache::builder(|_: Principal, _: Permission| async { Ok::<_, std::convert::Infallible>(Decision::allow()) }).build();
+    /// let mapper = |_: &http::request::Parts| Some(Permission::new("app", "use"));
+    /// let layer = CachedAuthorizationLayer::new(cache, TrustedHeader::new("x-user-id".parse().unwrap()), mapper)
+    ///     .with_cache_status(true);
+    /// # let _ = layer;
+    /// ```
+    #[must_use]
+    pub fn with_cache_status(mut self, on: bool) -> Self {
+        self.options.cache_status = on;
+        self
+    }
+
     /// The cache behind this layer.
     pub fn cache(&self) -> &AuthzCache {
         &self.cache
@@ -86,6 +149,7 @@ impl<R, M> Clone for CachedAuthorizationLayer<R, M> {
             resolver: self.resolver.clone(),
             mapper: self.mapper.clone(),
             respond: self.respond.clone(),
+            options: self.options.clone(),
         }
     }
 }
@@ -107,6 +171,7 @@ impl<S, R, M> Layer<S> for CachedAuthorizationLayer<R, M> {
                 resolver: self.resolver.clone(),
                 mapper: self.mapper.clone(),
                 respond: self.respond.clone(),
+                options: self.options.clone(),
             }),
         )
     }

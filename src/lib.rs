@@ -85,6 +85,7 @@
 
 mod cache;
 pub mod config;
+pub mod consistency;
 mod core;
 mod exposition;
 mod future;
@@ -108,10 +109,11 @@ mod extract;
 pub mod __internals;
 
 pub use crate::cache::warm::WarmReport;
+pub use crate::consistency::{ConsistencyToken, TokenError};
 pub use crate::cache::{AuthzCache, AuthzCacheBuilder, BuildError, CheckError, CheckErrorKind};
 pub use crate::config::{CacheConfig, ConfigError, Mode, Secret};
 pub use crate::core::authorizer::Authorizer;
-pub use crate::core::decision::Decision;
+pub use crate::core::decision::{Decision, DecisionSource};
 pub use crate::core::permission::{Access, MapPermission, Permission, RouteTable};
 pub use crate::core::principal::{
     BearerToken, Principal, ResolveError, ResolveErrorKind, ResolvePrincipal, TrustedHeader,

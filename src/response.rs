@@ -46,6 +46,8 @@ pub enum RejectionKind {
     Forbidden,
     /// No decision could be obtained: 503.
     Unavailable,
+    /// The request itself is unusable (a refused consistency token): 400.
+    BadRequest,
 }
 
 impl Rejection {
@@ -73,12 +75,13 @@ impl Rejection {
         self.challenge.as_ref()
     }
 
-    /// The status code: 401, 403 or 503.
+    /// The status code: 401, 403, 503 or 400.
     pub fn status(&self) -> StatusCode {
         match self.kind {
             RejectionKind::Unauthenticated => StatusCode::UNAUTHORIZED,
             RejectionKind::Forbidden => StatusCode::FORBIDDEN,
             RejectionKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            RejectionKind::BadRequest => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -114,7 +117,7 @@ impl Rejection {
             RejectionKind::Unavailable => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
-            RejectionKind::Forbidden => {}
+            RejectionKind::Forbidden | RejectionKind::BadRequest => {}
         }
         res.extensions_mut().insert(self);
         res

@@ -35,14 +35,34 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use tower::Service;
 
 use crate::cache::key::ShortHash;
 use crate::cache::single_flight::CatchUnwind;
 use crate::future::ResponseFuture;
 use crate::response::{Responder, ResponseBody};
-use crate::{Access, AuthzCache, MapPermission, Rejection, RejectionKind, ResolvePrincipal};
+use crate::consistency::ConsistencyToken;
+use crate::layer::Options;
+use crate::{Access, AuthzCache, Decision, DecisionSource, MapPermission, Rejection, RejectionKind, ResolvePrincipal};
+
+/// An authorized request: its parts, and the `Cache-Status` member to add to its response.
+pub(crate) type Authorized = (Parts, Option<HeaderValue>);
+
+/// The `Cache-Status` header (RFC 9211).
+pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// This layer's `Cache-Status` member for a decision.
+fn cache_status(decision: &Decision) -> HeaderValue {
+    HeaderValue::from_static(match decision.source() {
+        DecisionSource::L1 => "tower-authz-cache; hit; detail=l1",
+        DecisionSource::Tier("l2") => "tower-authz-cache; hit; detail=l2",
+        DecisionSource::Tier("l3") => "tower-authz-cache; hit; detail=l3",
+        DecisionSource::Tier(_) => "tower-authz-cache; hit; detail=shared",
+        DecisionSource::Joined => "tower-authz-cache; fwd=miss; collapsed",
+        _ => "tower-authz-cache; fwd=miss",
+    })
+}
 
 /// Authorizes each request through an [`AuthzCache`] before the inner service sees it.
 pub struct CachedAuthorization<S, R, M> {
@@ -55,6 +75,7 @@ pub(crate) struct Shared<R, M> {
     pub(crate) resolver: Arc<R>,
     pub(crate) mapper: Arc<M>,
     pub(crate) respond: Responder,
+    pub(crate) options: Options,
 }
 
 impl<S, R, M> CachedAuthorization<S, R, M> {
@@ -96,9 +117,26 @@ impl<R, M> Shared<R, M> {
 }
 
 impl<R: ResolvePrincipal, M> Shared<R, M> {
+    /// The consistency token the request carries (extension first, then the header), if any;
+    /// `Err` is the 400 for one that does not parse.
+    fn token(&self, parts: &Parts) -> Result<Option<ConsistencyToken>, Response<Bytes>> {
+        if let Some(token) = parts.extensions.get::<ConsistencyToken>() {
+            return Ok(Some(token.clone()));
+        }
+        let Some(value) = self.options.consistency_header.as_ref().and_then(|h| parts.headers.get(h)) else {
+            return Ok(None);
+        };
+        match value.to_str().map_err(|_| ()).and_then(|v| v.parse::<ConsistencyToken>().map_err(|_| ())) {
+            Ok(token) => Ok(Some(token)),
+            Err(()) => Err(Rejection::new(RejectionKind::BadRequest, "consistency token malformed")
+                .into_response(&self.respond)),
+        }
+    }
+
     /// Resolves and checks; on allow returns the parts with the principal, permission and
-    /// decision in their extensions, otherwise the rejection response.
-    pub(crate) async fn authorize(&self, mut parts: Parts, access: Access) -> Result<Parts, Response<Bytes>> {
+    /// decision in their extensions (and the `Cache-Status` member when on), otherwise the
+    /// rejection response.
+    pub(crate) async fn authorize(&self, mut parts: Parts, access: Access) -> Result<Authorized, Response<Bytes>> {
         // The async block defers the call into the first poll, so a resolver that panics before
         // returning its future is caught too.
         let resolved = CatchUnwind::new(async { self.resolver.resolve(&parts).await }).await;
@@ -138,12 +176,23 @@ impl<R: ResolvePrincipal, M> Shared<R, M> {
                     .into_response(&self.respond));
             }
         };
-        match self.cache.check(&principal, &permission).await {
+        let token = self.token(&parts)?;
+        if let Some(token) = &token {
+            if let Err(e) = self.cache.require_fresh(token) {
+                return Err(Rejection::new(RejectionKind::BadRequest, e.to_string()).into_response(&self.respond));
+            }
+        }
+        let checked = self.cache.check(&principal, &permission).await;
+        let status = match &checked {
+            Ok(decision) if self.options.cache_status => Some(cache_status(decision)),
+            _ => None,
+        };
+        match checked {
             Ok(decision) if decision.is_allowed() => {
                 parts.extensions.insert(principal);
                 parts.extensions.insert(permission);
                 parts.extensions.insert(decision);
-                Ok(parts)
+                Ok((parts, status))
             }
             Ok(decision) => {
                 tracing::info!(
@@ -156,7 +205,11 @@ impl<R: ResolvePrincipal, M> Shared<R, M> {
                     Some(r) => r.to_owned(),
                     None => format!("{} on {} is not allowed", permission.action(), permission.resource()),
                 };
-                Err(Rejection::new(RejectionKind::Forbidden, reason).into_response(&self.respond))
+                let mut res = Rejection::new(RejectionKind::Forbidden, reason).into_response(&self.respond);
+                if let Some(status) = status {
+                    res.headers_mut().append(&CACHE_STATUS, status);
+                }
+                Err(res)
             }
             Err(e) => {
                 Err(Rejection::new(RejectionKind::Unavailable, format!("authorization temporarily unavailable: {e}"))

@@ -267,6 +267,10 @@ pub struct StatsSnapshot {
     pub warmed: u64,
     /// Invalidations applied, by scope.
     pub invalidations: InvalidationsSnapshot,
+    /// Consistency tokens that checks required, accepted (this process raised to them).
+    pub tokens_applied: u64,
+    /// Consistency tokens refused (unauthentic or from the future; each an audit event).
+    pub tokens_refused: u64,
     /// Latency by path.
     pub latency: LatenciesSnapshot,
     /// The invalidation backplane, when configured.
@@ -331,6 +335,8 @@ pub(crate) struct Stats {
     pub(crate) inv_resource: AtomicU64,
     pub(crate) inv_entry: AtomicU64,
     pub(crate) inv_all: AtomicU64,
+    pub(crate) tokens_applied: AtomicU64,
+    pub(crate) tokens_refused: AtomicU64,
     pub(crate) l1_hit_latency: Histogram,
     pub(crate) miss_latency: Histogram,
     pub(crate) authorizer_latency: Histogram,
@@ -359,6 +365,8 @@ impl Stats {
             inv_resource: AtomicU64::new(0),
             inv_entry: AtomicU64::new(0),
             inv_all: AtomicU64::new(0),
+            tokens_applied: AtomicU64::new(0),
+            tokens_refused: AtomicU64::new(0),
             l1_hit_latency: Histogram::new(),
             miss_latency: Histogram::new(),
             authorizer_latency: Histogram::new(),
@@ -415,6 +423,8 @@ impl Stats {
                 entry: self.inv_entry.load(Relaxed),
                 all: self.inv_all.load(Relaxed),
             },
+            tokens_applied: self.tokens_applied.load(Relaxed),
+            tokens_refused: self.tokens_refused.load(Relaxed),
             latency: LatenciesSnapshot {
                 l1_hit: self.l1_hit_latency.snapshot(),
                 miss: self.miss_latency.snapshot(),

@@ -95,7 +95,7 @@ async fn handle(app: App, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
             // The store changed first, then the cache forgets: the next request asks the store again.
             match app.cache.invalidate_as(&Invalidation::principal(user), &admin).await {
-                Ok(()) => empty(StatusCode::NO_CONTENT),
+                Ok(token) => with_token(token),
                 Err(_) => {
                     problem(StatusCode::SERVICE_UNAVAILABLE, "role changed, but the invalidation was not delivered")
                 }
@@ -107,13 +107,23 @@ async fn handle(app: App, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 Err(detail) => return problem(StatusCode::BAD_REQUEST, detail),
             };
             match app.cache.invalidate_as(&invalidation, &admin).await {
-                Ok(()) => empty(StatusCode::NO_CONTENT),
+                Ok(token) => with_token(token),
                 Err(_) => problem(StatusCode::SERVICE_UNAVAILABLE, "invalidation not delivered"),
             }
         }
         (Route::Stats, _) => json(StatusCode::OK, &app.cache.stats()),
         _ => problem(StatusCode::NOT_FOUND, "no such route"),
     }
+}
+
+/// 204 with the invalidation's consistency token in the `authz-consistency` header: a request
+/// that sends it back, to any instance, sees the change.
+fn with_token(token: tower_authz_cache::ConsistencyToken) -> Response<Full<Bytes>> {
+    let mut res = empty(StatusCode::NO_CONTENT);
+    if let Ok(value) = http::HeaderValue::from_str(&token.to_string()) {
+        res.headers_mut().insert(tower_authz_cache::consistency::DEFAULT_HEADER, value);
+    }
+    res
 }
 
 /// The request body, at most 64 KiB (an admin body is a few bytes); empty when unreadable.

@@ -332,6 +332,7 @@ impl AuthzCacheBuilder {
             primary,
             feed,
             warming,
+            foreign_token: std::sync::atomic::AtomicU64::new(0),
             tasks: tasks::Tasks::default(),
         });
         tasks::start(&inner);

@@ -1,17 +1,21 @@
 //! A cached decision with its deadline and the epochs it was computed under, and the versioned,
 //! MAC-protected envelope that carries it in shared tiers.
 //!
-//! Envelope v1, big-endian:
+//! Envelope v2, big-endian:
 //!
 //! ```text
-//! 0      version (1)
+//! 0      version (2)
 //! 1      flags (bit 0: allow)
 //! 2..10  valid_until, ms since the Unix epoch
-//! 10..42 epochs: global, principal, resource, entry
-//! 42..44 reason length n (at most 1024)
-//! 44..   reason, UTF-8
-//! +32    HMAC-SHA256(mac key, key id || bytes 0..44+n)
+//! 10..18 computed_at, ms since the Unix epoch (when the authorizer answered)
+//! 18..50 epochs: global, principal, resource, entry
+//! 50..52 reason length n (at most 1024)
+//! 52..   reason, UTF-8
+//! +32    HMAC-SHA256(mac key, key id || bytes 0..52+n)
 //! ```
+//!
+//! Version 1 (written by 0.1) is still read: the same without `computed_at` (its entries' age is
+//! unknown). A 0.1 instance reads a v2 envelope as an unknown version: a miss, never an allow.
 //!
 //! The MAC binds the value to its key id, so an entry cannot be copied from one key to another,
 //! and whoever can write to the shared store without the secret cannot forge an allow.
@@ -20,11 +24,14 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::Decision;
+use crate::core::decision::DecisionSource;
 use crate::cache::epoch::EpochStamp;
 use crate::cache::key::Keys;
 
-const VERSION: u8 = 1;
-const HEADER: usize = 44;
+const VERSION: u8 = 2;
+const HEADER: usize = 52;
+/// The header of a version 1 envelope (no `computed_at`).
+const HEADER_V1: usize = 44;
 const TAG: usize = 32;
 pub(crate) const MAX_REASON: usize = 1024;
 
@@ -39,6 +46,8 @@ pub struct Entry {
     pub(crate) allowed: bool,
     pub(crate) reason: Option<Arc<str>>,
     pub(crate) valid_until_ms: u64,
+    /// When the authorizer answered (wall ms; 0: unknown, a version 1 envelope).
+    pub(crate) computed_at_ms: u64,
     pub(crate) local_until_ms: u64,
     pub(crate) stamp: EpochStamp,
 }
@@ -50,13 +59,15 @@ impl Entry {
             // An empty reason is no reason: the envelope cannot tell them apart.
             reason: decision.reason().filter(|r| !r.is_empty()).map(|r| Arc::from(truncate(r, MAX_REASON))),
             valid_until_ms,
+            computed_at_ms: decision.computed_at_ms(),
             local_until_ms: 0,
             stamp,
         }
     }
 
-    pub(crate) fn decision(&self) -> Decision {
-        let d = Decision::from_bool(self.allowed);
+    /// The decision, as served from `source`.
+    pub(crate) fn decision(&self, source: DecisionSource) -> Decision {
+        let d = Decision::from_bool(self.allowed).from_source(source, self.computed_at_ms);
         match &self.reason {
             Some(r) => d.with_reason(r.clone()),
             None => d,
@@ -76,6 +87,7 @@ impl Entry {
         out.push(VERSION);
         out.push(u8::from(self.allowed));
         out.extend_from_slice(&self.valid_until_ms.to_be_bytes());
+        out.extend_from_slice(&self.computed_at_ms.to_be_bytes());
         for e in self.stamp.shared() {
             out.extend_from_slice(&e.to_be_bytes());
         }
@@ -91,10 +103,12 @@ impl Entry {
         if bytes.is_empty() {
             return Err(EnvelopeError::Truncated);
         }
-        if bytes[0] != VERSION {
-            return Err(EnvelopeError::Version(bytes[0]));
-        }
-        if bytes.len() < HEADER + TAG {
+        let header = match bytes[0] {
+            VERSION => HEADER,
+            1 => HEADER_V1,
+            v => return Err(EnvelopeError::Version(v)),
+        };
+        if bytes.len() < header + TAG {
             return Err(EnvelopeError::Truncated);
         }
         let (body, tag) = bytes.split_at(bytes.len() - TAG);
@@ -107,17 +121,20 @@ impl Entry {
         if flags & !1 != 0 {
             return Err(EnvelopeError::Malformed);
         }
-        let len = u16::from_be_bytes([body[42], body[43]]) as usize;
-        if len > MAX_REASON || body.len() != HEADER + len {
+        let len = u16::from_be_bytes([body[header - 2], body[header - 1]]) as usize;
+        if len > MAX_REASON || body.len() != header + len {
             return Err(EnvelopeError::Malformed);
         }
-        let reason = std::str::from_utf8(&body[HEADER..]).map_err(|_| EnvelopeError::Malformed)?;
+        let reason = std::str::from_utf8(&body[header..]).map_err(|_| EnvelopeError::Malformed)?;
+        // v2 has computed_at at 10; both have the four epochs just before the reason length.
+        let (computed_at_ms, epochs) = if header == HEADER { (u64_at(10), 18) } else { (0, 10) };
         Ok(Entry {
             allowed: flags & 1 == 1,
             reason: (!reason.is_empty()).then(|| Arc::from(reason)),
             valid_until_ms: u64_at(2),
+            computed_at_ms,
             local_until_ms: 0,
-            stamp: EpochStamp::from_shared([u64_at(10), u64_at(18), u64_at(26), u64_at(34)]),
+            stamp: EpochStamp::from_shared([u64_at(epochs), u64_at(epochs + 8), u64_at(epochs + 16), u64_at(epochs + 24)]),
         })
     }
 }
@@ -162,6 +179,7 @@ mod tests {
             allowed: true,
             reason: Some("ok".into()),
             valid_until_ms: 1_700_000_060_000,
+            computed_at_ms: 1_700_000_000_000,
             local_until_ms: 0,
             stamp: EpochStamp::from_shared([1, 2, 3, 4]),
         }
@@ -191,9 +209,32 @@ mod tests {
             assert!(Entry::decode(&bytes[..n], &keys, &id).is_err(), "truncated to {n}");
         }
         let mut future = bytes.clone();
-        future[0] = 2;
-        assert_eq!(Entry::decode(&future, &keys, &id), Err(EnvelopeError::Version(2)));
+        future[0] = 3;
+        assert_eq!(Entry::decode(&future, &keys, &id), Err(EnvelopeError::Version(3)));
         assert!(Entry::decode(b"allow", &keys, &id).is_err());
+    }
+
+    #[test]
+    fn version_1_envelopes_still_read_with_an_unknown_age() {
+        let keys = Keys::derive(b"0123456789abcdef0123456789abcdef");
+        let id = [7u8; 32];
+        // A v1 envelope as 0.1 wrote it.
+        let mut v1 = vec![1u8, 1];
+        v1.extend_from_slice(&1_700_000_060_000u64.to_be_bytes());
+        for e in [1u64, 2, 3, 4] {
+            v1.extend_from_slice(&e.to_be_bytes());
+        }
+        v1.extend_from_slice(&2u16.to_be_bytes());
+        v1.extend_from_slice(b"ok");
+        let tag = keys.mac(&[&id, &v1]);
+        v1.extend_from_slice(&tag);
+        let read = Entry::decode(&v1, &keys, &id).unwrap();
+        assert_eq!(read, Entry { computed_at_ms: 0, ..entry() });
+        assert_eq!(read.decision(DecisionSource::L1).age(), None);
+        // A v1 header under a v2 version byte fails (the MAC covers the version).
+        let mut relabelled = v1.clone();
+        relabelled[0] = 2;
+        assert!(Entry::decode(&relabelled, &keys, &id).is_err());
     }
 
     #[test]

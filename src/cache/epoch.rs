@@ -179,6 +179,11 @@ impl Epochs {
         self.source.load(Ordering::SeqCst).saturating_add(1).max(self.clock.now_us()).min(EPOCH_MAX)
     }
 
+    /// The highest value seen or made here.
+    pub(crate) fn highest_seen(&self) -> u64 {
+        self.source.load(Ordering::SeqCst)
+    }
+
     /// Bumps that a store answered with a value this process already had.
     #[cfg(test)]
     pub(crate) fn regressions(&self) -> u64 {

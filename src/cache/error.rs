@@ -26,11 +26,18 @@ pub enum CheckErrorKind {
     /// Invalidations kept landing while the decision was computed: at least three times, and
     /// for longer than the authorizer timeout (or sixteen times).
     Unstable,
+    /// The check required a [`ConsistencyToken`](crate::consistency::ConsistencyToken) that was
+    /// refused (see [`TokenError`](crate::consistency::TokenError), its source).
+    Token,
 }
 
 impl CheckError {
     pub(crate) fn new(kind: CheckErrorKind, source: Option<BoxError>) -> Self {
         Self { kind, source: source.map(Arc::from) }
+    }
+
+    pub(crate) fn token(e: crate::consistency::TokenError) -> Self {
+        Self::new(CheckErrorKind::Token, Some(Box::new(e)))
     }
 
     /// The kind of failure.
@@ -57,6 +64,7 @@ impl fmt::Display for CheckError {
             CheckErrorKind::Timeout => "authorizer timed out",
             CheckErrorKind::Panicked => "authorizer panicked",
             CheckErrorKind::Unstable => "decision invalidated while computed, repeatedly",
+            CheckErrorKind::Token => "consistency token refused",
         })
     }
 }

@@ -10,12 +10,18 @@ use super::epoch::Target;
 use super::key::{CacheKey, Keys, Scope, ShortHash};
 use super::{Inner, unfinished};
 use crate::Principal;
+use crate::consistency::ConsistencyToken;
 use crate::invalidation::Invalidation;
 use crate::stats::Stats;
 use crate::tier::shared::EpochTarget;
 
 impl Inner {
-    pub(super) async fn apply_invalidation(&self, invalidation: &Invalidation, by: Option<&str>) -> Result<(), ()> {
+    /// Applies an invalidation; on success, the token of the epoch value it produced.
+    pub(super) async fn apply_invalidation(
+        &self,
+        invalidation: &Invalidation,
+        by: Option<&str>,
+    ) -> Result<ConsistencyToken, ()> {
         let now = self.clock.now_ms();
         Stats::incr(match invalidation {
             Invalidation::Principal(_) => &self.stats.inv_principal,
@@ -34,15 +40,18 @@ impl Inner {
         // Cancellation safety: the other secret's scope is covered from the start, so a
         // drop during the first bump still applies it; its own bump takes the cover over.
         let other_unfinished = other.map(|o| unfinished::Unfinished::new(self, o));
-        let mut outcome = self.bump_epochs(target).await;
+        let (mut outcome, value) = self.bump_epochs(target).await;
         if let Some(other) = other {
             if let Some(cover) = other_unfinished {
                 cover.finish();
             }
-            outcome &= self.bump_epochs(other).await;
+            outcome &= self.bump_epochs(other).await.0;
         }
         audit_invalidation(invalidation, outcome, by);
-        let outcome = if outcome { Ok(()) } else { Err(()) };
+        let outcome = match value {
+            Some(value) if outcome => Ok(ConsistencyToken::issue(&self.keys, target, value)),
+            _ => Err(()),
+        };
         // Space reclamation, after the epochs made the entries stale (see MemoryTier::remove).
         match invalidation {
             Invalidation::Entry { principal, permission } => {
@@ -54,7 +63,8 @@ impl Inner {
         outcome
     }
 
-    /// Bumps one target's epoch (shared, then local); whether every shared tier got it.
+    /// Bumps one target's epoch (shared, then local); whether every shared tier got it, and the
+    /// value it now has everywhere (the authority's, or this process's without a shared tier).
     ///
     /// Shared first: the value the authority (the deepest tier) assigns is the one every
     /// instance, and every shared entry stamped from now on, agrees on; the mirrors are raised
@@ -64,16 +74,16 @@ impl Inner {
     /// for every instance to pay). When the authority fails, a shallower tier assigns a value so
     /// that the others hear of it now. This process is covered either way (a local bump), and
     /// the caller learns that the others may not be.
-    async fn bump_epochs(&self, target: Target) -> bool {
+    async fn bump_epochs(&self, target: Target) -> (bool, Option<u64>) {
         let Some(authority) = self.tiers.len().checked_sub(1) else {
-            self.epochs.bump_target(target);
-            return true;
+            return (true, Some(self.epochs.bump_target(target)));
         };
         let before = self.epochs.current_of(target);
         let retention = Duration::from_millis(self.shared_retention_ms);
         let shared = EpochTarget(target);
         let mut delivered = true;
         let mut settled = false;
+        let mut assigned = None;
         // Cancellation safety: dropped at an await below, what a failure there applies.
         let mut unfinished = unfinished::Unfinished::new(self, target);
         let tier = &self.tiers[authority].tier;
@@ -81,6 +91,7 @@ impl Inner {
             Ok(value) => {
                 self.epochs.settle_from(target, before, value);
                 settled = true;
+                assigned = Some(value);
                 unfinished.assigned(value, 0);
                 for m in 0..authority {
                     let mirror = &self.tiers[m].tier;
@@ -118,7 +129,7 @@ impl Inner {
             self.epochs.bump_local_only(target);
         }
         unfinished.finish();
-        delivered
+        (delivered, assigned)
     }
 }
 

@@ -9,6 +9,7 @@ use super::key::CacheKey;
 use super::read::SharedRead;
 use super::single_flight::{CatchUnwind, Join};
 use super::{CheckError, CheckErrorKind, Inner, Outcome};
+use crate::core::decision::DecisionSource;
 use crate::stats::Stats;
 use crate::{Permission, Principal};
 
@@ -44,7 +45,10 @@ impl Inner {
                     Stats::incr(&self.stats.single_flight_joins);
                     if let Ok(value) = rx.wait_for(Option::is_some).await {
                         if let Some(outcome) = value.clone() {
-                            return outcome;
+                            return outcome.map(|d| {
+                                let at = d.computed_at_ms();
+                                d.from_source(DecisionSource::Joined, at)
+                            });
                         }
                     }
                     // The leader went away without an answer: take over.
@@ -69,7 +73,9 @@ impl Inner {
         if let Some(key_id) = &key_id {
             for i in 0..self.tiers.len() {
                 match self.lookup_shared(i, key, key_id).await {
-                    SharedRead::Hit(entry) => return Ok(entry.decision()),
+                    SharedRead::Hit(entry) => {
+                        return Ok(entry.decision(DecisionSource::Tier(self.tiers[i].tier.level)));
+                    }
                     SharedRead::Miss => fresh = Some(i),
                     SharedRead::Unread => {}
                 }
@@ -93,7 +99,7 @@ impl Inner {
             let decision = match answer {
                 Ok(Ok(decision)) => {
                     self.stats.authorizer_succeeded();
-                    decision
+                    decision.from_source(DecisionSource::Authorizer, self.clock.now_ms())
                 }
                 Ok(Err(e)) => {
                     self.stats.authorizer_failed();

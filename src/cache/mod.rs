@@ -29,6 +29,7 @@ mod debts;
 pub(crate) mod entry;
 pub(crate) mod epoch;
 mod error;
+mod fresh;
 pub(crate) mod feed;
 mod invalidate;
 pub(crate) mod key;
@@ -81,6 +82,18 @@ fn sample_hit() -> bool {
 
 type Outcome = Result<Decision, CheckError>;
 
+/// The decision's provenance as fields of the check's span (nothing when the span is off).
+fn record_provenance(span: &tracing::Span, decision: &Decision) {
+    if span.is_disabled() {
+        return;
+    }
+    span.record("source", decision.source().as_str());
+    span.record("allowed", decision.is_allowed());
+    if let Some(age) = decision.age() {
+        span.record("age_ms", u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+    }
+}
+
 /// The tiered authorization cache: tiers, single flight, epochs and stats around your
 /// [`Authorizer`](crate::Authorizer).
 #[derive(Clone)]
@@ -121,6 +134,9 @@ pub(crate) struct Inner {
     pending: std::sync::Mutex<debts::Pending>,
     /// Team-mate warming, when on.
     warming: Option<warm::Teammates>,
+    /// The highest epoch of a consistency token made under the other secret of a rotation that
+    /// has dropped L1 (see `fresh.rs`).
+    foreign_token: std::sync::atomic::AtomicU64,
     /// The background tasks (janitor, change feed, warming).
     tasks: tasks::Tasks,
 }
@@ -161,12 +177,19 @@ impl AuthzCache {
     ///
     /// An error means no decision could be obtained (authorizer failed, timed out or panicked,
     /// and nothing valid was cached): callers must treat it as "not allowed".
+    ///
+    /// The decision says where it came from and how old it is ([`Decision::source`],
+    /// [`Decision::age`]); so does the `authz_check` tracing span (target `authz_cache`, level
+    /// debug) around the check, as its fields `source`, `age_ms` and `allowed`.
     pub async fn check(&self, principal: &Principal, permission: &Permission) -> Result<Decision, CheckError> {
+        use tracing::field::Empty;
+        let span = tracing::debug_span!(target: "authz_cache", "authz_check", source = Empty, age_ms = Empty, allowed = Empty);
         // Reading the clock is a good share of an L1 hit's cost on some VMs: hits are timed one
         // in `HIT_SAMPLE`; misses always, from the L1 miss on.
         let start = sample_hit().then(Instant::now);
         let key = CacheKey::new(principal, permission);
         if let Some(decision) = self.inner.lookup_l1(&key, true, true) {
+            record_provenance(&span, &decision);
             if let Some(start) = start {
                 let elapsed = start.elapsed();
                 self.inner.stats.l1_hit_latency.record(elapsed);
@@ -179,7 +202,11 @@ impl AuthzCache {
         self.note_active(principal);
         // Boxed: the miss path's state (flight, timeout, authorizer future) is large, and
         // keeping it out of this future keeps the hit path free of big moves.
-        let outcome = Box::pin(self.inner.miss(key, principal, permission)).await;
+        let outcome =
+            Box::pin(tracing::Instrument::instrument(self.inner.miss(key, principal, permission), span.clone())).await;
+        if let Ok(decision) = &outcome {
+            record_provenance(&span, decision);
+        }
         let elapsed = start.elapsed();
         self.inner.stats.miss_latency.record(elapsed);
         #[cfg(feature = "metrics")]
@@ -260,7 +287,11 @@ impl AuthzCache {
     /// instance), then to this process. Every cached decision it covers, including any being
     /// computed right now, is a miss in this process from the moment this returns; in other
     /// instances, as soon as the backplane delivers it (or their L2 reads see the shared epoch).
-    pub(crate) async fn apply_invalidation(&self, invalidation: &Invalidation, by: Option<&str>) -> Result<(), ()> {
+    pub(crate) async fn apply_invalidation(
+        &self,
+        invalidation: &Invalidation,
+        by: Option<&str>,
+    ) -> Result<crate::consistency::ConsistencyToken, ()> {
         self.inner.apply_invalidation(invalidation, by).await
     }
 

@@ -9,6 +9,7 @@ use super::epoch::Epochs;
 use super::key::{CacheKey, Keys, Scope, ShortHash};
 use super::{Inner, write_behind};
 use crate::Decision;
+use crate::core::decision::DecisionSource;
 use crate::stats::Stats;
 use crate::tier::shared::ScopeHashes;
 
@@ -70,7 +71,7 @@ impl Inner {
                 }
                 None
             }
-            Some(e) => Some(e.decision()),
+            Some(e) => Some(e.decision(DecisionSource::L1)),
         };
         if count {
             Stats::incr(if result.is_some() { &self.stats.l1_hits } else { &self.stats.l1_misses });
@@ -224,16 +225,16 @@ impl Inner {
         let hashes = Epochs::hashes_under(&rotation.keys, key);
         let mut found = None;
         for i in 0..self.tiers.len() {
-            found = self.read_tier(i, &rotation.keys, key, &key_id, &hashes).await.hit();
+            found = self.read_tier(i, &rotation.keys, key, &key_id, &hashes).await.hit().map(|e| (i, e));
             if found.is_some() {
                 break;
             }
         }
-        let mut entry = found?;
+        let (i, mut entry) = found?;
         entry.valid_until_ms = entry.valid_until_ms.min(rotation.until_ms);
         entry.stamp = current;
         tracing::debug!(target: "authz_cache", principal = %ShortHash::of(&key.principal), "hit under the rotation's other secret");
-        let decision = entry.decision();
+        let decision = entry.decision(DecisionSource::Tier(self.tiers[i].tier.level));
         self.insert_l1(key.clone(), entry);
         Some(decision)
     }

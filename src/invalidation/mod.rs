@@ -29,6 +29,7 @@ use std::task::{Context, Poll};
 
 use tower::Service;
 
+use crate::consistency::ConsistencyToken;
 use crate::{AuthzCache, Permission, Principal};
 
 /// What to forget.
@@ -87,10 +88,15 @@ impl AuthzCache {
     /// Applies an invalidation. When this returns, no decision it covers is served by this
     /// cache, including decisions whose computation was already under way.
     ///
-    /// With L2, the invalidation also goes to the shared epochs and the backplane, so every
-    /// instance stops serving what it covers; if Redis cannot be reached it is applied to this
-    /// process only and an [`InvalidationError`] says so.
-    pub async fn invalidate(&self, invalidation: &Invalidation) -> Result<(), InvalidationError> {
+    /// With shared tiers, the invalidation also goes to the shared epochs and the backplane, so
+    /// every instance stops serving what it covers; if the tiers cannot be reached it is applied
+    /// to this process only and an [`InvalidationError`] says so.
+    ///
+    /// The [`ConsistencyToken`] returned proves the invalidation: a check on any instance that
+    /// shares the secret and requires it ([`AuthzCache::check_at_least_as_fresh`], or the layer's
+    /// `authz-consistency` header) serves nothing computed before it, whatever the backplane has
+    /// delivered yet. Give it to the client whose next request must see the change.
+    pub async fn invalidate(&self, invalidation: &Invalidation) -> Result<ConsistencyToken, InvalidationError> {
         self.apply_invalidation(invalidation, None).await.map_err(|()| InvalidationError { _private: () })
     }
 
@@ -100,7 +106,7 @@ impl AuthzCache {
         &self,
         invalidation: &Invalidation,
         requested_by: &Principal,
-    ) -> Result<(), InvalidationError> {
+    ) -> Result<ConsistencyToken, InvalidationError> {
         self.apply_invalidation(invalidation, Some(requested_by.id()))
             .await
             .map_err(|()| InvalidationError { _private: () })
@@ -112,14 +118,15 @@ impl AuthzCache {
     }
 }
 
-/// `tower::Service<Invalidation>` over an [`AuthzCache`]. Always ready; cheap to clone.
+/// `tower::Service<Invalidation>` over an [`AuthzCache`]: answers each invalidation with its
+/// [`ConsistencyToken`]. Always ready; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct InvalidationService {
     cache: AuthzCache,
 }
 
 impl Service<Invalidation> for InvalidationService {
-    type Response = ();
+    type Response = ConsistencyToken;
     type Error = InvalidationError;
     type Future = InvalidationFuture;
 
@@ -135,7 +142,7 @@ impl Service<Invalidation> for InvalidationService {
 
 /// The future returned by [`InvalidationService`].
 pub struct InvalidationFuture {
-    inner: Pin<Box<dyn Future<Output = Result<(), InvalidationError>> + Send>>,
+    inner: Pin<Box<dyn Future<Output = Result<ConsistencyToken, InvalidationError>> + Send>>,
 }
 
 impl fmt::Debug for InvalidationFuture {
@@ -145,7 +152,7 @@ impl fmt::Debug for InvalidationFuture {
 }
 
 impl Future for InvalidationFuture {
-    type Output = Result<(), InvalidationError>;
+    type Output = Result<ConsistencyToken, InvalidationError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.inner.as_mut().poll(cx)
