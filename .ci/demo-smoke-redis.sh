@@ -34,7 +34,16 @@ sleep 0.2 # write-behind
 check "bob GET on 2" 200 "$(code -H 'Authorization: Bearer bob-token' "http://127.0.0.1:$P2/documents/1")"
 check "instance 2 answered from L2" 1 "$(json $P2 'd["tiers"]["l2"]["hits"]')"
 check "bob GET on 2 again (L1)" 200 "$(code -H 'Authorization: Bearer bob-token' "http://127.0.0.1:$P2/documents/1")"
-check "alice sets bob to none on 1" 204 "$(code -X PUT -H 'Authorization: Bearer alice-token' -d '{"role":"none"}' "http://127.0.0.1:$P1/admin/users/bob/role")"
+# The README's read-your-writes walkthrough: the role change answers with a consistency token,
+# and a request that carries it to the other instance is at least as fresh as the change.
+put=$(curl -s -D - -o /dev/null -X PUT -H 'Authorization: Bearer alice-token' -d '{"role":"none"}' "http://127.0.0.1:$P1/admin/users/bob/role")
+check "alice sets bob to none on 1" 204 "$(echo "$put" | head -1 | awk '{print $2}')"
+T=$(echo "$put" | sed -n 's/^authz-consistency: //Ip' | tr -d '\r')
+check "the answer carries a consistency token" 1 "$(echo "$T" | grep -cE '^v1\.p\.[0-9a-f]{16}\.[0-9]+\.[0-9a-f]{64}$' || true)"
+check "bob's very next GET on 2, with the token" 403 "$(code -H 'Authorization: Bearer bob-token' -H "authz-consistency: $T" "http://127.0.0.1:$P2/documents/1")"
+check "instance 2 applied it" 1 "$(json $P2 'd["tokens_applied"]')"
+forged="${T%?}$([ "${T: -1}" = 0 ] && echo 1 || echo 0)" # its MAC's last digit changed
+check "a forged token is a 400" 400 "$(code -H 'Authorization: Bearer bob-token' -H "authz-consistency: $forged" "http://127.0.0.1:$P2/documents/1")"
 check "bob's very next GET on 2" 403 "$(code -H 'Authorization: Bearer bob-token' "http://127.0.0.1:$P2/documents/1")"
 check "bob's very next GET on 1" 403 "$(code -H 'Authorization: Bearer bob-token' "http://127.0.0.1:$P1/documents/1")"
 check "breaker closed on 2" closed "$(json $P2 'd["tiers"]["l2"]["breaker"]')"

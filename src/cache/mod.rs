@@ -42,6 +42,8 @@ mod tasks;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_consistency;
+#[cfg(test)]
 mod tests_shared;
 mod unfinished;
 pub(crate) mod warm;

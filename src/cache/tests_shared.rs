@@ -8,18 +8,18 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::tier::testing::MemoryShared;
 use crate::{AuthzCache, AuthzCacheBuilder, BoxError, Decision, Invalidation, Permission, Principal};
 
-const SECRET: &str = "unit-test secret, 32 bytes long!";
-const OTHER: &str = "the other secret of a rotation!!";
+pub(super) const SECRET: &str = "unit-test secret, 32 bytes long!";
+pub(super) const OTHER: &str = "the other secret of a rotation!!";
 
 /// An authorizer that allows while `allow` is set, counting its calls.
 #[derive(Clone, Default)]
-struct Truth {
-    deny: Arc<AtomicBool>,
-    calls: Arc<AtomicUsize>,
+pub(super) struct Truth {
+    pub(super) deny: Arc<AtomicBool>,
+    pub(super) calls: Arc<AtomicUsize>,
 }
 
 impl Truth {
-    fn builder(&self) -> AuthzCacheBuilder {
+    pub(super) fn builder(&self) -> AuthzCacheBuilder {
         let t = self.clone();
         AuthzCache::builder(move |_: Principal, _: Permission| {
             let t = t.clone();
@@ -32,20 +32,20 @@ impl Truth {
         .max_staleness(Duration::from_millis(500))
     }
 
-    fn calls(&self) -> usize {
+    pub(super) fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
     }
 }
 
-fn bob() -> Principal {
+pub(super) fn bob() -> Principal {
     Principal::new("bob")
 }
 
-fn read(doc: u32) -> Permission {
+pub(super) fn read(doc: u32) -> Permission {
     Permission::new(format!("documents:{doc}"), "read")
 }
 
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+pub(super) async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
         assert!(start.elapsed() < Duration::from_secs(5), "timed out waiting for {what}");
@@ -53,7 +53,7 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-async fn ready(cache: &AuthzCache) {
+pub(super) async fn ready(cache: &AuthzCache) {
     tokio::time::timeout(Duration::from_secs(5), cache.ready()).await.expect("the backplane is heard");
 }
 
