@@ -42,6 +42,7 @@ use crate::{BoxError, Decision, Permission, Principal};
 pub struct PostgresRbacAuthorizer {
     pool: bb8::Pool<Manager>,
     sql: [String; 4],
+    batch_sql: String,
     teammates_sql: String,
 }
 
@@ -68,6 +69,12 @@ impl PostgresRbacAuthorizer {
             .build_unchecked(Checked(AsyncDieselConnectionManager::new(url)));
         Ok(Self {
             pool,
+            batch_sql: format!(
+                "SELECT EXISTS (SELECT 1 FROM {schema}.mv_user_authorization_context c WHERE c.user_id = $1 \
+                 AND c.action = t.action AND (c.resource_pattern = '*' OR c.resource_pattern = t.resource \
+                 OR (right(c.resource_pattern, 1) = '*' AND starts_with(t.resource, left(c.resource_pattern, -1))))) \
+                 AS granted FROM unnest($2, $3) WITH ORDINALITY AS t(resource, action, n) ORDER BY t.n"
+            ),
             teammates_sql: format!(
                 "SELECT teammate FROM {schema}.mv_team_collaboration_patterns WHERE principal = $1 \
                  ORDER BY shared_teams DESC, teammate LIMIT $2"
@@ -135,17 +142,64 @@ impl crate::Authorizer for PostgresRbacAuthorizer {
         )
         .await
         .map_err(BoxError::from)?;
-        Ok(if granted {
-            Decision::allow()
-        } else {
-            Decision::deny().with_reason(format!("no role grants {} on {}", permission.action(), permission.resource()))
-        })
+        Ok(Self::decision(granted, permission))
+    }
+
+    /// One statement for the whole batch.
+    async fn authorize_many(&self, principal: &Principal, permissions: &[Permission]) -> Result<Vec<Decision>, BoxError> {
+        self.authorize_batch(principal, permissions).await
     }
 }
 
 /// Team-mates from the reference schema's `mv_team_collaboration_patterns` (the principals who
 /// share the most teams), for
 /// [`AuthzCacheBuilder::warm_teammates`](crate::AuthzCacheBuilder::warm_teammates).
+impl PostgresRbacAuthorizer {
+    /// What a grant lookup turns into: the allow, or the deny with its reason.
+    fn decision(granted: bool, permission: &Permission) -> Decision {
+        if granted {
+            Decision::allow()
+        } else {
+            Decision::deny().with_reason(format!("no role grants {} on {}", permission.action(), permission.resource()))
+        }
+    }
+
+    /// The batch: one statement over the permissions as two arrays (`unnest ... WITH
+    /// ORDINALITY`), one row per permission, in order.
+    async fn authorize_batch(&self, principal: &Principal, permissions: &[Permission]) -> Result<Vec<Decision>, BoxError> {
+        #[derive(diesel::QueryableByName)]
+        struct Granted {
+            #[diesel(sql_type = Bool)]
+            granted: bool,
+        }
+        let resources: Vec<&str> = permissions.iter().map(Permission::resource).collect();
+        let actions: Vec<&str> = permissions.iter().map(Permission::action).collect();
+        let rows = pool::with_conn(
+            &self.pool,
+            |e| match e {
+                bb8::RunError::User(e) => format!("postgres authorizer: connect: {e}"),
+                bb8::RunError::TimedOut => "postgres authorizer: timed out waiting for a connection".to_owned(),
+            },
+            Result::is_ok,
+            async |conn| {
+                diesel::sql_query(self.batch_sql.as_str())
+                    .bind::<Text, _>(principal.id())
+                    .bind::<diesel::sql_types::Array<Text>, _>(&resources)
+                    .bind::<diesel::sql_types::Array<Text>, _>(&actions)
+                    .load::<Granted>(conn)
+                    .await
+                    .map_err(|e| format!("postgres authorizer: {}", PgFailure::from(e)))
+            },
+        )
+        .await
+        .map_err(BoxError::from)?;
+        if rows.len() != permissions.len() {
+            return Err(format!("postgres authorizer: {} rows for {} permissions", rows.len(), permissions.len()).into());
+        }
+        Ok(rows.into_iter().zip(permissions).map(|(row, p)| Self::decision(row.granted, p)).collect())
+    }
+}
+
 impl crate::tier::Teammates for PostgresRbacAuthorizer {
     fn teammates<'a>(&'a self, principal: &'a str, limit: usize) -> crate::tier::TierFuture<'a, Vec<String>> {
         #[derive(diesel::QueryableByName)]

@@ -377,6 +377,10 @@ impl Stats {
         counter.fetch_add(1, Relaxed);
     }
 
+    pub(crate) fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, Relaxed);
+    }
+
     pub(crate) fn authorizer_failed(&self) {
         self.authorizer_errors.fetch_add(1, Relaxed);
         self.authorizer_failing.fetch_add(1, Relaxed);

@@ -11,7 +11,8 @@ use super::single_flight::{CatchUnwind, Join};
 use super::{CheckError, CheckErrorKind, Inner, Outcome};
 use crate::core::decision::DecisionSource;
 use crate::stats::Stats;
-use crate::{Permission, Principal};
+use super::epoch::EpochStamp;
+use crate::{Decision, Permission, Principal};
 
 /// How many times an answer is computed when invalidations keep landing while it is computed:
 /// at least `MIN_ATTEMPTS`, then more (up to `MAX_ATTEMPTS`) while the first attempt started less
@@ -57,7 +58,7 @@ impl Inner {
         }
     }
 
-    async fn compute(&self, key: &CacheKey, principal: Principal, permission: Permission) -> Outcome {
+    pub(super) async fn compute(&self, key: &CacheKey, principal: Principal, permission: Permission) -> Outcome {
         // Another flight may have filled L1 between our miss and our registration.
         if let Some(decision) = self.lookup_l1(key, false, true) {
             return Ok(decision);
@@ -119,18 +120,31 @@ impl Inner {
                 }
                 continue;
             }
-            let configured = if decision.is_allowed() { self.allow_ttl_ms } else { self.deny_ttl_ms };
-            let ttl = decision.ttl_hint().map_or(configured, |hint| ms(hint).min(configured));
-            if ttl > 0 {
-                let valid_until_ms = self.clock.now_ms().saturating_add(ttl);
-                let entry = Entry::new(&decision, valid_until_ms, stamp);
-                if let (Some(key_id), Some(deepest)) = (&key_id, fresh) {
-                    self.write_behind(key, key_id, &entry, deepest);
-                }
-                self.insert_l1(key.clone(), entry);
-            }
+            self.store_fresh(key, key_id.as_ref(), fresh, &decision, stamp);
             return Ok(decision);
         }
         Err(CheckError::new(CheckErrorKind::Unstable, None))
+    }
+
+    /// Caches an answer the authorizer gave under `stamp` (the epochs read before it was asked):
+    /// in L1, and behind, in the shared tiers `0..=fresh` whose epochs were read.
+    pub(super) fn store_fresh(
+        &self,
+        key: &CacheKey,
+        key_id: Option<&[u8; 32]>,
+        fresh: Option<usize>,
+        decision: &Decision,
+        stamp: EpochStamp,
+    ) {
+        let configured = if decision.is_allowed() { self.allow_ttl_ms } else { self.deny_ttl_ms };
+        let ttl = decision.ttl_hint().map_or(configured, |hint| ms(hint).min(configured));
+        if ttl > 0 {
+            let valid_until_ms = self.clock.now_ms().saturating_add(ttl);
+            let entry = Entry::new(decision, valid_until_ms, stamp);
+            if let (Some(key_id), Some(deepest)) = (key_id, fresh) {
+                self.write_behind(key, key_id, &entry, deepest);
+            }
+            self.insert_l1(key.clone(), entry);
+        }
     }
 }

@@ -23,6 +23,7 @@
 //! # });
 //! ```
 
+mod batch;
 mod builder;
 pub(crate) mod clock;
 mod debts;
@@ -41,6 +42,8 @@ pub(crate) mod single_flight;
 mod tasks;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_batch;
 #[cfg(test)]
 mod tests_consistency;
 #[cfg(test)]

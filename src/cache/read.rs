@@ -85,12 +85,18 @@ impl Inner {
         let hashes = self.epochs.hashes(key);
         let read = self.read_tier(i, &self.keys, key, key_id, &hashes).await;
         if let SharedRead::Hit(entry) = &read {
-            if i > 0 {
-                self.write_behind(key, key_id, entry, i - 1);
-            }
-            self.insert_l1(key.clone(), entry.clone());
+            self.promote(i, key, key_id, entry);
         }
         read
+    }
+
+    /// A valid entry of tier `i`: copied to the shallower tiers, and into L1 (deadline
+    /// unchanged).
+    pub(super) fn promote(&self, i: usize, key: &CacheKey, key_id: &[u8; 32], entry: &Entry) {
+        if i > 0 {
+            self.write_behind(key, key_id, entry, i - 1);
+        }
+        self.insert_l1(key.clone(), entry.clone());
     }
 
     /// Reads and checks one entry of tier `i` under `keys` (counted), without promoting it.
@@ -108,43 +114,67 @@ impl Inner {
         key_id: &[u8; 32],
         hashes: &ScopeHashes,
     ) -> SharedRead {
-        let Some(slot) = self.tiers.get(i) else { return SharedRead::Unread };
+        let mut read = self.read_tier_batch(i, keys, &[(key, *key_id, *hashes)]).await;
+        read.pop().unwrap_or(SharedRead::Unread)
+    }
+
+    /// [`read_tier`](Self::read_tier) for several keys at once, in order: one tier call (the
+    /// single read for one key, [`read_many`](crate::tier::SharedTier::read_many) for more),
+    /// the same rules for each key.
+    pub(super) async fn read_tier_batch(
+        &self,
+        i: usize,
+        keys: &Keys,
+        items: &[(&CacheKey, [u8; 32], ScopeHashes)],
+    ) -> Vec<SharedRead> {
+        let unread = || items.iter().map(|_| SharedRead::Unread).collect();
+        let Some(slot) = self.tiers.get(i) else { return unread() };
         let tier = &*slot.tier;
         let authority = i + 1 == self.tiers.len();
         if !self.owes_nothing_from(i) || (!authority && !self.feed_trusted()) {
-            Stats::incr(&tier.counters.misses);
-            return SharedRead::Unread;
+            Stats::add(&tier.counters.misses, items.len());
+            return unread();
         }
         let max_age = Duration::from_millis(self.longest_ttl_ms);
+        let requests: Vec<_> = items.iter().map(|(_, id, hashes)| (*id, *hashes)).collect();
+        let read_all = async || match &requests[..] {
+            [(id, hashes)] => tier.read(id, hashes, max_age).await.map(|read| vec![read]),
+            _ => tier.read_many(&requests, max_age).await,
+        };
         let mark = tier.high_water_mark();
-        let Some(mut read) = tier.read(key_id, hashes, max_age).await else { return SharedRead::Unread };
-        if read.pending_changes {
+        let Some(mut reads) = read_all().await else { return unread() };
+        if reads.iter().any(|r| r.pending_changes) {
             Stats::incr(&tier.counters.stale);
-            let Some(feed) = &self.feed else { return SharedRead::Unread };
+            let Some(feed) = &self.feed else { return unread() };
             let since = feed.now_ms();
             feed.hint();
             if tokio::time::timeout(FEED_CATCH_UP_WAIT, feed.caught_up_since(since)).await.is_err() {
-                return SharedRead::Unread;
+                return unread();
             }
-            let Some(again) = tier.read(key_id, hashes, max_age).await else { return SharedRead::Unread };
-            if again.pending_changes {
-                return SharedRead::Unread;
+            let Some(again) = read_all().await else { return unread() };
+            if again.iter().any(|r| r.pending_changes) {
+                return unread();
             }
-            read = again;
+            reads = again;
         }
         if authority {
-            if let Some(now) = read.high_water {
+            if let Some(now) = reads.iter().filter_map(|r| r.high_water).min() {
                 if !tier.kept_its_epochs(mark, now, &self.epochs) {
-                    Stats::incr(&tier.counters.rejected);
-                    return SharedRead::Unread;
+                    Stats::add(&tier.counters.rejected, items.len());
+                    return unread();
                 }
             }
         }
-        let read = self.accept_shared(tier.level, &tier.counters, keys, key, key_id, hashes, read.value, read.epochs);
-        if matches!(read, SharedRead::Hit(_)) {
-            tier.tier.count_hit(key_id);
+        let mut out = Vec::with_capacity(items.len());
+        for (read, (key, key_id, hashes)) in reads.into_iter().zip(items) {
+            let read =
+                self.accept_shared(tier.level, &tier.counters, keys, key, key_id, hashes, read.value, read.epochs);
+            if matches!(read, SharedRead::Hit(_)) {
+                tier.tier.count_hit(key_id);
+            }
+            out.push(read);
         }
-        read
+        out
     }
 
     /// Checks what a shared tier returned for `key`: merges the shared epochs read with it into

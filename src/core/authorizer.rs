@@ -33,6 +33,23 @@ pub trait Authorizer: Send + Sync + 'static {
         principal: &Principal,
         permission: &Permission,
     ) -> impl Future<Output = Result<Decision, BoxError>> + Send;
+
+    /// Decides several permissions of one principal: one decision per permission, in order
+    /// (the cache's batch checks, [`AuthzCache::check_many`](crate::AuthzCache::check_many), ask
+    /// their misses this way). The default calls [`authorize`](Self::authorize) for each,
+    /// concurrently; override it when the source of truth answers a batch in one round trip (as
+    /// `PostgresRbacAuthorizer` does). An `Err` means none of them could be decided; an answer
+    /// of another length is treated as one.
+    fn authorize_many(
+        &self,
+        principal: &Principal,
+        permissions: &[Permission],
+    ) -> impl Future<Output = Result<Vec<Decision>, BoxError>> + Send {
+        async move {
+            let all = futures_util::future::join_all(permissions.iter().map(|p| self.authorize(principal, p)));
+            all.await.into_iter().collect()
+        }
+    }
 }
 
 impl<F, Fut, E> Authorizer for F
@@ -56,6 +73,12 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>
 /// Object-safe form of [`Authorizer`], so the cache does not carry its type.
 pub(crate) trait DynAuthorizer: Send + Sync + 'static {
     fn authorize_owned(&self, principal: Principal, permission: Permission) -> BoxFuture<Result<Decision, BoxError>>;
+
+    fn authorize_many_owned(
+        &self,
+        principal: Principal,
+        permissions: Vec<Permission>,
+    ) -> BoxFuture<Result<Vec<Decision>, BoxError>>;
 }
 
 pub(crate) struct ErasedAuthorizer<A>(pub(crate) Arc<A>);
@@ -64,5 +87,14 @@ impl<A: Authorizer> DynAuthorizer for ErasedAuthorizer<A> {
     fn authorize_owned(&self, principal: Principal, permission: Permission) -> BoxFuture<Result<Decision, BoxError>> {
         let a = self.0.clone();
         Box::pin(async move { a.authorize(&principal, &permission).await })
+    }
+
+    fn authorize_many_owned(
+        &self,
+        principal: Principal,
+        permissions: Vec<Permission>,
+    ) -> BoxFuture<Result<Vec<Decision>, BoxError>> {
+        let a = self.0.clone();
+        Box::pin(async move { a.authorize_many(&principal, &permissions).await })
     }
 }

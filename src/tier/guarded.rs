@@ -78,6 +78,29 @@ impl Guarded {
     pub(crate) async fn read(&self, key_id: &KeyId, hashes: &ScopeHashes, max_age: Duration) -> Option<TierRead> {
         let started = Instant::now();
         let read = self.call(self.tier.read(key_id, hashes, max_age)).await;
+        self.observe_read(started, read)
+    }
+
+    /// A batch of reads in one guarded call (see [`SharedTier::read_many`]): `None` when it
+    /// failed, or answered the wrong number of reads.
+    pub(crate) async fn read_many(&self, reads: &[(KeyId, ScopeHashes)], max_age: Duration) -> Option<Vec<TierRead>> {
+        let started = Instant::now();
+        let read = self.call(self.tier.read_many(reads, max_age)).await.and_then(|answer| {
+            if answer.len() == reads.len() {
+                Ok(answer)
+            } else {
+                Err(GuardError::Failed(TierError::new(format!(
+                    "read_many answered {} reads for {}",
+                    answer.len(),
+                    reads.len()
+                ))))
+            }
+        });
+        self.observe_read(started, read)
+    }
+
+    /// A read's latency (unless the breaker answered) and failure, counted and logged.
+    fn observe_read<T>(&self, started: Instant, read: Result<T, CallError>) -> Option<T> {
         if !matches!(read, Err(GuardError::Open)) {
             let elapsed = started.elapsed();
             self.counters.read_latency.record(elapsed);

@@ -36,6 +36,19 @@ pub trait SharedTier: Send + Sync + 'static {
     /// be returned as absent; a tier that keeps deadlines of its own (Redis `PX`) can ignore it.
     fn read<'a>(&'a self, key_id: &'a KeyId, scopes: &'a ScopeHashes, max_age: Duration) -> TierFuture<'a, TierRead>;
 
+    /// Several [`read`](Self::read)s, answered in order, one [`TierRead`] per request (the
+    /// cache's batch checks use it: [`AuthzCache::check_many`](crate::AuthzCache::check_many)).
+    /// The default runs the reads concurrently, which costs one round trip of latency on a
+    /// multiplexed client; a store that can should answer the whole batch in one round trip
+    /// (Redis: one `MGET`; Postgres: one statement). An answer of another length is a failed
+    /// call.
+    fn read_many<'a>(&'a self, reads: &'a [(KeyId, ScopeHashes)], max_age: Duration) -> TierFuture<'a, Vec<TierRead>> {
+        Box::pin(async move {
+            let all = futures_util::future::join_all(reads.iter().map(|(id, scopes)| self.read(id, scopes, max_age)));
+            all.await.into_iter().collect()
+        })
+    }
+
     /// Stores a batch of entries, each until its deadline (at most
     /// [`TierSettings::write_batch`] of them; later ones of a key replace earlier ones).
     fn write<'a>(&'a self, batch: &'a [TierWrite]) -> TierFuture<'a, ()>;

@@ -140,7 +140,7 @@ impl MemoryShared {
         self.state.store.lock().unwrap_or_else(|e| e.into_inner()).entries.len()
     }
 
-    /// Calls so far: (reads, write batches, bumps, raises).
+    /// Calls so far: (reads, write batches, bumps, raises). A `read_many` is one read.
     pub fn calls(&self) -> (u64, u64, u64, u64) {
         let s = &self.state;
         (
@@ -160,6 +160,16 @@ impl MemoryShared {
             return Err(TierError::new("memory tier: failing (switch on)"));
         }
         Ok(())
+    }
+
+    /// One entry and its epochs, as stored now.
+    fn read_now(&self, store: &mut Store, key_id: &KeyId, scopes: &ScopeHashes) -> TierRead {
+        let now = Instant::now();
+        store.entries.retain(|_, (_, until)| *until > now);
+        let value = store.entries.get(key_id).map(|(v, _)| v.clone());
+        let epoch = |tag: &'static str, hash: u64| store.epochs.get(&(tag, hash)).copied().unwrap_or(0);
+        let epochs = [epoch("g", 0), epoch("p", scopes.principal), epoch("r", scopes.resource), epoch("k", scopes.entry)];
+        TierRead::new(value, Some(epochs)).with_high_water(store.high_water)
     }
 
     fn epochs_refused(&self) -> Result<(), TierError> {
@@ -196,14 +206,17 @@ impl SharedTier for MemoryShared {
         Box::pin(async move {
             self.enter().await?;
             self.state.reads.fetch_add(1, Ordering::SeqCst);
+            Ok(self.read_now(&mut self.store(), key_id, scopes))
+        })
+    }
+
+    /// The whole batch in one call (counted as one read).
+    fn read_many<'a>(&'a self, reads: &'a [(KeyId, ScopeHashes)], _max_age: Duration) -> TierFuture<'a, Vec<TierRead>> {
+        Box::pin(async move {
+            self.enter().await?;
+            self.state.reads.fetch_add(1, Ordering::SeqCst);
             let mut store = self.store();
-            let now = Instant::now();
-            store.entries.retain(|_, (_, until)| *until > now);
-            let value = store.entries.get(key_id).map(|(v, _)| v.clone());
-            let epoch = |tag: &'static str, hash: u64| store.epochs.get(&(tag, hash)).copied().unwrap_or(0);
-            let epochs =
-                [epoch("g", 0), epoch("p", scopes.principal), epoch("r", scopes.resource), epoch("k", scopes.entry)];
-            Ok(TierRead::new(value, Some(epochs)).with_high_water(store.high_water))
+            Ok(reads.iter().map(|(key_id, scopes)| self.read_now(&mut store, key_id, scopes)).collect())
         })
     }
 

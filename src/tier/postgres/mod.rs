@@ -426,6 +426,11 @@ impl SharedTier for PostgresTier {
         Box::pin(self.shared.read(key_id, scopes, ms_of(max_age)))
     }
 
+    /// The whole batch in one statement.
+    fn read_many<'a>(&'a self, reads: &'a [(KeyId, ScopeHashes)], max_age: Duration) -> TierFuture<'a, Vec<TierRead>> {
+        Box::pin(self.shared.read_many(reads, ms_of(max_age)))
+    }
+
     fn write<'a>(&'a self, batch: &'a [TierWrite]) -> TierFuture<'a, ()> {
         Box::pin(self.shared.write_batch(batch))
     }

@@ -74,6 +74,71 @@ impl PostgresShared {
         Ok(if changes_pending { read.with_pending_changes() } else { read })
     }
 
+    /// Several reads in one statement (the same rules as [`read`](Self::read)), in order.
+    pub(crate) async fn read_many(
+        &self,
+        reads: &[([u8; 32], ScopeHashes)],
+        max_age_ms: u64,
+    ) -> Result<Vec<TierRead>, PgError> {
+        #[derive(diesel::QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = Nullable<Bytea>)]
+            value: Option<Vec<u8>>,
+            #[diesel(sql_type = BigInt)]
+            g: i64,
+            #[diesel(sql_type = BigInt)]
+            p: i64,
+            #[diesel(sql_type = BigInt)]
+            r: i64,
+            #[diesel(sql_type = BigInt)]
+            k: i64,
+            #[diesel(sql_type = Bool)]
+            pending: bool,
+        }
+        let s = &self.schema;
+        let epoch = |tag: &str, hash: &str| {
+            format!("COALESCE((SELECT value FROM {s}.authz_cache_epochs WHERE scope = '{tag}' AND hash = {hash}), 0)")
+        };
+        let sql = format!(
+            "SELECT (SELECT value FROM {s}.authz_cache_entries WHERE key = t.key \
+               AND written_at > now() - interval '1 millisecond' * $2) AS value, \
+             {} AS g, {} AS p, {} AS r, {} AS k, EXISTS (SELECT 1 FROM {s}.authz_cache_changes) AS pending \
+             FROM unnest($1, $3, $4, $5) WITH ORDINALITY AS t(key, ph, rh, kh, n) ORDER BY t.n",
+            epoch("g", "0"),
+            epoch("p", "t.ph"),
+            epoch("r", "t.rh"),
+            epoch("k", "t.kh"),
+        );
+        let keys: Vec<&[u8]> = reads.iter().map(|(k, _)| &k[..]).collect();
+        let hash = |f: fn(&ScopeHashes) -> u64| reads.iter().map(|(_, h)| f(h) as i64).collect::<Vec<i64>>();
+        let (ph, rh, kh) = (hash(|h| h.principal), hash(|h| h.resource), hash(|h| h.entry));
+        let max_age_ms = i64::try_from(max_age_ms).unwrap_or(i64::MAX);
+        let rows = self
+            .with_conn(async |conn| {
+                diesel::sql_query(sql)
+                    .bind::<Array<Bytea>, _>(keys)
+                    .bind::<BigInt, _>(max_age_ms)
+                    .bind::<Array<BigInt>, _>(ph)
+                    .bind::<Array<BigInt>, _>(rh)
+                    .bind::<Array<BigInt>, _>(kh)
+                    .load::<Row>(conn)
+                    .await
+                    .map_err(PgFailure::from)
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let epochs = match [row.g, row.p, row.r, row.k].map(|v| u64::try_from(v).ok()) {
+                    [Some(g), Some(p), Some(r), Some(k)] => Some([g, p, r, k]),
+                    _ => None,
+                };
+                let read = TierRead::new(row.value, epochs);
+                if row.pending { read.with_pending_changes() } else { read }
+            })
+            .collect())
+    }
+
     /// Upserts a batch of rows (one statement).
     pub(super) async fn write_batch(&self, rows: &[TierWrite]) -> Result<(), PgError> {
         let s = &self.schema;

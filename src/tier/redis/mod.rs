@@ -334,6 +334,40 @@ impl SharedTier for RedisTier {
         })
     }
 
+    /// The whole batch in one `MGET`: each entry with its three scoped epochs, and the global
+    /// epoch and the high water once.
+    fn read_many<'a>(&'a self, reads: &'a [(KeyId, ScopeHashes)], _max_age: Duration) -> TierFuture<'a, Vec<TierRead>> {
+        Box::pin(async move {
+            let s = &self.shared;
+            let mut cmd = redis::cmd("MGET");
+            cmd.arg(&s.global_key).arg(&s.seq_key);
+            for (key_id, scopes) in reads {
+                cmd.arg(s.data_key(key_id))
+                    .arg(s.epoch_key(Scope::Principal, scopes.principal))
+                    .arg(s.epoch_key(Scope::Resource, scopes.resource))
+                    .arg(s.epoch_key(Scope::Entry, scopes.entry));
+            }
+            let values: Vec<Option<Vec<u8>>> = s.run(&cmd).await.map_err(failed)?;
+            if values.len() != 2 + 4 * reads.len() {
+                return Err(TierError::new("redis: MGET answered the wrong number of values"));
+            }
+            let global = parse_epoch(&values[0]);
+            let high_water = parse_epoch(&values[1]).unwrap_or(0);
+            let mut values = values.into_iter().skip(2);
+            let mut out = Vec::with_capacity(reads.len());
+            for _ in reads {
+                let mut next = || values.next().flatten();
+                let (value, p, r, k) = (next(), next(), next(), next());
+                let epochs = match (global, parse_epoch(&p), parse_epoch(&r), parse_epoch(&k)) {
+                    (Some(g), Some(p), Some(r), Some(k)) => Some([g, p, r, k]),
+                    _ => None,
+                };
+                out.push(TierRead::new(value, epochs).with_high_water(high_water));
+            }
+            Ok(out)
+        })
+    }
+
     /// One `SET ... PX` per entry, pipelined.
     fn write<'a>(&'a self, batch: &'a [TierWrite]) -> TierFuture<'a, ()> {
         Box::pin(async move {
