@@ -545,3 +545,73 @@ async fn the_cache_migrates_without_the_reference_rbac_schema() {
     tier().migrate_with_reference_rbac().await.expect("the reference schema applies afterwards");
     assert!(exists("user_roles").await && exists("mv_user_authorization_context").await);
 }
+
+/// The reference authorizer answers a batch in one statement, in order, exactly as one check at
+/// a time would; and a batch checked by one instance is answered from the tiers by the others:
+/// from Redis when it is there, from L3 otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_one_statement_agree_with_single_checks_and_are_served_by_the_tiers() {
+    use tower_authz_cache::{Authorizer, DecisionSource};
+    let schema = migrated("batch").await;
+    let db = pg::client().await;
+    pg::seed_rbac(&db, &schema.0).await;
+    let authorizer = PostgresRbacAuthorizer::new(&pg::url(), &schema.0).unwrap();
+    let perms: Vec<Permission> = [
+        ("documents:1", "read"),
+        ("documents:2", "delete"),
+        ("admin", "manage"),
+        ("other:1", "read"),
+        ("documents:9", "write"),
+        ("documents:1", "read"),
+    ]
+    .into_iter()
+    .map(|(r, a)| Permission::new(r, a))
+    .collect();
+    let mut allows = 0;
+    for who in ["alice", "bob", "carol", "nobody"] {
+        let p = Principal::new(who);
+        let batch = authorizer.authorize_many(&p, &perms).await.unwrap();
+        assert_eq!(batch.len(), perms.len());
+        for (perm, decision) in perms.iter().zip(&batch) {
+            assert_eq!(&authorizer.authorize(&p, perm).await.unwrap(), decision, "{who} {perm}");
+            allows += usize::from(decision.is_allowed());
+        }
+    }
+    assert_eq!(allows, 5 + 2 + 3, "alice: all but other:1; bob: the two reads; carol: the reads and the write");
+    assert!(authorizer.authorize_many(&Principal::new("bob"), &[]).await.unwrap().is_empty());
+
+    let ns = Namespace::new("batch");
+    let instance = |redis: bool| {
+        let mut b = AuthzCache::builder(PostgresRbacAuthorizer::new(&pg::url(), &schema.0).unwrap())
+            .secret(SECRET)
+            .l3(l3(&schema, &pg::url()).build().unwrap());
+        if redis {
+            b = b.l2(RedisTier::builder(support::redis::url()).namespace(&ns.0).build().unwrap());
+        }
+        b.build()
+    };
+    let carol = Principal::new("carol");
+    let a = instance(true);
+    let first = a.check_many(&carol, &perms).await;
+    assert!(first.iter().all(|d| d.as_ref().unwrap().source() == DecisionSource::Authorizer), "{first:?}");
+    wait_for("both tiers' copies", Duration::from_secs(5), || {
+        let s = a.stats();
+        s.tiers.l2.unwrap().writes >= 5 && s.tiers.l3.unwrap().writes >= 5
+    })
+    .await;
+    let expected: Vec<bool> = first.iter().map(|d| d.as_ref().unwrap().is_allowed()).collect();
+    for (redis, level) in [(true, "l2"), (false, "l3")] {
+        let b = instance(redis);
+        // A mirror (L2) is read once the change feed is known caught up.
+        tokio::time::timeout(Duration::from_secs(5), b.ready()).await.expect("B's subscriptions and feed are up");
+        let out = b.check_many(&carol, &perms).await;
+        assert_eq!(out.iter().map(|d| d.as_ref().unwrap().is_allowed()).collect::<Vec<_>>(), expected);
+        assert!(out.iter().all(|d| d.as_ref().unwrap().source() == DecisionSource::Tier(level)), "{level}: {out:?}");
+        assert_eq!(b.stats().authorizer_calls, 0, "{level}");
+    }
+    // An invalidation through A: the batch read sees the new epoch and asks the authorizer.
+    a.invalidate(&Invalidation::principal("carol")).await.unwrap();
+    let b = instance(false);
+    let out = b.check_many(&carol, &perms).await;
+    assert!(out.iter().all(|d| d.as_ref().unwrap().source() == DecisionSource::Authorizer), "{out:?}");
+}
