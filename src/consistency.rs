@@ -155,7 +155,10 @@ impl fmt::Display for ConsistencyToken {
 
 impl fmt::Debug for ConsistencyToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConsistencyToken").field("target", &self.target).field("epoch", &self.value).finish_non_exhaustive()
+        f.debug_struct("ConsistencyToken")
+            .field("target", &self.target)
+            .field("epoch", &self.value)
+            .finish_non_exhaustive()
     }
 }
 

@@ -109,9 +109,9 @@ mod extract;
 pub mod __internals;
 
 pub use crate::cache::warm::WarmReport;
-pub use crate::consistency::{ConsistencyToken, TokenError};
 pub use crate::cache::{AuthzCache, AuthzCacheBuilder, BuildError, CheckError, CheckErrorKind};
 pub use crate::config::{CacheConfig, ConfigError, Mode, Secret};
+pub use crate::consistency::{ConsistencyToken, TokenError};
 pub use crate::core::authorizer::Authorizer;
 pub use crate::core::decision::{Decision, DecisionSource};
 pub use crate::core::permission::{Access, MapPermission, Permission, RouteTable};

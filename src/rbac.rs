@@ -146,7 +146,11 @@ impl crate::Authorizer for PostgresRbacAuthorizer {
     }
 
     /// One statement for the whole batch.
-    async fn authorize_many(&self, principal: &Principal, permissions: &[Permission]) -> Result<Vec<Decision>, BoxError> {
+    async fn authorize_many(
+        &self,
+        principal: &Principal,
+        permissions: &[Permission],
+    ) -> Result<Vec<Decision>, BoxError> {
         self.authorize_batch(principal, permissions).await
     }
 }
@@ -166,7 +170,11 @@ impl PostgresRbacAuthorizer {
 
     /// The batch: one statement over the permissions as two arrays (`unnest ... WITH
     /// ORDINALITY`), one row per permission, in order.
-    async fn authorize_batch(&self, principal: &Principal, permissions: &[Permission]) -> Result<Vec<Decision>, BoxError> {
+    async fn authorize_batch(
+        &self,
+        principal: &Principal,
+        permissions: &[Permission],
+    ) -> Result<Vec<Decision>, BoxError> {
         #[derive(diesel::QueryableByName)]
         struct Granted {
             #[diesel(sql_type = Bool)]
@@ -194,7 +202,9 @@ impl PostgresRbacAuthorizer {
         .await
         .map_err(BoxError::from)?;
         if rows.len() != permissions.len() {
-            return Err(format!("postgres authorizer: {} rows for {} permissions", rows.len(), permissions.len()).into());
+            return Err(
+                format!("postgres authorizer: {} rows for {} permissions", rows.len(), permissions.len()).into()
+            );
         }
         Ok(rows.into_iter().zip(permissions).map(|(row, p)| Self::decision(row.granted, p)).collect())
     }

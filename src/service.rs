@@ -40,10 +40,10 @@ use tower::Service;
 
 use crate::cache::key::ShortHash;
 use crate::cache::single_flight::CatchUnwind;
-use crate::future::ResponseFuture;
-use crate::response::{Responder, ResponseBody};
 use crate::consistency::ConsistencyToken;
+use crate::future::ResponseFuture;
 use crate::layer::Options;
+use crate::response::{Responder, ResponseBody};
 use crate::{Access, AuthzCache, Decision, DecisionSource, MapPermission, Rejection, RejectionKind, ResolvePrincipal};
 
 /// An authorized request: its parts, and the `Cache-Status` member to add to its response.
@@ -118,19 +118,16 @@ impl<R, M> Shared<R, M> {
 
 impl<R: ResolvePrincipal, M> Shared<R, M> {
     /// The consistency token the request carries (extension first, then the header), if any;
-    /// `Err` is the 400 for one that does not parse.
-    fn token(&self, parts: &Parts) -> Result<Option<ConsistencyToken>, Response<Bytes>> {
+    /// `Err` for a header that does not parse.
+    fn token(&self, parts: &Parts) -> Result<Option<ConsistencyToken>, ()> {
         if let Some(token) = parts.extensions.get::<ConsistencyToken>() {
             return Ok(Some(token.clone()));
         }
         let Some(value) = self.options.consistency_header.as_ref().and_then(|h| parts.headers.get(h)) else {
             return Ok(None);
         };
-        match value.to_str().map_err(|_| ()).and_then(|v| v.parse::<ConsistencyToken>().map_err(|_| ())) {
-            Ok(token) => Ok(Some(token)),
-            Err(()) => Err(Rejection::new(RejectionKind::BadRequest, "consistency token malformed")
-                .into_response(&self.respond)),
-        }
+        let text = value.to_str().map_err(|_| ())?;
+        text.parse::<ConsistencyToken>().map(Some).map_err(|_| ())
     }
 
     /// Resolves and checks; on allow returns the parts with the principal, permission and
@@ -176,7 +173,11 @@ impl<R: ResolvePrincipal, M> Shared<R, M> {
                     .into_response(&self.respond));
             }
         };
-        let token = self.token(&parts)?;
+        let Ok(token) = self.token(&parts) else {
+            return Err(
+                Rejection::new(RejectionKind::BadRequest, "consistency token malformed").into_response(&self.respond)
+            );
+        };
         if let Some(token) = &token {
             if let Err(e) = self.cache.require_fresh(token) {
                 return Err(Rejection::new(RejectionKind::BadRequest, e.to_string()).into_response(&self.respond));

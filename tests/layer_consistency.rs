@@ -90,7 +90,8 @@ async fn a_token_from_another_instance_is_read_from_the_header_and_makes_the_che
 async fn a_token_in_the_request_extensions_counts_too() {
     let truth = Truth::default();
     let a = truth.cache(SECRET);
-    let mut b = ServiceBuilder::new().layer(layer(truth.cache(SECRET)).without_consistency_header()).service(service_fn(inner));
+    let mut b =
+        ServiceBuilder::new().layer(layer(truth.cache(SECRET)).without_consistency_header()).service(service_fn(inner));
     assert_eq!(send(&mut b, get("/documents/1", Some("bob-token"))).await.0.status(), StatusCode::OK);
     truth.revoked.store(true, Ordering::SeqCst);
     let token: ConsistencyToken = a.invalidate(&Invalidation::principal("bob")).await.unwrap();
@@ -140,7 +141,8 @@ async fn cache_status_is_off_by_default_and_says_where_the_decision_came_from() 
     let (res, _) = send(&mut off, get("/documents/1", Some("bob-token"))).await;
     assert_eq!(values(&res), ["origin-cache; hit"]);
 
-    let mut on = ServiceBuilder::new().layer(layer(truth.cache(SECRET)).with_cache_status(true)).service(service_fn(inner));
+    let mut on =
+        ServiceBuilder::new().layer(layer(truth.cache(SECRET)).with_cache_status(true)).service(service_fn(inner));
     let (res, body) = send(&mut on, get("/documents/1", Some("bob-token"))).await;
     assert_eq!(body, "authorizer");
     assert_eq!(values(&res), ["origin-cache; hit", "tower-authz-cache; fwd=miss"]);

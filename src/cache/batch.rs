@@ -39,7 +39,11 @@ impl AuthzCache {
     /// assert_eq!(allowed, [true, false, true]);
     /// # });
     /// ```
-    pub async fn check_many(&self, principal: &Principal, permissions: &[Permission]) -> Vec<Result<Decision, CheckError>> {
+    pub async fn check_many(
+        &self,
+        principal: &Principal,
+        permissions: &[Permission],
+    ) -> Vec<Result<Decision, CheckError>> {
         let start = Instant::now();
         let (outcomes, missed) = self.inner.check_many(principal, permissions, || self.note_active(principal)).await;
         if missed {
@@ -117,15 +121,16 @@ impl Inner {
         let mut led: Vec<(usize, Leader<Outcome>)> = Vec::new();
         let mut followed = Vec::new();
         for (i, key) in keys.iter().enumerate() {
+            if let Some(decision) = self.lookup_l1(key, true, true) {
+                out[i] = Some(Ok(decision));
+                continue;
+            }
+            // Only misses are de-duplicated (a repeated hit is just read twice).
             if let Some(&j) = first.get(key) {
                 repeats.push((i, j));
                 continue;
             }
             first.insert(key, i);
-            if let Some(decision) = self.lookup_l1(key, true, true) {
-                out[i] = Some(Ok(decision));
-                continue;
-            }
             match self.flights.join(key) {
                 Join::Leader(leader) => led.push((i, leader)),
                 Join::Follower(rx) => {
@@ -159,7 +164,7 @@ impl Inner {
             out[i] = Some(match answer {
                 Some(outcome) => outcome.map(|d| {
                     let at = d.computed_at_ms();
-                    d.from_source(DecisionSource::Joined, at)
+                    d.served_from(DecisionSource::Joined, at)
                 }),
                 // The leader went away without an answer: the single path takes over.
                 None => Box::pin(self.miss(keys[i].clone(), principal, &permissions[i])).await,
@@ -178,7 +183,8 @@ impl Inner {
     /// The led keys of a batch: L1 again (another flight may have filled it), each shared tier
     /// once for all keys still missing, then the authorizer once.
     async fn compute_many(&self, principal: &Principal, items: &[(&CacheKey, &Permission)]) -> Vec<Outcome> {
-        let mut out: Vec<Option<Outcome>> = items.iter().map(|(key, _)| self.lookup_l1(key, false, true).map(Ok)).collect();
+        let mut out: Vec<Option<Outcome>> =
+            items.iter().map(|(key, _)| self.lookup_l1(key, false, true).map(Ok)).collect();
         let key_ids: Vec<Option<[u8; 32]>> =
             items.iter().map(|(key, _)| self.has_shared_tier().then(|| self.keys.key_id(key))).collect();
         // Per key, the deepest tier whose epochs were read (see `compute`).
@@ -239,7 +245,7 @@ impl Inner {
                             out[j] = Some(Box::pin(self.compute(key, principal.clone(), permission.clone())).await);
                             continue;
                         }
-                        let decision = decision.from_source(DecisionSource::Authorizer, now);
+                        let decision = decision.served_from(DecisionSource::Authorizer, now);
                         self.store_fresh(key, key_ids[j].as_ref(), fresh[j], &decision, stamp);
                         out[j] = Some(Ok(decision));
                     }
@@ -247,7 +253,10 @@ impl Inner {
                 }
                 Ok(Ok(decisions)) => Some(CheckError::new(
                     CheckErrorKind::Authorizer,
-                    Some(format!("authorize_many answered {} decisions for {} permissions", decisions.len(), ask.len()).into()),
+                    Some(
+                        format!("authorize_many answered {} decisions for {} permissions", decisions.len(), ask.len())
+                            .into(),
+                    ),
                 )),
                 Ok(Err(e)) => Some(CheckError::new(CheckErrorKind::Authorizer, Some(e))),
                 Err(_) => Some(CheckError::new(CheckErrorKind::Timeout, None)),

@@ -24,9 +24,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::Decision;
-use crate::core::decision::DecisionSource;
 use crate::cache::epoch::EpochStamp;
 use crate::cache::key::Keys;
+use crate::core::decision::DecisionSource;
 
 const VERSION: u8 = 2;
 const HEADER: usize = 52;
@@ -67,7 +67,7 @@ impl Entry {
 
     /// The decision, as served from `source`.
     pub(crate) fn decision(&self, source: DecisionSource) -> Decision {
-        let d = Decision::from_bool(self.allowed).from_source(source, self.computed_at_ms);
+        let d = Decision::from_bool(self.allowed).served_from(source, self.computed_at_ms);
         match &self.reason {
             Some(r) => d.with_reason(r.clone()),
             None => d,
@@ -134,7 +134,12 @@ impl Entry {
             valid_until_ms: u64_at(2),
             computed_at_ms,
             local_until_ms: 0,
-            stamp: EpochStamp::from_shared([u64_at(epochs), u64_at(epochs + 8), u64_at(epochs + 16), u64_at(epochs + 24)]),
+            stamp: EpochStamp::from_shared([
+                u64_at(epochs),
+                u64_at(epochs + 8),
+                u64_at(epochs + 16),
+                u64_at(epochs + 24),
+            ]),
         })
     }
 }

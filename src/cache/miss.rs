@@ -5,13 +5,13 @@ use std::time::Instant;
 
 use super::clock::ms;
 use super::entry::Entry;
+use super::epoch::EpochStamp;
 use super::key::CacheKey;
 use super::read::SharedRead;
 use super::single_flight::{CatchUnwind, Join};
 use super::{CheckError, CheckErrorKind, Inner, Outcome};
 use crate::core::decision::DecisionSource;
 use crate::stats::Stats;
-use super::epoch::EpochStamp;
 use crate::{Decision, Permission, Principal};
 
 /// How many times an answer is computed when invalidations keep landing while it is computed:
@@ -48,7 +48,7 @@ impl Inner {
                         if let Some(outcome) = value.clone() {
                             return outcome.map(|d| {
                                 let at = d.computed_at_ms();
-                                d.from_source(DecisionSource::Joined, at)
+                                d.served_from(DecisionSource::Joined, at)
                             });
                         }
                     }
@@ -100,7 +100,7 @@ impl Inner {
             let decision = match answer {
                 Ok(Ok(decision)) => {
                     self.stats.authorizer_succeeded();
-                    decision.from_source(DecisionSource::Authorizer, self.clock.now_ms())
+                    decision.served_from(DecisionSource::Authorizer, self.clock.now_ms())
                 }
                 Ok(Err(e)) => {
                     self.stats.authorizer_failed();

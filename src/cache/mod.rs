@@ -30,8 +30,8 @@ mod debts;
 pub(crate) mod entry;
 pub(crate) mod epoch;
 mod error;
-mod fresh;
 pub(crate) mod feed;
+mod fresh;
 mod invalidate;
 pub(crate) mod key;
 mod miss;
@@ -188,7 +188,8 @@ impl AuthzCache {
     /// debug) around the check, as its fields `source`, `age_ms` and `allowed`.
     pub async fn check(&self, principal: &Principal, permission: &Permission) -> Result<Decision, CheckError> {
         use tracing::field::Empty;
-        let span = tracing::debug_span!(target: "authz_cache", "authz_check", source = Empty, age_ms = Empty, allowed = Empty);
+        let span =
+            tracing::debug_span!(target: "authz_cache", "authz_check", source = Empty, age_ms = Empty, allowed = Empty);
         // Reading the clock is a good share of an L1 hit's cost on some VMs: hits are timed one
         // in `HIT_SAMPLE`; misses always, from the L1 miss on.
         let start = sample_hit().then(Instant::now);

@@ -415,7 +415,13 @@ fn copies_in_another_threads_front_die_with_the_entry() {
         Invalidation::entry("bob", read(1)),
         Invalidation::All,
     ] {
-        assert_eq!(round(&|| drop(main_rt.block_on(cache.invalidate(&inv)).unwrap())), 1, "{inv:?}");
+        assert_eq!(
+            round(&|| {
+                main_rt.block_on(cache.invalidate(&inv)).unwrap();
+            }),
+            1,
+            "{inv:?}"
+        );
     }
     assert_eq!(round(&|| clock.advance(Duration::from_secs(60))), 1, "expiry");
     drop(to_worker);

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use super::tests_shared::{SECRET, until};
 use crate::tier::testing::MemoryShared;
-use crate::{AuthzCache, Authorizer, BoxError, CheckErrorKind, Decision, DecisionSource, Invalidation, Permission, Principal};
+use crate::{
+    Authorizer, AuthzCache, BoxError, CheckErrorKind, Decision, DecisionSource, Invalidation, Permission, Principal,
+};
 
 /// Allows even documents (and documents in `also`); records every batch's size.
 #[derive(Clone, Default)]
@@ -199,9 +201,11 @@ async fn a_failed_batch_fails_closed_for_its_misses_only() {
     let truth = Batches::default();
     let cache = truth.cache();
     cache.check_many(&bob(), &docs(0..2)).await;
-    for (switch, kind) in
-        [(&truth.fail, CheckErrorKind::Authorizer), (&truth.wrong_length, CheckErrorKind::Authorizer), (&truth.panic, CheckErrorKind::Panicked)]
-    {
+    for (switch, kind) in [
+        (&truth.fail, CheckErrorKind::Authorizer),
+        (&truth.wrong_length, CheckErrorKind::Authorizer),
+        (&truth.panic, CheckErrorKind::Panicked),
+    ] {
         switch.store(true, Ordering::SeqCst);
         let out = cache.check_many(&bob(), &docs(0..4)).await;
         assert!(out[0].as_ref().unwrap().is_allowed() && out[1].is_ok(), "L1 hits still answer");

@@ -52,10 +52,7 @@ async fn a_token_makes_another_instance_as_fresh_as_the_invalidation_whatever_th
     // C, without a token: the documented bound. Its L1 is distrusted once its backplane is
     // silent for max_staleness (500 ms here); from then on it reads the shared epochs.
     assert!(allowed(&c).await, "C has heard nothing yet");
-    until("C stops serving the revoked allow", || {
-        check_from_a_thread(&c) == Some(false)
-    })
-    .await;
+    until("C stops serving the revoked allow", || check_from_a_thread(&c) == Some(false)).await;
     assert!(invalidated.elapsed() >= Duration::from_millis(400), "C was not cut off: the test proves nothing");
     assert!(invalidated.elapsed() < Duration::from_millis(500 + 1500), "bound: max_staleness (+ slack)");
 }

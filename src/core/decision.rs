@@ -162,7 +162,7 @@ impl Decision {
     }
 
     /// The same decision, as coming from `source`, made at `computed_at_ms`.
-    pub(crate) fn from_source(mut self, source: DecisionSource, computed_at_ms: u64) -> Self {
+    pub(crate) fn served_from(mut self, source: DecisionSource, computed_at_ms: u64) -> Self {
         self.source = source;
         self.computed_at_ms = computed_at_ms;
         self

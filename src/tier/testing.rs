@@ -168,7 +168,8 @@ impl MemoryShared {
         store.entries.retain(|_, (_, until)| *until > now);
         let value = store.entries.get(key_id).map(|(v, _)| v.clone());
         let epoch = |tag: &'static str, hash: u64| store.epochs.get(&(tag, hash)).copied().unwrap_or(0);
-        let epochs = [epoch("g", 0), epoch("p", scopes.principal), epoch("r", scopes.resource), epoch("k", scopes.entry)];
+        let epochs =
+            [epoch("g", 0), epoch("p", scopes.principal), epoch("r", scopes.resource), epoch("k", scopes.entry)];
         TierRead::new(value, Some(epochs)).with_high_water(store.high_water)
     }
 
