@@ -38,7 +38,13 @@ use tower_authz_cache::{Access, MapPermission, RouteTable};
 const SECRET: &[u8] = b"bench secret, 32 bytes long.....";
 
 fn envelope() -> Envelope {
-    Envelope { allowed: true, reason: None, valid_until_ms: 1_700_000_060_000, epochs: [1, 2, 3, 4] }
+    Envelope {
+        allowed: true,
+        reason: None,
+        valid_until_ms: 1_700_000_060_000,
+        computed_at_ms: 1_700_000_000_000,
+        epochs: [1, 2, 3, 4],
+    }
 }
 
 fn keys(c: &mut Criterion) {

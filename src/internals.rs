@@ -7,7 +7,8 @@
 //!
 //! let keys = SecretKeys::derive(b"0123456789abcdef0123456789abcdef");
 //! let id = keys.key_id("bob", "documents:1", "read");
-//! let bytes = Envelope { allowed: true, reason: None, valid_until_ms: 1, epochs: [1, 2, 3, 4] }.encode(&keys, &id);
+//! let env = Envelope { allowed: true, reason: None, valid_until_ms: 1, computed_at_ms: 0, epochs: [1, 2, 3, 4] };
+//! let bytes = env.encode(&keys, &id);
 //! assert!(Envelope::decode(&bytes, &keys, &id).is_ok());
 //! ```
 
@@ -56,6 +57,8 @@ pub struct Envelope {
     pub reason: Option<String>,
     /// Deadline, ms since the Unix epoch.
     pub valid_until_ms: u64,
+    /// When the authorizer answered, ms since the Unix epoch (0: unknown, a version 1 envelope).
+    pub computed_at_ms: u64,
     /// Shared epochs: global, principal, resource, entry.
     pub epochs: [u64; 4],
 }
@@ -63,7 +66,8 @@ pub struct Envelope {
 impl Envelope {
     /// The MAC'd bytes stored in Redis and Postgres under `key_id`.
     pub fn encode(&self, keys: &SecretKeys, key_id: &[u8]) -> Vec<u8> {
-        let mut decision = Decision::from_bool(self.allowed);
+        let mut decision =
+            Decision::from_bool(self.allowed).served_from(crate::DecisionSource::Authorizer, self.computed_at_ms);
         if let Some(r) = &self.reason {
             decision = decision.with_reason(r.clone());
         }
@@ -77,6 +81,7 @@ impl Envelope {
             allowed: entry.allowed,
             reason: entry.reason.as_deref().map(str::to_owned),
             valid_until_ms: entry.valid_until_ms,
+            computed_at_ms: entry.computed_at_ms,
             epochs: entry.stamp.shared(),
         })
     }

@@ -53,13 +53,18 @@
 //! future dropped at any await leaves nothing half-done. The README's "Security model" states
 //! every guarantee and what it costs.
 //!
+//! Beyond one check: [`AuthzCache::check_many`] decides a list of permissions with one round
+//! trip per tier and one authorizer call; an invalidation answers with a
+//! [`ConsistencyToken`] that makes any instance's next check at least as fresh
+//! ([`consistency`]); a [`Decision`] says where it came from and how old it is.
+//!
 //! # Layout
 //!
 //! The headline types are at the crate root ([`AuthzCache`], [`CachedAuthorizationLayer`],
 //! [`Principal`], [`Permission`], [`Decision`], [`Authorizer`], [`Invalidation`],
 //! [`CacheConfig`], ...). Each area is also a public module with its own docs and example:
 //! [`tier`] (the `SharedTier` and `LocalTier` traits, the in-process test tier),
-//! [`invalidation`], [`stats`], [`health`], [`monitor`], [`config`].
+//! [`invalidation`], [`consistency`], [`stats`], [`health`], [`monitor`], [`config`].
 //!
 //! # Features
 //!

@@ -33,6 +33,9 @@ struct Fixture {
     other_keys: SecretKeys,
 }
 
+/// The `computed_at` of the hand-built version 2 headers.
+const COMPUTED_AT: u64 = 1_700_000_000_000;
+
 fn fixture() -> Fixture {
     let keys = SecretKeys::derive(SECRET);
     Fixture {
@@ -57,21 +60,40 @@ fn seal(id: &[u8], body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Decodes under the fixture; whatever is accepted must re-encode to exactly the same bytes and
-/// be refused under another key id and another secret.
+/// Decodes under the fixture; whatever is accepted must re-encode to exactly the same bytes (a
+/// version 1 envelope, still read, to the version 1 encoding of what it decoded to) and be
+/// refused under another key id and another secret.
 fn decode(f: &Fixture, bytes: &[u8]) -> Result<Envelope, String> {
     let got = Envelope::decode(bytes, &f.keys, &f.id);
     if let Ok(env) = &got {
-        assert_eq!(env.encode(&f.keys, &f.id), bytes, "accepted bytes are not a genuine encoding");
+        let genuine = if bytes[0] == 1 { v1_encoding(f, env) } else { env.encode(&f.keys, &f.id) };
+        assert_eq!(genuine, bytes, "accepted bytes are not a genuine encoding");
         assert!(Envelope::decode(bytes, &f.keys, &f.other_id).is_err());
         assert!(Envelope::decode(bytes, &f.other_keys, &f.id).is_err());
     }
     got
 }
 
+/// The version 1 encoding (as 0.1 wrote it: no `computed_at`) of an envelope.
+fn v1_encoding(f: &Fixture, env: &Envelope) -> Vec<u8> {
+    let reason = env.reason.as_deref().unwrap_or("");
+    let mut body = vec![1, u8::from(env.allowed)];
+    body.extend_from_slice(&env.valid_until_ms.to_be_bytes());
+    for e in env.epochs {
+        body.extend_from_slice(&e.to_be_bytes());
+    }
+    body.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+    body.extend_from_slice(reason.as_bytes());
+    seal(&f.id, &body)
+}
+
+/// An envelope header: version 2's layout (with `computed_at`) for any version but 1.
 fn header(version: u8, flags: u8, declared_len: u16) -> Vec<u8> {
     let mut body = vec![version, flags];
     body.extend_from_slice(&1_700_000_060_000u64.to_be_bytes());
+    if version != 1 {
+        body.extend_from_slice(&COMPUTED_AT.to_be_bytes());
+    }
     for e in [1u64, 2, 3, 4] {
         body.extend_from_slice(&e.to_be_bytes());
     }
@@ -82,7 +104,13 @@ fn header(version: u8, flags: u8, declared_len: u16) -> Vec<u8> {
 #[test]
 fn envelope_seal_replica_matches_the_crate() {
     let f = fixture();
-    let env = Envelope { allowed: true, reason: Some("ok".into()), valid_until_ms: 5, epochs: [1, 2, 3, 4] };
+    let env = Envelope {
+        allowed: true,
+        reason: Some("ok".into()),
+        valid_until_ms: 5,
+        computed_at_ms: 3,
+        epochs: [1, 2, 3, 4],
+    };
     let genuine = env.encode(&f.keys, &f.id);
     assert_eq!(seal(&f.id, &genuine[..genuine.len() - TAG]), genuine);
 }
@@ -107,7 +135,13 @@ fn envelopes_round_trip_to_their_normal_form() {
     for (allowed, until, epochs) in [(true, 0, [0; 4]), (false, u64::MAX, [u64::MAX; 4]), (true, 1 << 56, [1, 0, 0, 1])]
     {
         for (reason, want) in &cases {
-            let env = Envelope { allowed, reason: reason.map(str::to_owned), valid_until_ms: until, epochs };
+            let env = Envelope {
+                allowed,
+                reason: reason.map(str::to_owned),
+                valid_until_ms: until,
+                computed_at_ms: until / 2,
+                epochs,
+            };
             let bytes = env.encode(&f.keys, &f.id);
             let got = decode(&f, &bytes).unwrap();
             assert_eq!(got, Envelope { reason: want.map(str::to_owned), ..env });
@@ -118,7 +152,13 @@ fn envelopes_round_trip_to_their_normal_form() {
 #[test]
 fn only_genuine_envelopes_verify() {
     let f = fixture();
-    let env = Envelope { allowed: false, reason: Some("no".into()), valid_until_ms: 9, epochs: [1, 2, 3, 4] };
+    let env = Envelope {
+        allowed: false,
+        reason: Some("no".into()),
+        valid_until_ms: 9,
+        computed_at_ms: 8,
+        epochs: [1, 2, 3, 4],
+    };
     let genuine = env.encode(&f.keys, &f.id);
     assert!(decode(&f, &genuine).is_ok());
     let mut edited: Vec<Vec<u8>> = Vec::new();
@@ -143,7 +183,7 @@ fn only_genuine_envelopes_verify() {
     forged[1] = 1;
     edited.push(forged);
     // Garbage of every interesting length.
-    for n in [0, 1, 43, 44, 75, 76, 77, 1100, 70_000] {
+    for n in [0, 1, 43, 44, 51, 52, 75, 76, 77, 83, 84, 85, 1100, 70_000] {
         edited.push(vec![1; n]);
         edited.push(vec![0; n]);
         edited.push(vec![0xff; n]);
@@ -165,38 +205,53 @@ fn authentic_but_malformed_bodies_are_refused() {
     };
     let refused: Vec<(&str, Vec<u8>)> = vec![
         ("version 0", with(header(0, 1, 0), b"")),
-        ("version 2", with(header(2, 1, 0), b"")),
-        ("flags 2", with(header(1, 2, 0), b"")),
-        ("flags 3", with(header(1, 3, 0), b"")),
-        ("flags 0x81", with(header(1, 0x81, 0), b"")),
-        ("declared 5, has 4", with(header(1, 1, 5), b"abcd")),
-        ("declared 3, has 4", with(header(1, 1, 3), b"abcd")),
-        ("declared 0, has 1", with(header(1, 1, 0), b"a")),
-        ("declared 65535, has 0", with(header(1, 1, u16::MAX), b"")),
-        ("reason over 1024", with(header(1, 0, 1025), &[b'a'; 1025])),
-        ("reason not utf-8", with(header(1, 0, 2), b"\xc3\x28")),
-        ("reason overlong utf-8", with(header(1, 0, 2), b"\xc0\xae")),
-        ("reason lone surrogate", with(header(1, 0, 3), b"\xed\xa0\x80")),
-        ("header cut short", header(1, 1, 0)[..43].to_vec()),
+        ("version 3", with(header(3, 1, 0), b"")),
+        ("a v1 header labelled 2", {
+            let mut v1 = header(1, 1, 0);
+            v1[0] = 2;
+            v1
+        }),
+        ("a v2 header labelled 1", {
+            let mut v2 = header(2, 1, 0);
+            v2[0] = 1;
+            v2
+        }),
+        ("header cut short", header(2, 1, 0)[..51].to_vec()),
+        ("v1 header cut short", header(1, 1, 0)[..43].to_vec()),
         ("empty body", Vec::new()),
     ];
+    let mut refused = refused;
+    for version in [1, 2] {
+        refused.extend([
+            ("flags 2", with(header(version, 2, 0), b"")),
+            ("flags 3", with(header(version, 3, 0), b"")),
+            ("flags 0x81", with(header(version, 0x81, 0), b"")),
+            ("declared 5, has 4", with(header(version, 1, 5), b"abcd")),
+            ("declared 3, has 4", with(header(version, 1, 3), b"abcd")),
+            ("declared 0, has 1", with(header(version, 1, 0), b"a")),
+            ("declared 65535, has 0", with(header(version, 1, u16::MAX), b"")),
+            ("reason over 1024", with(header(version, 0, 1025), &[b'a'; 1025])),
+            ("reason not utf-8", with(header(version, 0, 2), b"\xc3\x28")),
+            ("reason overlong utf-8", with(header(version, 0, 2), b"\xc0\xae")),
+            ("reason lone surrogate", with(header(version, 0, 3), b"\xed\xa0\x80")),
+        ]);
+    }
     for (what, body) in refused {
         assert!(decode(&f, &seal(&f.id, &body)).is_err(), "{what}");
     }
+    let envelope = |allowed: bool, reason: Option<String>, computed_at_ms: u64| Envelope {
+        allowed,
+        reason,
+        valid_until_ms: 1_700_000_060_000,
+        computed_at_ms,
+        epochs: [1, 2, 3, 4],
+    };
     let accepted: Vec<(Vec<u8>, Envelope)> = vec![
-        (
-            header(1, 0, 0),
-            Envelope { allowed: false, reason: None, valid_until_ms: 1_700_000_060_000, epochs: [1, 2, 3, 4] },
-        ),
-        (
-            with(header(1, 1, 1024), &[b'z'; 1024]),
-            Envelope {
-                allowed: true,
-                reason: Some("z".repeat(1024)),
-                valid_until_ms: 1_700_000_060_000,
-                epochs: [1, 2, 3, 4],
-            },
-        ),
+        (header(2, 0, 0), envelope(false, None, COMPUTED_AT)),
+        (with(header(2, 1, 1024), &[b'z'; 1024]), envelope(true, Some("z".repeat(1024)), COMPUTED_AT)),
+        // Version 1, as 0.1 wrote it: still read, its age unknown.
+        (header(1, 0, 0), envelope(false, None, 0)),
+        (with(header(1, 1, 1024), &[b'z'; 1024]), envelope(true, Some("z".repeat(1024)), 0)),
     ];
     for (body, want) in accepted {
         assert_eq!(decode(&f, &seal(&f.id, &body)), Ok(want));

@@ -11,7 +11,7 @@
 //!   extend): anything other than the genuine bytes must be refused;
 //! - remac: an arbitrary body sealed with the right MAC, to reach the parser behind the MAC: it
 //!   must accept exactly the well-formed bodies (checked against a reference parser written from
-//!   the format in `src/cache/entry.rs`).
+//!   the format in `src/cache/entry.rs`, versions 1 and 2).
 
 #![no_main]
 
@@ -23,7 +23,9 @@ use sha2::Sha256;
 use tower_authz_cache::__internals::{Envelope, SecretKeys};
 
 const SECRET: &[u8] = b"fuzz secret, 32 bytes long......";
-const HEADER: usize = 44;
+const HEADER: usize = 52;
+/// The header of a version 1 envelope (no `computed_at`), still read.
+const HEADER_V1: usize = 44;
 const TAG: usize = 32;
 const MAX_REASON: usize = 1024;
 
@@ -55,7 +57,13 @@ static FIX: LazyLock<Fixture> = LazyLock::new(|| {
 });
 
 fn sample() -> Envelope {
-    Envelope { allowed: true, reason: Some("ok".into()), valid_until_ms: 1_700_000_060_000, epochs: [1, 2, 3, 4] }
+    Envelope {
+        allowed: true,
+        reason: Some("ok".into()),
+        valid_until_ms: 1_700_000_060_000,
+        computed_at_ms: 1_700_000_000_000,
+        epochs: [1, 2, 3, 4],
+    }
 }
 
 fn seal(mac_key: &[u8], id: &[u8], body: &[u8]) -> [u8; 32] {
@@ -70,12 +78,28 @@ fn seal(mac_key: &[u8], id: &[u8], body: &[u8]) -> [u8; 32] {
 fn decode(bytes: &[u8]) -> Option<Envelope> {
     let fix = &*FIX;
     let env = Envelope::decode(bytes, &fix.keys, &fix.id).ok()?;
-    assert_eq!(env.encode(&fix.keys, &fix.id), bytes, "accepted bytes are not a genuine encoding: {env:?}");
+    let genuine = if bytes[0] == 1 { v1_encoding(&env) } else { env.encode(&fix.keys, &fix.id) };
+    assert_eq!(genuine, bytes, "accepted bytes are not a genuine encoding: {env:?}");
     assert!(env.reason.as_ref().is_none_or(|r| !r.is_empty() && r.len() <= MAX_REASON));
     // Bound to its key id and secret.
     assert!(Envelope::decode(bytes, &fix.keys, &fix.other_id).is_err());
     assert!(Envelope::decode(bytes, &fix.other_keys, &fix.id).is_err());
     Some(env)
+}
+
+/// The version 1 encoding (as 0.1 wrote it) of what a version 1 envelope decoded to.
+fn v1_encoding(env: &Envelope) -> Vec<u8> {
+    let reason = env.reason.as_deref().unwrap_or("");
+    let mut body = vec![1, u8::from(env.allowed)];
+    body.extend_from_slice(&env.valid_until_ms.to_be_bytes());
+    for e in env.epochs {
+        body.extend_from_slice(&e.to_be_bytes());
+    }
+    body.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+    body.extend_from_slice(reason.as_bytes());
+    let tag = seal(&FIX.mac_key, &FIX.id, &body);
+    body.extend_from_slice(&tag);
+    body
 }
 
 struct Input<'a>(&'a [u8]);
@@ -105,6 +129,7 @@ impl Input<'_> {
 fn envelope_from(input: &mut Input<'_>) -> Envelope {
     let allowed = input.byte() & 1 == 1;
     let valid_until_ms = input.u64();
+    let computed_at_ms = input.u64();
     let epochs = [input.u64(), input.u64(), input.u64(), input.u64()];
     let len = input.u16() as usize % 1400;
     let reason = match input.byte() % 4 {
@@ -112,7 +137,7 @@ fn envelope_from(input: &mut Input<'_>) -> Envelope {
         1 => Some(String::new()),
         _ => Some(String::from_utf8_lossy(input.take(len)).into_owned()),
     };
-    Envelope { allowed, reason, valid_until_ms, epochs }
+    Envelope { allowed, reason, valid_until_ms, computed_at_ms, epochs }
 }
 
 /// What an envelope decodes to after encoding: an empty reason is none, a long one is cut at
@@ -130,20 +155,28 @@ fn normalised(env: &Envelope) -> Envelope {
 
 /// The format, independently: what a well-formed authentic body decodes to.
 fn reference(body: &[u8]) -> Option<Envelope> {
-    if body.len() < HEADER || body[0] != 1 || body[1] > 1 {
+    let header = match body.first() {
+        Some(2) => HEADER,
+        Some(1) => HEADER_V1,
+        _ => return None,
+    };
+    if body.len() < header || body[1] > 1 {
         return None;
     }
-    let n = u16::from_be_bytes([body[42], body[43]]) as usize;
-    if n > MAX_REASON || body.len() != HEADER + n {
+    let n = u16::from_be_bytes([body[header - 2], body[header - 1]]) as usize;
+    if n > MAX_REASON || body.len() != header + n {
         return None;
     }
-    let reason = std::str::from_utf8(&body[HEADER..]).ok()?;
+    let reason = std::str::from_utf8(&body[header..]).ok()?;
     let u64_at = |i: usize| u64::from_be_bytes(body[i..i + 8].try_into().unwrap());
+    // Version 2 has computed_at at 10; both have the epochs just before the reason length.
+    let (computed_at_ms, e) = if header == HEADER { (u64_at(10), 18) } else { (0, 10) };
     Some(Envelope {
         allowed: body[1] == 1,
         reason: (!reason.is_empty()).then(|| reason.to_owned()),
         valid_until_ms: u64_at(2),
-        epochs: [u64_at(10), u64_at(18), u64_at(26), u64_at(34)],
+        computed_at_ms,
+        epochs: [u64_at(e), u64_at(e + 8), u64_at(e + 16), u64_at(e + 24)],
     })
 }
 
@@ -201,8 +234,12 @@ fuzz_target!(|data: &[u8]| {
             let body: Vec<u8> = if input.byte() & 1 == 0 {
                 input.0.to_vec()
             } else {
-                let mut body = vec![1, input.byte() % 3];
+                let version = 1 + input.byte() % 2;
+                let mut body = vec![version, input.byte() % 3];
                 body.extend_from_slice(&input.u64().to_be_bytes());
+                if version == 2 {
+                    body.extend_from_slice(&input.u64().to_be_bytes());
+                }
                 for _ in 0..4 {
                     body.extend_from_slice(&input.u64().to_be_bytes());
                 }
