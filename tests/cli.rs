@@ -371,6 +371,15 @@ async fn invalidate_reaches_a_running_instance_through_postgres() {
     let out = cli_async(&["invalidate", "--principal", "bob"], &env).await;
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains(&format!("through Postgres at {pg}, schema {}", schema.0)), "{}", text(&out));
+    // The printed consistency token makes the running instance's very next check fresh.
+    let token = text(&out)
+        .lines()
+        .find_map(|l| l.strip_prefix("consistency token: "))
+        .map(|t| t.trim().parse::<tower_authz_cache::ConsistencyToken>().expect("a well-formed token"))
+        .expect("the CLI prints the token");
+    cache.require_fresh(&token).expect("the running instance shares the secret");
+    cache.check(&bob, &read).await.unwrap();
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2, "asked again at once, with the token");
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
     while calls.load(std::sync::atomic::Ordering::SeqCst) == 1 {
         assert!(std::time::Instant::now() < deadline, "the running cache never saw the CLI's invalidation");

@@ -447,11 +447,14 @@ async fn invalidate(opts: &[(String, String)]) -> Result<(), Failure> {
     if let Some(url) = config.redis_url_redacted() {
         stores.push(format!("Redis at {url}, namespace {}", config.redis_namespace()));
     }
-    cache
+    let token = cache
         .invalidate(&invalidation)
         .await
         .map_err(|e| Failure::Failed(format!("{e}: not taken by {}", stores.join(" and "))))?;
     println!("invalidated {invalidation:?} through {}", stores.join(" and "));
+    // A request that carries it (header `authz-consistency`) sees the invalidation on any
+    // instance that shares the secret, whatever its backplane has delivered.
+    println!("consistency token: {token}");
     Ok(())
 }
 
