@@ -199,6 +199,68 @@ impl FromStr for ConsistencyToken {
     }
 }
 
+/// The consistency auditor's settings ([`AuthzCacheBuilder::audit`](crate::AuthzCacheBuilder::audit)):
+/// it samples one in `one_in` decisions the cache served (from L1 or a shared tier), asks the
+/// authorizer again off the request path, at most `max_per_second` times a second and
+/// `concurrency` at once, and compares. A disagreement that no invalidation explains (the
+/// key's epochs did not move meanwhile) means a change reached the source of truth without an
+/// invalidation: it is counted by tier (`authz_cache_consistency_mismatches_total{tier}`),
+/// audit-logged, raised by the monitor, and with `invalidate_on_mismatch` ends the entry.
+///
+/// A stale key served `r` times a second is sampled `r / one_in` times a second (while all
+/// samples together stay under `max_per_second`): found, on average, within `one_in / r`
+/// seconds plus one authorizer call, and at the latest after `one_in` of its checks on one
+/// thread (the sampler counts checks per thread).
+///
+/// ```
+/// use tower_authz_cache::consistency::AuditConfig;
+/// # use tower_authz_cache::{AuthzCache, Decision, Permission, Principal};
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// # let authorizer = |_: Principal, _: Permission| async { Ok::<_, std::convert::Infallible>(Decision::allow()) };
+/// let cache = AuthzCache::builder(authorizer)
+///     .audit(AuditConfig::one_in(1000).max_per_second(5).invalidate_on_mismatch(true))
+///     .build();
+/// # let _ = cache;
+/// # });
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditConfig {
+    pub(crate) one_in: u32,
+    pub(crate) max_per_second: u32,
+    pub(crate) concurrency: usize,
+    pub(crate) invalidate: bool,
+}
+
+impl AuditConfig {
+    /// Samples one in `n` served decisions (at least 1); at most 10 audits a second, 2 at once,
+    /// no invalidation on a mismatch.
+    pub fn one_in(n: u32) -> Self {
+        Self { one_in: n.max(1), max_per_second: 10, concurrency: 2, invalidate: false }
+    }
+
+    /// The hard cap on the extra authorizer calls (at least 1 a second). Samples past it are
+    /// dropped, not queued.
+    #[must_use]
+    pub fn max_per_second(mut self, n: u32) -> Self {
+        self.max_per_second = n.max(1);
+        self
+    }
+
+    /// How many audits may wait for the authorizer at once (at least 1).
+    #[must_use]
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Whether a mismatch also ends the entry (an entry invalidation, to every instance).
+    #[must_use]
+    pub fn invalidate_on_mismatch(mut self, on: bool) -> Self {
+        self.invalidate = on;
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

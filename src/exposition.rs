@@ -16,6 +16,11 @@
 //! | `authz_cache_plugin_panics_total` | counter | |
 //! | `authz_cache_invalidations_total` | counter | `scope` |
 //! | `authz_cache_consistency_tokens_total` | counter | `outcome` (`applied`, `refused`) |
+//! | `authz_cache_consistency_audits_total` | counter | `outcome` (`checked`, `dropped`) |
+//! | `authz_cache_consistency_mismatches_total` | counter | `tier` (`l1`, and `l2`, `l3` when configured) |
+//! | `authz_cache_consistency_audit_invalidations_total` | counter | |
+//! | `authz_cache_grace_answers_total` | counter | |
+//! | `authz_cache_refreshes_total` | counter | `outcome` (`kept`, `discarded`) |
 //! | `authz_cache_change_feed_invalidations_total` | counter | |
 //! | `authz_cache_change_feed_caught_up`, `authz_cache_change_feed_behind_seconds` | gauge | |
 //! | `authz_cache_warmed_entries_total` | counter | |
@@ -178,7 +183,51 @@ pub(crate) fn rows(s: &StatsSnapshot) -> Vec<Row> {
             s.tokens_applied,
         ),
         row("authz_cache_consistency_tokens_total", "", Counter, &[("outcome", "refused")], s.tokens_refused),
+        row(
+            "authz_cache_consistency_audits_total",
+            "Served decisions the consistency auditor asked the authorizer again (dropped: over its load cap).",
+            Counter,
+            &[("outcome", "checked")],
+            s.audit.audits,
+        ),
+        row("authz_cache_consistency_audits_total", "", Counter, &[("outcome", "dropped")], s.audit.dropped),
+        row(
+            "authz_cache_consistency_mismatches_total",
+            "Audited decisions the authorizer disagreed with and no invalidation explained, by the tier that served them.",
+            Counter,
+            L1,
+            s.audit.mismatches_l1,
+        ),
+        row(
+            "authz_cache_consistency_audit_invalidations_total",
+            "Entries the consistency auditor ended after a mismatch.",
+            Counter,
+            NONE,
+            s.audit.invalidated,
+        ),
+        row(
+            "authz_cache_grace_answers_total",
+            "Decisions answered past their ttl, within grace, because the authorizer failed.",
+            Counter,
+            NONE,
+            s.grace_answers,
+        ),
+        row(
+            "authz_cache_refreshes_total",
+            "Refresh-ahead recomputations, by outcome (discarded: raced by an invalidation, or the authorizer failed).",
+            Counter,
+            &[("outcome", "kept")],
+            s.refreshes,
+        ),
+        row("authz_cache_refreshes_total", "", Counter, &[("outcome", "discarded")], s.refreshes_discarded),
     ]);
+    // Mismatches by tier: a series for each configured tier (grouped with the l1 one).
+    if s.tiers.l2.is_some() {
+        rows.push(row("authz_cache_consistency_mismatches_total", "", Counter, L2, s.audit.mismatches_l2));
+    }
+    if s.tiers.l3.is_some() {
+        rows.push(row("authz_cache_consistency_mismatches_total", "", Counter, L3, s.audit.mismatches_l3));
+    }
     if s.tiers.l3.is_some() {
         rows.push(row(
             "authz_cache_change_feed_invalidations_total",
@@ -493,7 +542,7 @@ mod tests {
             assert_eq!(l2.len(), l3.len(), "{name}: {l2:?} vs {l3:?}");
             per_tier += usize::from(!l3.is_empty());
         }
-        assert_eq!(per_tier, 11, "10 counter and gauge families and the read-duration summary");
+        assert_eq!(per_tier, 12, "11 counter and gauge families and the read-duration summary");
         let l3 = |name: &str, labels: &str| families[name][&format!("{name}{{{labels}}}")].clone();
         let sample = |name: &str| families[name][name].clone();
         assert_eq!(l3("authz_cache_hits_total", "tier=\"l3\""), "3");

@@ -100,6 +100,9 @@ pub struct Health {
     pub authorizer: PartHealth,
     /// Authorizer failures since its last success.
     pub authorizer_consecutive_failures: u64,
+    /// Decisions answered past their ttl within grace because the authorizer failed (0 without
+    /// [`grace`](crate::AuthzCacheBuilder::grace)).
+    pub grace_answers: u64,
 }
 
 impl Health {
@@ -132,8 +135,11 @@ impl Health {
             breaker: None,
             reason: (!f.caught_up).then_some("change feed not confirmed within max_staleness: L1 and L2 not read"),
         });
-        let authorizer =
+        let mut authorizer =
             part(if authorizer_failing >= AUTHORIZER_DOWN_AFTER { HealthStatus::Down } else { HealthStatus::Up });
+        if authorizer.status == HealthStatus::Down && stats.grace_answers > 0 {
+            authorizer.reason = Some("authorizer down: expired decisions answered within grace");
+        }
         let others = l2
             .iter()
             .chain(l3.iter())
@@ -156,6 +162,7 @@ impl Health {
             change_feed,
             authorizer,
             authorizer_consecutive_failures: authorizer_failing,
+            grace_answers: stats.grace_answers,
         }
     }
 }

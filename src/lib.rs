@@ -114,7 +114,7 @@ mod extract;
 pub mod __internals;
 
 pub use crate::cache::warm::WarmReport;
-pub use crate::cache::{AuthzCache, AuthzCacheBuilder, BuildError, CheckError, CheckErrorKind};
+pub use crate::cache::{AuthzCache, AuthzCacheBuilder, BuildError, CheckError, CheckErrorKind, REFRESH_CONCURRENCY};
 pub use crate::config::{CacheConfig, ConfigError, Mode, Secret};
 pub use crate::consistency::{ConsistencyToken, TokenError};
 pub use crate::core::authorizer::Authorizer;
@@ -134,8 +134,8 @@ pub use crate::rbac::PostgresRbacAuthorizer;
 pub use crate::response::{Rejection, RejectionKind, ResponseBody};
 pub use crate::service::CachedAuthorization;
 pub use crate::stats::{
-    ChangeFeedSnapshot, InvalidationsSnapshot, LatenciesSnapshot, LatencySnapshot, RemoteTierSnapshot, StatsSnapshot,
-    TierSnapshot, TiersSnapshot,
+    AuditSnapshot, ChangeFeedSnapshot, InvalidationsSnapshot, LatenciesSnapshot, LatencySnapshot, RemoteTierSnapshot,
+    StatsSnapshot, TierSnapshot, TiersSnapshot,
 };
 pub use crate::tier::BreakerState;
 #[cfg(feature = "postgres")]

@@ -81,6 +81,10 @@ const SILENT: &str = "check the Redis pub/sub connection; if heartbeats only arr
 const AUTHORIZER: &str =
     "check the authorizer; decisions already cached are served until they expire, other checks fail closed";
 
+const MISMATCH: &str = "an invalidation hook is missing: something changes permissions in the source of truth \
+                        without calling invalidate() (the authz_cache::audit log names the principal hash and \
+                        resource); until it is added, decisions stay stale up to their ttl";
+
 type Callback = Arc<dyn Fn(&Alert) + Send + Sync>;
 
 /// What an [`Alert`] is about.
@@ -99,6 +103,9 @@ pub enum AlertKind {
     BackplaneSilent,
     /// The authorizer failed during the window.
     AuthorizerFailing,
+    /// The consistency auditor found cached decisions the authorizer disagrees with, that no
+    /// invalidation explained, during the window; the message names the tiers.
+    ConsistencyMismatch,
 }
 
 impl AlertKind {
@@ -109,6 +116,7 @@ impl AlertKind {
             AlertKind::BreakerOpened => "breaker_opened",
             AlertKind::BackplaneSilent => "backplane_silent",
             AlertKind::AuthorizerFailing => "authorizer_failing",
+            AlertKind::ConsistencyMismatch => "consistency_mismatch",
         }
     }
 }
@@ -312,6 +320,8 @@ impl Monitor {
     ///   distrusted during the window. Recommendation: `AUTHZ_CACHE_MAX_STALENESS_MS`.
     /// - [`AuthorizerFailing`](AlertKind::AuthorizerFailing): authorizer calls failed in the
     ///   window.
+    /// - [`ConsistencyMismatch`](AlertKind::ConsistencyMismatch): the consistency auditor found
+    ///   mismatches in the window. Recommendation: an invalidation hook is missing.
     ///
     /// With alerts enabled, each alert is logged as a `warn!` event (target
     /// `authz_cache::monitor`) and given to every callback, in order, after this monitor's state
@@ -440,6 +450,22 @@ impl Monitor {
                 d(now.undecided, prev.undecided)
             );
             alerts.push(Alert::new(AlertKind::AuthorizerFailing, message, Some(AUTHORIZER)));
+        }
+
+        let mismatches = [
+            ("l1", d(now.audit.mismatches_l1, prev.audit.mismatches_l1)),
+            ("l2", d(now.audit.mismatches_l2, prev.audit.mismatches_l2)),
+            ("l3", d(now.audit.mismatches_l3, prev.audit.mismatches_l3)),
+        ];
+        if mismatches.iter().any(|(_, n)| *n > 0) {
+            let by_tier: Vec<String> =
+                mismatches.iter().filter(|(_, n)| *n > 0).map(|(tier, n)| format!("{n} from {tier}")).collect();
+            let message = format!(
+                "consistency audit: {} cached decision(s) disagree with the authorizer with no invalidation to explain them ({})",
+                mismatches.iter().map(|(_, n)| n).sum::<u64>(),
+                by_tier.join(", ")
+            );
+            alerts.push(Alert::new(AlertKind::ConsistencyMismatch, message, Some(MISMATCH)));
         }
 
         Report {
@@ -772,6 +798,25 @@ mod tests {
         assert!(report.alerts[1].message.starts_with("authorizer failed 3 of 3 calls"), "{}", report.alerts[1].message);
         // Nothing new in the next window: no alert, though the cumulative p95 is unchanged.
         assert!(monitor.tick(&cache.stats()).alerts.is_empty());
+    }
+
+    #[tokio::test]
+    async fn consistency_mismatches_raise_an_alert_naming_the_tiers() {
+        let cache = cache(&Clock::manual(), &Arc::default());
+        let (monitor, fired) = monitor(&cache, true);
+        let quiet = cache.stats();
+        assert!(monitor.tick(&quiet).alerts.is_empty());
+        let mut stats = quiet;
+        stats.audit.mismatches_l1 = 2;
+        stats.audit.mismatches_l3 = 1;
+        let report = monitor.tick(&stats);
+        assert_eq!(kinds(&report.alerts), [AlertKind::ConsistencyMismatch]);
+        assert!(report.alerts[0].message.contains("3 cached decision(s)"), "{}", report.alerts[0].message);
+        assert!(report.alerts[0].message.contains("2 from l1, 1 from l3"), "{}", report.alerts[0].message);
+        assert_eq!(report.alerts[0].recommendation, Some(MISMATCH));
+        assert_eq!(fired.lock().unwrap().len(), 1);
+        // Nothing new in the next window: no alert.
+        assert!(monitor.tick(&stats).alerts.is_empty());
     }
 
     #[tokio::test]

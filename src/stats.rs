@@ -242,6 +242,31 @@ pub struct LatenciesSnapshot {
     pub authorizer: LatencySnapshot,
 }
 
+/// The consistency auditor's counters ([`AuditConfig`](crate::consistency::AuditConfig)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct AuditSnapshot {
+    /// Served decisions asked of the authorizer again.
+    pub audits: u64,
+    /// Samples dropped (the auditor was at its load cap).
+    pub dropped: u64,
+    /// Audits that disagreed with a decision served from L1 (no invalidation explained it).
+    pub mismatches_l1: u64,
+    /// The same, for decisions served from L2.
+    pub mismatches_l2: u64,
+    /// The same, for decisions served from L3 (and deeper tiers).
+    pub mismatches_l3: u64,
+    /// Entries ended by the auditor (with `invalidate_on_mismatch`).
+    pub invalidated: u64,
+}
+
+impl AuditSnapshot {
+    /// Mismatches from every tier.
+    pub fn mismatches(&self) -> u64 {
+        self.mismatches_l1 + self.mismatches_l2 + self.mismatches_l3
+    }
+}
+
 /// A point-in-time copy of the cache's counters. Counters are cumulative.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 #[non_exhaustive]
@@ -271,6 +296,15 @@ pub struct StatsSnapshot {
     pub tokens_applied: u64,
     /// Consistency tokens refused (unauthentic or from the future; each an audit event).
     pub tokens_refused: u64,
+    /// Decisions answered past their ttl, within grace, because the authorizer failed (each an
+    /// audit event).
+    pub grace_answers: u64,
+    /// The consistency auditor's counters (all 0 when it is off).
+    pub audit: AuditSnapshot,
+    /// Decisions recomputed ahead of their ttl (refresh-ahead), kept.
+    pub refreshes: u64,
+    /// Refresh-ahead answers thrown away (an invalidation raced them, or the authorizer failed).
+    pub refreshes_discarded: u64,
     /// Latency by path.
     pub latency: LatenciesSnapshot,
     /// The invalidation backplane, when configured.
@@ -337,6 +371,15 @@ pub(crate) struct Stats {
     pub(crate) inv_all: AtomicU64,
     pub(crate) tokens_applied: AtomicU64,
     pub(crate) tokens_refused: AtomicU64,
+    pub(crate) grace_answers: AtomicU64,
+    pub(crate) audits: AtomicU64,
+    pub(crate) audits_dropped: AtomicU64,
+    pub(crate) audit_mismatches_l1: AtomicU64,
+    pub(crate) audit_mismatches_l2: AtomicU64,
+    pub(crate) audit_mismatches_l3: AtomicU64,
+    pub(crate) audit_invalidations: AtomicU64,
+    pub(crate) refreshes: AtomicU64,
+    pub(crate) refreshes_discarded: AtomicU64,
     pub(crate) l1_hit_latency: Histogram,
     pub(crate) miss_latency: Histogram,
     pub(crate) authorizer_latency: Histogram,
@@ -367,6 +410,15 @@ impl Stats {
             inv_all: AtomicU64::new(0),
             tokens_applied: AtomicU64::new(0),
             tokens_refused: AtomicU64::new(0),
+            grace_answers: AtomicU64::new(0),
+            audits: AtomicU64::new(0),
+            audits_dropped: AtomicU64::new(0),
+            audit_mismatches_l1: AtomicU64::new(0),
+            audit_mismatches_l2: AtomicU64::new(0),
+            audit_mismatches_l3: AtomicU64::new(0),
+            audit_invalidations: AtomicU64::new(0),
+            refreshes: AtomicU64::new(0),
+            refreshes_discarded: AtomicU64::new(0),
             l1_hit_latency: Histogram::new(),
             miss_latency: Histogram::new(),
             authorizer_latency: Histogram::new(),
@@ -429,6 +481,17 @@ impl Stats {
             },
             tokens_applied: self.tokens_applied.load(Relaxed),
             tokens_refused: self.tokens_refused.load(Relaxed),
+            grace_answers: self.grace_answers.load(Relaxed),
+            audit: AuditSnapshot {
+                audits: self.audits.load(Relaxed),
+                dropped: self.audits_dropped.load(Relaxed),
+                mismatches_l1: self.audit_mismatches_l1.load(Relaxed),
+                mismatches_l2: self.audit_mismatches_l2.load(Relaxed),
+                mismatches_l3: self.audit_mismatches_l3.load(Relaxed),
+                invalidated: self.audit_invalidations.load(Relaxed),
+            },
+            refreshes: self.refreshes.load(Relaxed),
+            refreshes_discarded: self.refreshes_discarded.load(Relaxed),
             latency: LatenciesSnapshot {
                 l1_hit: self.l1_hit_latency.snapshot(),
                 miss: self.miss_latency.snapshot(),

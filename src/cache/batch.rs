@@ -264,7 +264,7 @@ impl Inner {
             if let Some(error) = failed {
                 self.stats.authorizer_failed();
                 for &j in &ask {
-                    out[j] = Some(Err(error.clone()));
+                    out[j] = Some(self.within_grace(items[j].0).ok_or_else(|| error.clone()));
                 }
             }
         }

@@ -26,6 +26,9 @@ pub struct AuthzCacheBuilder {
     allow_ttl: Duration,
     deny_ttl: Duration,
     authorizer_timeout: Duration,
+    grace: Duration,
+    refresh_ahead: f64,
+    audit: Option<crate::consistency::AuditConfig>,
     clock: Clock,
     max_staleness: Duration,
     secret: Option<Vec<u8>>,
@@ -59,6 +62,9 @@ impl AuthzCacheBuilder {
             allow_ttl: Duration::from_secs(60),
             deny_ttl: Duration::from_secs(10),
             authorizer_timeout: Duration::from_secs(5),
+            grace: Duration::ZERO,
+            refresh_ahead: 0.0,
+            audit: None,
             clock: Clock::System,
             max_staleness: Duration::from_secs(1),
             secret: None,
@@ -100,6 +106,51 @@ impl AuthzCacheBuilder {
     /// How long one authorizer call may take before the check fails closed (503).
     pub fn authorizer_timeout(mut self, timeout: Duration) -> Self {
         self.authorizer_timeout = timeout;
+        self
+    }
+
+    /// Opt-in grace during authorizer outages (default: none). When the authorizer errors or
+    /// times out, an L1 entry whose ttl ended less than `grace` ago may still be answered
+    /// (counted in `grace_answers`, audit-logged, shown by `health()`). Epochs still apply: an
+    /// entry an invalidation ended is never answered, nor is any while L1 is not trusted (the
+    /// backplane silent, the change feed behind); with nothing within grace the answer stays
+    /// an error (503). The trade: during an outage, a permission revoked *without* an
+    /// invalidation (a missed hook) can be served up to `ttl + grace` after it was computed,
+    /// instead of `ttl`. Entries are kept in L1 (and epochs remembered) `grace` longer.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// # use tower_authz_cache::{AuthzCache, Decision, Permission, Principal};
+    /// # let authorizer = |_: Principal, _: Permission| async { Ok::<_, std::convert::Infallible>(Decision::allow()) };
+    /// let cache = AuthzCache::builder(authorizer).allow_ttl(Duration::from_secs(60)).grace(Duration::from_secs(300)).build();
+    /// # let _ = cache;
+    /// ```
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Refresh-ahead for hot decisions (default: off). An L1 hit on an entry in the last
+    /// `fraction` of its ttl (0.2: the last fifth) recomputes it in the background: one
+    /// authorizer call per key (single flight), at most [`REFRESH_CONCURRENCY`] at once (more
+    /// are skipped, not queued), under the same epoch rules as a miss (a refresh raced by an
+    /// invalidation is thrown away). A key read at least once per `fraction × ttl` then never
+    /// misses at its ttl boundary; the cost is at most one extra authorizer call per such key
+    /// and ttl. The refreshed entry goes to L1 only (the shared tiers' epochs were not read).
+    /// After a refresh's authorizer call fails, no refresh starts for a second. `fraction` is
+    /// clamped to `0.0..=0.9`; 0 turns it off.
+    ///
+    /// [`REFRESH_CONCURRENCY`]: crate::REFRESH_CONCURRENCY
+    pub fn refresh_ahead(mut self, fraction: f64) -> Self {
+        self.refresh_ahead = if fraction.is_finite() { fraction.clamp(0.0, 0.9) } else { 0.0 };
+        self
+    }
+
+    /// Turns on the consistency auditor (default: off): see
+    /// [`AuditConfig`](crate::consistency::AuditConfig) for what it samples, its load cap and
+    /// how long it takes to find a stale decision.
+    pub fn audit(mut self, config: crate::consistency::AuditConfig) -> Self {
+        self.audit = Some(config);
         self
     }
 
@@ -247,7 +298,10 @@ impl AuthzCacheBuilder {
         // `SHARED_RETENTION_MARGIN`, on their own clocks: rows and keys they hold are judged by
         // the same clocks (Redis expiries, Postgres `written_at`), so writers' clocks only need
         // to agree within that margin for the write-behind delay, never for correctness of a read.
+        // Grace keeps expired L1 entries answerable (on authorizer failure) `grace` longer: their
+        // scopes' bumps are remembered as much longer.
         let forget_after_ms = ms(longest_ttl)
+            .saturating_add(ms(self.grace))
             .saturating_add(ms(self.authorizer_timeout))
             .saturating_add(ms(write_behind::MAX_WRITE_DELAY))
             .saturating_add(1000);
@@ -310,10 +364,20 @@ impl AuthzCacheBuilder {
             );
         }
         let warming = warm::Teammates::new(&tiers, self.teammates, longest_ttl);
+        let (sampler, samples) = match &self.audit {
+            Some(config) => {
+                let (sampler, rx) = super::auditor::Sampler::new(config);
+                (Some(sampler), Some(rx))
+            }
+            None => (None, None),
+        };
         let inner = Arc::new(Inner {
             l1: match self.l1 {
                 Some(custom) => L1::Custom(custom),
-                None => L1::Moka(MemoryTier::new(self.l1_max_bytes, longest_ttl.max(Duration::from_millis(1)))),
+                None => L1::Moka(MemoryTier::new(
+                    self.l1_max_bytes,
+                    longest_ttl.saturating_add(self.grace).max(Duration::from_millis(1)),
+                )),
             },
             epochs,
             keys,
@@ -327,6 +391,11 @@ impl AuthzCacheBuilder {
             longest_ttl_ms: ms(longest_ttl),
             shared_retention_ms,
             authorizer_timeout: self.authorizer_timeout,
+            grace_ms: ms(self.grace),
+            refresh_ahead: self.refresh_ahead,
+            refreshes: Arc::new(tokio::sync::Semaphore::new(super::REFRESH_CONCURRENCY)),
+            refresh_paused_until_ms: std::sync::atomic::AtomicU64::new(0),
+            auditor: sampler,
             pending: std::sync::Mutex::new(debts::Pending::new(tiers.len())),
             tiers,
             primary,
@@ -336,6 +405,10 @@ impl AuthzCacheBuilder {
             tasks: tasks::Tasks::default(),
         });
         tasks::start(&inner);
+        if let (Some(config), Some(rx)) = (self.audit, samples) {
+            let task = tokio::spawn(super::auditor::run(Arc::downgrade(&inner), rx, config));
+            inner.tasks.push(task);
+        }
         Ok(AuthzCache { inner })
     }
 }

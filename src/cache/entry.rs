@@ -49,6 +49,9 @@ pub struct Entry {
     /// When the authorizer answered (wall ms; 0: unknown, a version 1 envelope).
     pub(crate) computed_at_ms: u64,
     pub(crate) local_until_ms: u64,
+    /// With refresh-ahead: from when (this process's monotonic clock) a hit recomputes the L1
+    /// copy in the background (`u64::MAX`: never). Never shared.
+    pub(crate) refresh_at_ms: u64,
     pub(crate) stamp: EpochStamp,
 }
 
@@ -61,6 +64,7 @@ impl Entry {
             valid_until_ms,
             computed_at_ms: decision.computed_at_ms(),
             local_until_ms: 0,
+            refresh_at_ms: u64::MAX,
             stamp,
         }
     }
@@ -134,6 +138,7 @@ impl Entry {
             valid_until_ms: u64_at(2),
             computed_at_ms,
             local_until_ms: 0,
+            refresh_at_ms: u64::MAX,
             stamp: EpochStamp::from_shared([
                 u64_at(epochs),
                 u64_at(epochs + 8),
@@ -186,6 +191,7 @@ mod tests {
             valid_until_ms: 1_700_000_060_000,
             computed_at_ms: 1_700_000_000_000,
             local_until_ms: 0,
+            refresh_at_ms: u64::MAX,
             stamp: EpochStamp::from_shared([1, 2, 3, 4]),
         }
     }

@@ -104,11 +104,11 @@ impl Inner {
                 }
                 Ok(Err(e)) => {
                     self.stats.authorizer_failed();
-                    return Err(CheckError::new(CheckErrorKind::Authorizer, Some(e)));
+                    return self.within_grace(key).ok_or_else(|| CheckError::new(CheckErrorKind::Authorizer, Some(e)));
                 }
                 Err(_) => {
                     self.stats.authorizer_failed();
-                    return Err(CheckError::new(CheckErrorKind::Timeout, None));
+                    return self.within_grace(key).ok_or_else(|| CheckError::new(CheckErrorKind::Timeout, None));
                 }
             };
             if self.epochs.stamp(key) != stamp {

@@ -23,6 +23,7 @@
 //! # });
 //! ```
 
+mod auditor;
 mod batch;
 mod builder;
 pub(crate) mod clock;
@@ -38,14 +39,19 @@ mod miss;
 #[cfg(test)]
 mod properties;
 mod read;
+mod refresh;
 pub(crate) mod single_flight;
 mod tasks;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_audit;
+#[cfg(test)]
 mod tests_batch;
 #[cfg(test)]
 mod tests_consistency;
+#[cfg(test)]
+mod tests_grace;
 #[cfg(test)]
 mod tests_shared;
 mod unfinished;
@@ -72,6 +78,10 @@ use clock::Clock;
 use epoch::{Epochs, Target};
 use key::{CacheKey, Keys, ShortHash};
 use single_flight::SingleFlight;
+
+/// At most this many refresh-ahead computations run at once (see
+/// [`AuthzCacheBuilder::refresh_ahead`]); a hit that finds none free does not refresh.
+pub const REFRESH_CONCURRENCY: usize = 4;
 
 /// One L1 hit in this many has its latency recorded.
 const HIT_SAMPLE: u32 = 8;
@@ -128,6 +138,16 @@ pub(crate) struct Inner {
     /// How long shared stores keep an epoch after its last bump (their own clocks).
     shared_retention_ms: u64,
     authorizer_timeout: Duration,
+    /// How long past its ttl an L1 entry may answer when the authorizer fails (0: off).
+    grace_ms: u64,
+    /// Refresh-ahead: the last fraction of an entry's ttl in which a hit recomputes it (0: off).
+    refresh_ahead: f64,
+    /// Permits for background refreshes.
+    refreshes: Arc<tokio::sync::Semaphore>,
+    /// The consistency auditor's sampler, when on.
+    auditor: Option<auditor::Sampler>,
+    /// Monotonic ms before which no refresh starts (after one failed).
+    refresh_paused_until_ms: std::sync::atomic::AtomicU64,
     /// The shared tiers, shallowest first; the last one is the authority over the epochs.
     tiers: Vec<Slot>,
     /// The tier whose backplane decides whether L1 is trusted: the shallowest with a transport.
@@ -194,8 +214,14 @@ impl AuthzCache {
         // in `HIT_SAMPLE`; misses always, from the L1 miss on.
         let start = sample_hit().then(Instant::now);
         let key = CacheKey::new(principal, permission);
-        if let Some(decision) = self.inner.lookup_l1(&key, true, true) {
+        if let Some((decision, due)) = self.inner.lookup_l1_due(&key, true, true) {
             record_provenance(&span, &decision);
+            if self.inner.auditor.as_ref().is_some_and(auditor::Sampler::due) {
+                self.inner.offer_audit(&key, principal, permission, &decision);
+            }
+            if due {
+                self.refresh_ahead(key, principal, permission);
+            }
             if let Some(start) = start {
                 let elapsed = start.elapsed();
                 self.inner.stats.l1_hit_latency.record(elapsed);
@@ -212,6 +238,9 @@ impl AuthzCache {
             Box::pin(tracing::Instrument::instrument(self.inner.miss(key, principal, permission), span.clone())).await;
         if let Ok(decision) = &outcome {
             record_provenance(&span, decision);
+            if decision.source().is_hit() && self.inner.auditor.as_ref().is_some_and(auditor::Sampler::due) {
+                self.inner.offer_audit(&CacheKey::new(principal, permission), principal, permission, decision);
+            }
         }
         let elapsed = start.elapsed();
         self.inner.stats.miss_latency.record(elapsed);

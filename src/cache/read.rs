@@ -41,13 +41,29 @@ impl Inner {
     /// process's monotonic clock, and never more than the longest ttl away, whatever clock wrote
     /// the shared one.
     pub(super) fn insert_l1(&self, key: CacheKey, mut entry: Entry) {
-        let left = entry.valid_until_ms.saturating_sub(self.clock.now_ms()).min(self.longest_ttl_ms);
+        let now = self.clock.now_ms();
+        let left = entry.valid_until_ms.saturating_sub(now).min(self.longest_ttl_ms);
         entry.local_until_ms = self.clock.mono_ms().saturating_add(left);
+        if self.refresh_ahead > 0.0 {
+            // The last `refresh_ahead` of the entry's whole ttl (when it was computed is known),
+            // else of what is left of it.
+            let ttl = match entry.computed_at_ms {
+                0 => left,
+                at => entry.valid_until_ms.saturating_sub(at).min(self.longest_ttl_ms).max(left),
+            };
+            let window = (ttl as f64 * self.refresh_ahead) as u64;
+            entry.refresh_at_ms = entry.local_until_ms.saturating_sub(window);
+        }
         self.l1.insert(key, entry);
     }
 
     /// A valid L1 entry's decision. `count` says whether to update hit/miss counters.
     pub(super) fn lookup_l1(&self, key: &CacheKey, count: bool, check_trust: bool) -> Option<Decision> {
+        self.lookup_l1_due(key, count, check_trust).map(|(decision, _)| decision)
+    }
+
+    /// [`lookup_l1`](Self::lookup_l1), and whether the entry is due a refresh-ahead.
+    pub(super) fn lookup_l1_due(&self, key: &CacheKey, count: bool, check_trust: bool) -> Option<(Decision, bool)> {
         if check_trust && !self.l1_trusted() {
             if count {
                 Stats::incr(&self.stats.l1_untrusted);
@@ -55,14 +71,25 @@ impl Inner {
             }
             return None;
         }
-        let found = self.l1.get(key);
+        let mut found = self.l1.get(key);
+        let now = self.clock.mono_ms();
+        if found.as_ref().is_some_and(|e| now >= e.local_until_ms || e.stamp != self.epochs.stamp(key)) {
+            // This thread's copy may be older than the entry another thread (a refresh, a miss)
+            // put since: look past it before missing.
+            if let Some(newer) = self.l1.reload(key) {
+                found = Some(newer);
+            }
+        }
         let result = match &found {
             None => None,
-            Some(e) if self.clock.mono_ms() >= e.local_until_ms => {
+            Some(e) if now >= e.local_until_ms => {
                 if count {
                     Stats::incr(&self.stats.l1_expired);
                 }
-                self.l1.remove(key);
+                // With grace, an expired entry stays (it may answer while the authorizer fails).
+                if now >= e.local_until_ms.saturating_add(self.grace_ms) {
+                    self.l1.remove(key);
+                }
                 None
             }
             Some(e) if e.stamp != self.epochs.stamp(key) => {
@@ -71,12 +98,36 @@ impl Inner {
                 }
                 None
             }
-            Some(e) => Some(e.decision(DecisionSource::L1)),
+            Some(e) => Some((e.decision(DecisionSource::L1), now >= e.refresh_at_ms)),
         };
         if count {
             Stats::incr(if result.is_some() { &self.stats.l1_hits } else { &self.stats.l1_misses });
         }
         result
+    }
+
+    /// With grace, after the authorizer failed: the L1 entry for `key` if its ttl ended less
+    /// than the grace ago and its epochs are current (never one an invalidation ended, nor any
+    /// while L1 is not trusted). Counted and audit-logged.
+    pub(super) fn within_grace(&self, key: &CacheKey) -> Option<Decision> {
+        if self.grace_ms == 0 || !self.l1_trusted() {
+            return None;
+        }
+        let entry = self.l1.get(key)?;
+        let now = self.clock.mono_ms();
+        if now >= entry.local_until_ms.saturating_add(self.grace_ms) || entry.stamp != self.epochs.stamp(key) {
+            return None;
+        }
+        Stats::incr(&self.stats.grace_answers);
+        tracing::warn!(
+            target: "authz_cache::audit",
+            principal = %ShortHash::of(&key.principal),
+            resource = &*key.resource,
+            action = &*key.action,
+            expired_ms_ago = now.saturating_sub(entry.local_until_ms),
+            "authorizer failed: answered an expired decision within grace"
+        );
+        Some(entry.decision(DecisionSource::Grace))
     }
 
     /// Shared tier `i`: its entry and epochs in one round trip. A valid entry is promoted to L1

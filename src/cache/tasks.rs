@@ -15,6 +15,13 @@ const MAINTENANCE_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Default)]
 pub(super) struct Tasks(std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>);
 
+impl Tasks {
+    /// Adds one more task to abort with the cache.
+    pub(super) fn push(&self, task: tokio::task::JoinHandle<()>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(task);
+    }
+}
+
 impl Drop for Tasks {
     fn drop(&mut self) {
         for t in self.0.lock().unwrap_or_else(|e| e.into_inner()).iter() {
@@ -36,7 +43,7 @@ pub(super) fn start(inner: &Arc<Inner>) {
     if let Some(limit) = inner.warm_source().map(|(_, source)| source.warm_on_start()).filter(|n| *n > 0) {
         tasks.push(tokio::spawn(warm::on_start(Arc::downgrade(inner), limit)));
     }
-    *inner.tasks.0.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
+    inner.tasks.0.lock().unwrap_or_else(|e| e.into_inner()).extend(tasks);
 }
 
 /// Every 250 ms: pays owed bumps, then runs each tier's maintenance. Once, as soon as it can:

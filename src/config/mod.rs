@@ -37,6 +37,7 @@ mod monitor;
 mod parse;
 mod postgres;
 mod redis;
+mod resilience;
 mod secrets;
 
 use std::fmt;
@@ -156,6 +157,9 @@ pub struct CacheConfig {
     performance_alerts_enabled: bool,
     secret: Option<Secret>,
     rotation: Option<(Secret, SystemTime)>,
+    grace: Duration,
+    refresh_ahead_percent: u32,
+    audit: Option<crate::consistency::AuditConfig>,
 }
 
 impl fmt::Debug for CacheConfig {
@@ -179,6 +183,9 @@ impl fmt::Debug for CacheConfig {
             .field("performance_alerts_enabled", &self.performance_alerts_enabled)
             .field("secret", &self.secret)
             .field("rotation", &self.rotation)
+            .field("grace", &self.grace)
+            .field("refresh_ahead_percent", &self.refresh_ahead_percent)
+            .field("audit", &self.audit)
             .finish()
     }
 }
@@ -213,6 +220,9 @@ impl CacheConfig {
             performance_alerts_enabled: false,
             secret: None,
             rotation: None,
+            grace: Duration::ZERO,
+            refresh_ahead_percent: 0,
+            audit: None,
         };
         match mode {
             Mode::Development => development,
@@ -253,6 +263,11 @@ impl CacheConfig {
     /// | `AUTHZ_CACHE_DENY_TTL_S` | seconds a deny is cached | 0 to 86400, at most the allow ttl |
     /// | `AUTHZ_CACHE_MAX_STALENESS_MS` | see [`AuthzCacheBuilder::max_staleness`] | 10 to 60000 |
     /// | `AUTHZ_CACHE_AUTHORIZER_TIMEOUT_MS` | milliseconds | 1 to 60000 |
+    /// | `AUTHZ_CACHE_GRACE_S` | see [`AuthzCacheBuilder::grace`] (default 0: off) | 0 to 86400 |
+    /// | `AUTHZ_CACHE_REFRESH_AHEAD_PERCENT` | see [`AuthzCacheBuilder::refresh_ahead`] (default 0: off) | 0 to 90 |
+    /// | `AUTHZ_CACHE_AUDIT_ONE_IN` | consistency auditor, see [`AuditConfig`](crate::consistency::AuditConfig) (default 0: off) | 0 to 1000000 |
+    /// | `AUTHZ_CACHE_AUDIT_MAX_PER_S` | the auditor's cap on extra authorizer calls (default 10), with `AUTHZ_CACHE_AUDIT_ONE_IN` | 1 to 10000 |
+    /// | `AUTHZ_CACHE_AUDIT_INVALIDATE` | a mismatch ends the entry (default false), with `AUTHZ_CACHE_AUDIT_ONE_IN` | flag |
     /// | `AUTHZ_CACHE_NAMESPACE` | Redis key prefix | 1 to 64 of `A-Z a-z 0-9 - _ . /` |
     /// | `AUTHZ_CACHE_SECRET` | keys the hashes and MACs of shared entries | at least 16 bytes |
     /// | `AUTHZ_CACHE_ROTATION_SECRET` | the other secret of a rotation, see [`AuthzCacheBuilder::rotation_secret`] | at least 16 bytes, with `AUTHZ_CACHE_ROTATION_UNTIL` |
@@ -295,6 +310,7 @@ impl CacheConfig {
         config.read_postgres(&var)?;
         config.read_monitor(&var)?;
         config.read_ttls_and_timeouts(&var)?;
+        config.read_resilience(&var)?;
         config.read_namespace(&var)?;
         config.read_secrets(&lookup, &var)?;
         config.check()?;
@@ -345,7 +361,12 @@ impl CacheConfig {
             .allow_ttl(self.allow_ttl)
             .deny_ttl(self.deny_ttl)
             .authorizer_timeout(self.authorizer_timeout)
-            .max_staleness(self.max_staleness);
+            .max_staleness(self.max_staleness)
+            .grace(self.grace)
+            .refresh_ahead(f64::from(self.refresh_ahead_percent) / 100.0);
+        if let Some(audit) = self.audit {
+            builder = builder.audit(audit);
+        }
         if let Some((secret, until)) = &self.rotation {
             builder = builder.rotation_secret(secret.expose(), *until);
         }

@@ -67,6 +67,9 @@ pub enum DecisionSource {
     L1,
     /// A shared tier, by its level name (`"l2"`, `"l3"`, ...).
     Tier(&'static str),
+    /// An L1 entry past its ttl, answered because the authorizer failed and the cache has a
+    /// grace period ([`AuthzCacheBuilder::grace`](crate::AuthzCacheBuilder::grace)).
+    Grace,
 }
 
 impl DecisionSource {
@@ -77,6 +80,7 @@ impl DecisionSource {
             DecisionSource::Joined => "joined",
             DecisionSource::L1 => "l1",
             DecisionSource::Tier(level) => level,
+            DecisionSource::Grace => "grace",
         }
     }
 

@@ -143,6 +143,16 @@ impl L1 {
         }
     }
 
+    /// The entry as the shared map has it now, past any per-thread copy: for a copy that turned
+    /// out expired or stale (another thread may have put a newer entry since).
+    pub(crate) fn reload(&self, key: &CacheKey) -> Option<Entry> {
+        match self {
+            L1::Moka(m) => m.reload(key),
+            // A user's L1 has no per-thread copies: what `get` returned is the latest.
+            L1::Custom(_) => None,
+        }
+    }
+
     pub(crate) fn insert(&self, key: CacheKey, entry: Entry) {
         match self {
             L1::Moka(m) => m.insert(key, entry),

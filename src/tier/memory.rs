@@ -88,6 +88,24 @@ impl MemoryTier {
         Some(entry)
     }
 
+    /// The entry in mini-moka, past this thread's front (which then holds it). `None` when it
+    /// is not there, or is the very copy the front held.
+    pub(crate) fn reload(&self, key: &CacheKey) -> Option<Entry> {
+        if self.max_bytes == 0 {
+            return None;
+        }
+        let entry = self.cache.get(key)?;
+        let idx = front_index(key);
+        let same = FRONT.with_borrow(|f| {
+            f[idx].as_ref().is_some_and(|s| s.tier == self.id && same_key(&s.key, key) && s.entry == entry)
+        });
+        if same {
+            return None;
+        }
+        self.remember(idx, key.clone(), entry.clone());
+        Some(entry)
+    }
+
     fn remember(&self, idx: usize, key: CacheKey, entry: Entry) {
         FRONT.with_borrow_mut(|f| f[idx] = Some(FrontSlot { tier: self.id, key, entry }));
     }
