@@ -54,6 +54,10 @@ const OPEN_FOR: Duration = Duration::from_millis(500);
 /// Longer than a cell: entries only go away through invalidations (and faults).
 const ALLOW_TTL: Duration = Duration::from_secs(20);
 const DENY_TTL: Duration = Duration::from_secs(10);
+/// The grace cells' ttls (allow and deny): shorter than the fault, so that entries expire in it.
+const GRACE_TTL: Duration = Duration::from_millis(1000);
+/// The grace cells' grace: longer than a cell.
+const GRACE: Duration = Duration::from_secs(10);
 
 /// A cell: the stream runs WARM before the fault, FAULT with it, RECOVER after it is cleared.
 const WARM: Duration = Duration::from_millis(500);
@@ -291,28 +295,33 @@ struct Cell {
     name: &'static str,
     topo: Topo,
     fault: Fault,
+    /// Grace on, with ttls shorter than the fault (`GRACE_TTL`): every stable entry expires
+    /// during the authorizer outage and must be answered within grace, never an invalidated one.
+    grace: bool,
 }
 
 const CELLS: &[Cell] = &[
-    Cell { name: "baseline (no fault)", topo: Topo::Redis, fault: Fault::None },
-    Cell { name: "redis down (connection refused/reset)", topo: Topo::Redis, fault: Fault::RedisDown },
-    Cell { name: "redis slow (100 ms/chunk = 2x timeout)", topo: Topo::Redis, fault: Fault::RedisSlow },
-    Cell { name: "redis black hole", topo: Topo::Redis, fault: Fault::RedisBlackHole },
-    Cell { name: "redis killed, restarted empty", topo: Topo::OwnedRedis, fault: Fault::RedisRestartEmpty },
-    Cell { name: "backplane: A's pub/sub cut, data path up", topo: Topo::Redis, fault: Fault::RedisPubSubCut },
-    Cell { name: "backplane: A's redis data path cut, pub/sub up", topo: Topo::Redis, fault: Fault::RedisDataCut },
-    Cell { name: "baseline (no fault)", topo: Topo::Pg, fault: Fault::None },
-    Cell { name: "postgres down", topo: Topo::Pg, fault: Fault::PgDown },
-    Cell { name: "postgres slow (200 ms/chunk = 2x timeout)", topo: Topo::Pg, fault: Fault::PgSlow },
-    Cell { name: "postgres restart (all connections dropped)", topo: Topo::Pg, fault: Fault::PgRestart },
-    Cell { name: "backplane: A's LISTEN cut, data path up", topo: Topo::Pg, fault: Fault::PgListenCut },
-    Cell { name: "backplane: A's postgres data path cut, LISTEN up", topo: Topo::Pg, fault: Fault::PgDataCut },
-    Cell { name: "postgres down", topo: Topo::Full, fault: Fault::PgDown },
-    Cell { name: "authorizer errors", topo: Topo::Redis, fault: Fault::AuthzError },
-    Cell { name: "authorizer hangs (3x its 150 ms timeout)", topo: Topo::Redis, fault: Fault::AuthzTimeout },
-    Cell { name: "authorizer panics", topo: Topo::Redis, fault: Fault::AuthzPanic },
-    Cell { name: "control: role changes never invalidated", topo: Topo::Redis, fault: Fault::Control },
-    Cell { name: "clocks 10 minutes apart (A +5 min, B -5 min)", topo: Topo::Full, fault: Fault::ClockSkew },
+    Cell { name: "baseline (no fault)", topo: Topo::Redis, fault: Fault::None, grace: false },
+    Cell { name: "redis down (connection refused/reset)", topo: Topo::Redis, fault: Fault::RedisDown, grace: false },
+    Cell { name: "redis slow (100 ms/chunk = 2x timeout)", topo: Topo::Redis, fault: Fault::RedisSlow, grace: false },
+    Cell { name: "redis black hole", topo: Topo::Redis, fault: Fault::RedisBlackHole, grace: false },
+    Cell { name: "redis killed, restarted empty", topo: Topo::OwnedRedis, fault: Fault::RedisRestartEmpty, grace: false },
+    Cell { name: "backplane: A's pub/sub cut, data path up", topo: Topo::Redis, fault: Fault::RedisPubSubCut, grace: false },
+    Cell { name: "backplane: A's redis data path cut, pub/sub up", topo: Topo::Redis, fault: Fault::RedisDataCut, grace: false },
+    Cell { name: "baseline (no fault)", topo: Topo::Pg, fault: Fault::None, grace: false },
+    Cell { name: "postgres down", topo: Topo::Pg, fault: Fault::PgDown, grace: false },
+    Cell { name: "postgres slow (200 ms/chunk = 2x timeout)", topo: Topo::Pg, fault: Fault::PgSlow, grace: false },
+    Cell { name: "postgres restart (all connections dropped)", topo: Topo::Pg, fault: Fault::PgRestart, grace: false },
+    Cell { name: "backplane: A's LISTEN cut, data path up", topo: Topo::Pg, fault: Fault::PgListenCut, grace: false },
+    Cell { name: "backplane: A's postgres data path cut, LISTEN up", topo: Topo::Pg, fault: Fault::PgDataCut, grace: false },
+    Cell { name: "postgres down", topo: Topo::Full, fault: Fault::PgDown, grace: false },
+    Cell { name: "authorizer errors", topo: Topo::Redis, fault: Fault::AuthzError, grace: false },
+    Cell { name: "authorizer hangs (3x its 150 ms timeout)", topo: Topo::Redis, fault: Fault::AuthzTimeout, grace: false },
+    Cell { name: "authorizer panics", topo: Topo::Redis, fault: Fault::AuthzPanic, grace: false },
+    Cell { name: "authorizer errors, grace on (ttl 1 s)", topo: Topo::Redis, fault: Fault::AuthzError, grace: true },
+    Cell { name: "authorizer hangs, grace on (ttl 1 s)", topo: Topo::Redis, fault: Fault::AuthzTimeout, grace: true },
+    Cell { name: "control: role changes never invalidated", topo: Topo::Redis, fault: Fault::Control, grace: false },
+    Cell { name: "clocks 10 minutes apart (A +5 min, B -5 min)", topo: Topo::Full, fault: Fault::ClockSkew, grace: false },
 ];
 
 /// How the revoker makes a role change known.
@@ -445,6 +454,9 @@ impl Rig {
                 .deny_ttl(DENY_TTL)
                 .authorizer_timeout(AUTHZ_TIMEOUT)
                 .max_staleness(MAX_STALENESS);
+            if cell.grace {
+                builder = builder.allow_ttl(GRACE_TTL).deny_ttl(GRACE_TTL).grace(GRACE);
+            }
             if cell.fault == Fault::ClockSkew {
                 #[cfg(feature = "internals")]
                 {
@@ -920,6 +932,10 @@ async fn run_cell(cell: &Cell, variant: Variant) -> Report {
     if panics > 0 {
         notes.push(format!("{panics} panics caught"));
     }
+    let grace_answers = sum(&|s| s.grace_answers);
+    if grace_answers > 0 {
+        notes.push(format!("{grace_answers} grace answers"));
+    }
     if recs.iter().any(|r| r.status == 503) {
         notes.push(format!("503s: {}", kinds_503(recs.iter())));
     }
@@ -970,6 +986,16 @@ async fn run_cell(cell: &Cell, variant: Variant) -> Report {
         }
         if report.unavailable == 0 {
             v.push("the fault was never observed (no 503 at all)".to_owned());
+        }
+        // With grace: the stable keys' entries expired during the outage (ttl < fault) and were
+        // answered within grace (no 503 on them, checked above); invalidated ones never were
+        // (the stale-allow verdict); the others got 503 (nothing within grace).
+        let grace = sum(&|s| s.grace_answers);
+        if cell.grace && grace == 0 {
+            v.push("grace on, but no expired entry was answered within grace".to_owned());
+        }
+        if !cell.grace && grace > 0 {
+            v.push(format!("{grace} grace answers without grace"));
         }
     } else {
         // The authorizer was up: every request must be decided.
@@ -1200,10 +1226,10 @@ async fn fault_matrix() {
 /// mid-request (DESIGN.md invariant 4b: an abandoned breaker probe used to leave its tier refused
 /// until the process restarted).
 const DISCONNECT_CELLS: &[Cell] = &[
-    Cell { name: "redis black hole, clients going away", topo: Topo::Redis, fault: Fault::RedisBlackHole },
-    Cell { name: "redis slow, clients going away", topo: Topo::Redis, fault: Fault::RedisSlow },
-    Cell { name: "postgres down, clients going away", topo: Topo::Pg, fault: Fault::PgDown },
-    Cell { name: "postgres slow, clients going away", topo: Topo::Pg, fault: Fault::PgSlow },
+    Cell { name: "redis black hole, clients going away", topo: Topo::Redis, fault: Fault::RedisBlackHole, grace: false },
+    Cell { name: "redis slow, clients going away", topo: Topo::Redis, fault: Fault::RedisSlow, grace: false },
+    Cell { name: "postgres down, clients going away", topo: Topo::Pg, fault: Fault::PgDown, grace: false },
+    Cell { name: "postgres slow, clients going away", topo: Topo::Pg, fault: Fault::PgSlow, grace: false },
 ];
 
 /// Postgres outages and partitions while role changes are made in the permission tables (the
@@ -1211,12 +1237,12 @@ const DISCONNECT_CELLS: &[Cell] = &[
 /// feed must bring every one of them to both instances within the bound, whichever connection is
 /// cut, with L1 and with Redis in front.
 const SQL_CELLS: &[Cell] = &[
-    Cell { name: "baseline, changes in SQL", topo: Topo::Pg, fault: Fault::None },
-    Cell { name: "A's LISTEN cut, changes in SQL", topo: Topo::Pg, fault: Fault::PgListenCut },
-    Cell { name: "postgres restart, changes in SQL", topo: Topo::Pg, fault: Fault::PgRestart },
-    Cell { name: "postgres down, changes in SQL", topo: Topo::Pg, fault: Fault::PgDown },
-    Cell { name: "baseline, changes in SQL", topo: Topo::Full, fault: Fault::None },
-    Cell { name: "postgres down, changes in SQL", topo: Topo::Full, fault: Fault::PgDown },
+    Cell { name: "baseline, changes in SQL", topo: Topo::Pg, fault: Fault::None, grace: false },
+    Cell { name: "A's LISTEN cut, changes in SQL", topo: Topo::Pg, fault: Fault::PgListenCut, grace: false },
+    Cell { name: "postgres restart, changes in SQL", topo: Topo::Pg, fault: Fault::PgRestart, grace: false },
+    Cell { name: "postgres down, changes in SQL", topo: Topo::Pg, fault: Fault::PgDown, grace: false },
+    Cell { name: "baseline, changes in SQL", topo: Topo::Full, fault: Fault::None, grace: false },
+    Cell { name: "postgres down, changes in SQL", topo: Topo::Full, fault: Fault::PgDown, grace: false },
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
