@@ -305,23 +305,53 @@ const CELLS: &[Cell] = &[
     Cell { name: "redis down (connection refused/reset)", topo: Topo::Redis, fault: Fault::RedisDown, grace: false },
     Cell { name: "redis slow (100 ms/chunk = 2x timeout)", topo: Topo::Redis, fault: Fault::RedisSlow, grace: false },
     Cell { name: "redis black hole", topo: Topo::Redis, fault: Fault::RedisBlackHole, grace: false },
-    Cell { name: "redis killed, restarted empty", topo: Topo::OwnedRedis, fault: Fault::RedisRestartEmpty, grace: false },
-    Cell { name: "backplane: A's pub/sub cut, data path up", topo: Topo::Redis, fault: Fault::RedisPubSubCut, grace: false },
-    Cell { name: "backplane: A's redis data path cut, pub/sub up", topo: Topo::Redis, fault: Fault::RedisDataCut, grace: false },
+    Cell {
+        name: "redis killed, restarted empty",
+        topo: Topo::OwnedRedis,
+        fault: Fault::RedisRestartEmpty,
+        grace: false,
+    },
+    Cell {
+        name: "backplane: A's pub/sub cut, data path up",
+        topo: Topo::Redis,
+        fault: Fault::RedisPubSubCut,
+        grace: false,
+    },
+    Cell {
+        name: "backplane: A's redis data path cut, pub/sub up",
+        topo: Topo::Redis,
+        fault: Fault::RedisDataCut,
+        grace: false,
+    },
     Cell { name: "baseline (no fault)", topo: Topo::Pg, fault: Fault::None, grace: false },
     Cell { name: "postgres down", topo: Topo::Pg, fault: Fault::PgDown, grace: false },
     Cell { name: "postgres slow (200 ms/chunk = 2x timeout)", topo: Topo::Pg, fault: Fault::PgSlow, grace: false },
     Cell { name: "postgres restart (all connections dropped)", topo: Topo::Pg, fault: Fault::PgRestart, grace: false },
     Cell { name: "backplane: A's LISTEN cut, data path up", topo: Topo::Pg, fault: Fault::PgListenCut, grace: false },
-    Cell { name: "backplane: A's postgres data path cut, LISTEN up", topo: Topo::Pg, fault: Fault::PgDataCut, grace: false },
+    Cell {
+        name: "backplane: A's postgres data path cut, LISTEN up",
+        topo: Topo::Pg,
+        fault: Fault::PgDataCut,
+        grace: false,
+    },
     Cell { name: "postgres down", topo: Topo::Full, fault: Fault::PgDown, grace: false },
     Cell { name: "authorizer errors", topo: Topo::Redis, fault: Fault::AuthzError, grace: false },
-    Cell { name: "authorizer hangs (3x its 150 ms timeout)", topo: Topo::Redis, fault: Fault::AuthzTimeout, grace: false },
+    Cell {
+        name: "authorizer hangs (3x its 150 ms timeout)",
+        topo: Topo::Redis,
+        fault: Fault::AuthzTimeout,
+        grace: false,
+    },
     Cell { name: "authorizer panics", topo: Topo::Redis, fault: Fault::AuthzPanic, grace: false },
     Cell { name: "authorizer errors, grace on (ttl 1 s)", topo: Topo::Redis, fault: Fault::AuthzError, grace: true },
     Cell { name: "authorizer hangs, grace on (ttl 1 s)", topo: Topo::Redis, fault: Fault::AuthzTimeout, grace: true },
     Cell { name: "control: role changes never invalidated", topo: Topo::Redis, fault: Fault::Control, grace: false },
-    Cell { name: "clocks 10 minutes apart (A +5 min, B -5 min)", topo: Topo::Full, fault: Fault::ClockSkew, grace: false },
+    Cell {
+        name: "clocks 10 minutes apart (A +5 min, B -5 min)",
+        topo: Topo::Full,
+        fault: Fault::ClockSkew,
+        grace: false,
+    },
 ];
 
 /// How the revoker makes a role change known.
@@ -1226,7 +1256,12 @@ async fn fault_matrix() {
 /// mid-request (DESIGN.md invariant 4b: an abandoned breaker probe used to leave its tier refused
 /// until the process restarted).
 const DISCONNECT_CELLS: &[Cell] = &[
-    Cell { name: "redis black hole, clients going away", topo: Topo::Redis, fault: Fault::RedisBlackHole, grace: false },
+    Cell {
+        name: "redis black hole, clients going away",
+        topo: Topo::Redis,
+        fault: Fault::RedisBlackHole,
+        grace: false,
+    },
     Cell { name: "redis slow, clients going away", topo: Topo::Redis, fault: Fault::RedisSlow, grace: false },
     Cell { name: "postgres down, clients going away", topo: Topo::Pg, fault: Fault::PgDown, grace: false },
     Cell { name: "postgres slow, clients going away", topo: Topo::Pg, fault: Fault::PgSlow, grace: false },

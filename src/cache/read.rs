@@ -73,9 +73,12 @@ impl Inner {
         }
         let mut found = self.l1.get(key);
         let now = self.clock.mono_ms();
-        if found.as_ref().is_some_and(|e| now >= e.local_until_ms || e.stamp != self.epochs.stamp(key)) {
+        if found
+            .as_ref()
+            .is_some_and(|e| now >= e.refresh_at_ms || now >= e.local_until_ms || e.stamp != self.epochs.stamp(key))
+        {
             // This thread's copy may be older than the entry another thread (a refresh, a miss)
-            // put since: look past it before missing.
+            // put since: look past it before missing, or refreshing.
             if let Some(newer) = self.l1.reload(key) {
                 found = Some(newer);
             }
