@@ -1,8 +1,8 @@
 //! Read-your-writes across instances: [`ConsistencyToken`].
 //!
-//! [`AuthzCache::invalidate`] returns a token: the epoch value the invalidation produced for its
+//! [`AuthzCache::invalidate`](crate::AuthzCache::invalidate) returns a token: the epoch value the invalidation produced for its
 //! scope, MAC'd with the cache's secret. A check that carries it
-//! ([`AuthzCache::check_at_least_as_fresh`], or the layer's `authz-consistency` request header)
+//! ([`AuthzCache::check_at_least_as_fresh`](crate::AuthzCache::check_at_least_as_fresh), or the layer's `authz-consistency` request header)
 //! first raises this process's epoch for that scope to the token's value, so that nothing
 //! computed before the invalidation is served here, whatever the backplane has delivered yet.
 //! Raising an epoch can only turn entries into misses.
@@ -200,7 +200,8 @@ impl FromStr for ConsistencyToken {
 }
 
 /// The consistency auditor's settings ([`AuthzCacheBuilder::audit`](crate::AuthzCacheBuilder::audit)):
-/// it samples one in `one_in` decisions the cache served (from L1 or a shared tier), asks the
+/// it samples one in `one_in` decisions the cache served (from L1 or a shared tier, to single
+/// checks: [`check`](crate::AuthzCache::check) and the layer; batches are not sampled), asks the
 /// authorizer again off the request path, at most `max_per_second` times a second and
 /// `concurrency` at once, and compares. A disagreement that no invalidation explains (the
 /// key's epochs did not move meanwhile) means a change reached the source of truth without an

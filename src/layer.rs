@@ -119,7 +119,7 @@ impl<R, M> CachedAuthorizationLayer<R, M> {
     /// Adds a `Cache-Status` member (RFC 9211) to every response the layer authorized or
     /// denied, for debugging: `tower-authz-cache; hit; detail=l1` (or `l2`, `l3`),
     /// `tower-authz-cache; fwd=miss` (the authorizer answered), `...; fwd=miss; collapsed` (a
-    /// single-flight join). Off by default; it tells clients what is cached about them, so keep
+    /// single-flight join), `...; hit; detail=grace` (an expired entry, the authorizer down). Off by default; it tells clients what is cached about them, so keep
     /// it off in production.
     ///
     /// ```

@@ -60,6 +60,7 @@ fn cache_status(decision: &Decision) -> HeaderValue {
         DecisionSource::Tier("l3") => "tower-authz-cache; hit; detail=l3",
         DecisionSource::Tier(_) => "tower-authz-cache; hit; detail=shared",
         DecisionSource::Joined => "tower-authz-cache; fwd=miss; collapsed",
+        DecisionSource::Grace => "tower-authz-cache; hit; detail=grace",
         _ => "tower-authz-cache; fwd=miss",
     })
 }

@@ -13,7 +13,7 @@ use support::redis::{Namespace, SECRET};
 use tower_authz_cache::{AuthzCache, BoxError, Decision, Permission, PostgresTier, Principal, RedisTier};
 
 /// Every variable `CacheConfig::from_env` reads: the tests set the ones they mean.
-const CONFIG_VARS: [&str; 17] = [
+const CONFIG_VARS: [&str; 22] = [
     "AUTHZ_CACHE_MODE",
     "L1_CACHE_SIZE_MB",
     "REDIS_URL",
