@@ -264,8 +264,11 @@ impl RouteTable {
     }
 
     fn lookup(&self, method: &Method, path: &str) -> Access {
-        let mut buf: [Segment<'_>; MAX_SEGMENTS] = std::array::from_fn(|_| Segment::default());
-        let Some(n) = split_path(path, &mut buf) else {
+        // `Copy` segments: no drop glue for the 32 slots; decoded spellings (a `%` in the path,
+        // rare) live beside them.
+        let mut buf = [Segment::EMPTY; MAX_SEGMENTS];
+        let mut decoded = Vec::new();
+        let Some(n) = split_path(path, &mut buf, &mut decoded) else {
             return Access::Unmapped;
         };
         let segments = &buf[..n];
@@ -288,7 +291,7 @@ impl RouteTable {
                         score |= 1 << (63 - i);
                     }
                     Seg::Param => {
-                        if value.decoded.contains([':', '*']) {
+                        if value.text(&decoded).bytes().any(|b| b == b':' || b == b'*') {
                             ok = false;
                             break;
                         }
@@ -310,7 +313,7 @@ impl RouteTable {
                     for part in resource.iter() {
                         match part {
                             Part::Literal(l) => out.push_str(l),
-                            Part::Segment(i) => out.push_str(&segments[*i].decoded),
+                            Part::Segment(i) => out.push_str(segments[*i].text(&decoded)),
                         }
                     }
                     Arc::<str>::from(out.as_str())
@@ -339,15 +342,30 @@ fn method_matches(route: Option<&Method>, method: &Method) -> bool {
     }
 }
 
-/// One path segment: as sent (what literals match) and percent-decoded (what parameters take).
-#[derive(Default)]
+/// One path segment: as sent (what literals match) and, when it had a `%`, the index of its
+/// percent-decoded spelling (what parameters take) in the decoded list.
+#[derive(Clone, Copy)]
 struct Segment<'a> {
     raw: &'a str,
-    decoded: Cow<'a, str>,
+    decoded: u8,
 }
 
-/// Splits and decodes a request path into `out`; `None` when it must match nothing.
-fn split_path<'a>(path: &'a str, out: &mut [Segment<'a>; MAX_SEGMENTS]) -> Option<usize> {
+impl<'a> Segment<'a> {
+    const SAME: u8 = u8::MAX;
+    const EMPTY: Segment<'static> = Segment { raw: "", decoded: Self::SAME };
+
+    /// The decoded spelling.
+    fn text<'s>(&'s self, decoded: &'s [String]) -> &'s str {
+        match self.decoded {
+            Self::SAME => self.raw,
+            i => &decoded[usize::from(i)],
+        }
+    }
+}
+
+/// Splits and decodes a request path into `out` (decoded spellings into `decoded`); `None` when
+/// it must match nothing.
+fn split_path<'a>(path: &'a str, out: &mut [Segment<'a>; MAX_SEGMENTS], decoded: &mut Vec<String>) -> Option<usize> {
     if path.len() > MAX_PATH_LEN {
         return None;
     }
@@ -361,10 +379,21 @@ fn split_path<'a>(path: &'a str, out: &mut [Segment<'a>; MAX_SEGMENTS]) -> Optio
             return None;
         }
         let seg = percent_decode(raw)?;
-        if seg.is_empty() || seg == "." || seg == ".." || seg.chars().any(|c| c == '/' || c == '\\' || c.is_control()) {
+        let forbidden = if seg.is_ascii() {
+            seg.bytes().any(|b| b == b'/' || b == b'\\' || b.is_ascii_control())
+        } else {
+            seg.chars().any(|c| c == '/' || c == '\\' || c.is_control())
+        };
+        if seg.is_empty() || seg == "." || seg == ".." || forbidden {
             return None;
         }
-        out[n] = Segment { raw, decoded: seg };
+        out[n] = match seg {
+            Cow::Borrowed(_) => Segment { raw, decoded: Segment::SAME },
+            Cow::Owned(text) => {
+                decoded.push(text);
+                Segment { raw, decoded: (decoded.len() - 1) as u8 }
+            }
+        };
         n += 1;
     }
     Some(n)
