@@ -200,8 +200,8 @@ impl FromStr for ConsistencyToken {
 }
 
 /// The consistency auditor's settings ([`AuthzCacheBuilder::audit`](crate::AuthzCacheBuilder::audit)):
-/// it samples one in `one_in` decisions the cache served (from L1 or a shared tier, to single
-/// checks: [`check`](crate::AuthzCache::check) and the layer; batches are not sampled), asks the
+/// it samples one in `one_in` decisions the cache served (from L1 or a shared tier: to
+/// [`check`](crate::AuthzCache::check), the layer and batch checks), asks the
 /// authorizer again off the request path, at most `max_per_second` times a second and
 /// `concurrency` at once, and compares. A disagreement that no invalidation explains (the
 /// key's epochs did not move meanwhile) means a change reached the source of truth without an

@@ -52,6 +52,16 @@ impl AuthzCache {
             #[cfg(feature = "metrics")]
             crate::exposition::record(crate::exposition::CHECK_DURATION, &[("path", "miss")], elapsed);
         }
+        if let Some(sampler) = &self.inner.auditor {
+            for (permission, outcome) in permissions.iter().zip(&outcomes) {
+                if let Ok(d) = outcome {
+                    if d.source().is_hit() && sampler.due() {
+                        let key = super::key::CacheKey::new(principal, permission);
+                        self.inner.offer_audit(&key, principal, permission, d);
+                    }
+                }
+            }
+        }
         let undecided = outcomes.iter().filter(|o| o.is_err()).count();
         if undecided > 0 {
             Stats::add(&self.inner.stats.undecided, undecided);

@@ -71,6 +71,21 @@ async fn a_missing_invalidation_is_found_within_one_in_checks() {
     assert!(cache.check(&bob(), &read(1)).await.unwrap().is_allowed(), "without auto-invalidation it stays stale");
 }
 
+/// Batch checks are sampled too.
+#[tokio::test]
+async fn decisions_served_to_batches_are_audited() {
+    let truth = Truth::default();
+    let cache = truth.cache(AuditConfig::one_in(3).max_per_second(1000));
+    let perms: Vec<Permission> = (1..=4).map(read).collect();
+    cache.check_many(&bob(), &perms).await;
+    truth.revoked.store(true, Ordering::SeqCst);
+    for _ in 0..10 {
+        assert!(cache.check_many(&bob(), &perms).await.iter().all(|d| d.as_ref().unwrap().is_allowed()));
+        tokio::task::yield_now().await;
+    }
+    until("a mismatch found through batches", || cache.stats().audit.mismatches_l1 > 0).await;
+}
+
 /// With `invalidate_on_mismatch`, the stale decision stops at once.
 #[tokio::test]
 async fn with_auto_invalidation_the_stale_decision_stops() {
