@@ -11,7 +11,9 @@
 //! - **Fail closed**: only the authorizer produces an allow. When no decision can be obtained the
 //!   request gets 503, never a guess.
 //! - **Deadlines never grow**: a decision is cached for `min(ttl, authorizer hint)` from when the
-//!   authorizer answered.
+//!   authorizer answered. The one exception is opt-in and named: with a grace period
+//!   (`AuthzCacheBuilder::grace`), an expired L1 entry may answer while the authorizer fails, but
+//!   never one an invalidation ended.
 //! - **No fill after invalidate**: a decision whose computation started before an invalidation
 //!   that covers it is never served after that invalidation.
 //! - **Bounded memory**: L1 is bounded in bytes; epoch bookkeeping is bounded.
