@@ -235,13 +235,7 @@ impl Inner {
             let stamps: Vec<_> = ask.iter().map(|&j| self.epochs.stamp(items[j].0)).collect();
             Stats::add(&self.stats.authorizer_calls, ask.len());
             let permissions = ask.iter().map(|&j| items[j].1.clone()).collect();
-            let call = self.authorizer.authorize_many_owned(principal.clone(), permissions);
-            let started = Instant::now();
-            let answer = tokio::time::timeout(self.authorizer_timeout, call).await;
-            let elapsed = started.elapsed();
-            self.stats.authorizer_latency.record(elapsed);
-            #[cfg(feature = "metrics")]
-            crate::exposition::record(crate::exposition::AUTHORIZER_DURATION, &[], elapsed);
+            let answer = self.ask(self.authorizer.authorize_many_owned(principal.clone(), permissions)).await;
             let failed = match answer {
                 Ok(Ok(decisions)) if decisions.len() == ask.len() => {
                     self.stats.authorizer_succeeded();

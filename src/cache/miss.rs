@@ -5,11 +5,15 @@ use std::time::Instant;
 
 use super::clock::ms;
 use super::entry::Entry;
+use tokio::time::error::Elapsed;
+
 use super::epoch::EpochStamp;
 use super::key::CacheKey;
 use super::read::SharedRead;
 use super::single_flight::{CatchUnwind, Join};
 use super::{CheckError, CheckErrorKind, Inner, Outcome};
+use crate::BoxError;
+use crate::core::authorizer::BoxFuture;
 use crate::core::decision::DecisionSource;
 use crate::stats::Stats;
 use crate::{Decision, Permission, Principal};
@@ -90,13 +94,7 @@ impl Inner {
             // Epochs are read before the authorizer is asked (no fill after invalidate).
             let stamp = self.epochs.stamp(key);
             Stats::incr(&self.stats.authorizer_calls);
-            let call = self.authorizer.authorize_owned(principal.clone(), permission.clone());
-            let started = Instant::now();
-            let answer = tokio::time::timeout(self.authorizer_timeout, call).await;
-            let elapsed = started.elapsed();
-            self.stats.authorizer_latency.record(elapsed);
-            #[cfg(feature = "metrics")]
-            crate::exposition::record(crate::exposition::AUTHORIZER_DURATION, &[], elapsed);
+            let answer = self.ask(self.authorizer.authorize_owned(principal.clone(), permission.clone())).await;
             let decision = match answer {
                 Ok(Ok(decision)) => {
                     self.stats.authorizer_succeeded();
@@ -124,6 +122,17 @@ impl Inner {
             return Ok(decision);
         }
         Err(CheckError::new(CheckErrorKind::Unstable, None))
+    }
+
+    /// One call to the authorizer (single or batch) under its timeout, its latency recorded.
+    pub(super) async fn ask<T>(&self, call: BoxFuture<Result<T, BoxError>>) -> Result<Result<T, BoxError>, Elapsed> {
+        let started = Instant::now();
+        let answer = tokio::time::timeout(self.authorizer_timeout, call).await;
+        let elapsed = started.elapsed();
+        self.stats.authorizer_latency.record(elapsed);
+        #[cfg(feature = "metrics")]
+        crate::exposition::record(crate::exposition::AUTHORIZER_DURATION, &[], elapsed);
+        answer
     }
 
     /// Caches an answer the authorizer gave under `stamp` (the epochs read before it was asked):

@@ -3,7 +3,6 @@
 //! [`AuthzCacheBuilder::refresh_ahead`](super::AuthzCacheBuilder::refresh_ahead)).
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 /// How long refresh-ahead stops after a refresh's authorizer call failed.
 const REFRESH_PAUSE_MS: u64 = 1000;
@@ -44,10 +43,7 @@ impl Inner {
     async fn refresh(&self, key: &CacheKey, principal: Principal, permission: Permission) -> Option<Decision> {
         let stamp = self.epochs.stamp(key);
         Stats::incr(&self.stats.authorizer_calls);
-        let call = self.authorizer.authorize_owned(principal, permission);
-        let started = Instant::now();
-        let answer = tokio::time::timeout(self.authorizer_timeout, call).await;
-        self.stats.authorizer_latency.record(started.elapsed());
+        let answer = self.ask(self.authorizer.authorize_owned(principal, permission)).await;
         let decision = match answer {
             Ok(Ok(decision)) => {
                 self.stats.authorizer_succeeded();
