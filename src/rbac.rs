@@ -129,17 +129,9 @@ impl crate::Authorizer for PostgresRbacAuthorizer {
             resource: permission.resource(),
             action: permission.action(),
         };
-        let granted = pool::with_conn(
-            &self.pool,
-            |e| match e {
-                bb8::RunError::User(e) => format!("postgres authorizer: connect: {e}"),
-                bb8::RunError::TimedOut => "postgres authorizer: timed out waiting for a connection".to_owned(),
-            },
-            Result::is_ok,
-            async |conn| {
-                query.get_result::<bool>(conn).await.map_err(|e| format!("postgres authorizer: {}", PgFailure::from(e)))
-            },
-        )
+        let granted = pool::with_conn(&self.pool, connect_error("postgres authorizer"), Result::is_ok, async |conn| {
+            query.get_result::<bool>(conn).await.map_err(|e| format!("postgres authorizer: {}", PgFailure::from(e)))
+        })
         .await
         .map_err(BoxError::from)?;
         Ok(Self::decision(granted, permission))
@@ -182,23 +174,15 @@ impl PostgresRbacAuthorizer {
         }
         let resources: Vec<&str> = permissions.iter().map(Permission::resource).collect();
         let actions: Vec<&str> = permissions.iter().map(Permission::action).collect();
-        let rows = pool::with_conn(
-            &self.pool,
-            |e| match e {
-                bb8::RunError::User(e) => format!("postgres authorizer: connect: {e}"),
-                bb8::RunError::TimedOut => "postgres authorizer: timed out waiting for a connection".to_owned(),
-            },
-            Result::is_ok,
-            async |conn| {
-                diesel::sql_query(self.batch_sql.as_str())
-                    .bind::<Text, _>(principal.id())
-                    .bind::<diesel::sql_types::Array<Text>, _>(&resources)
-                    .bind::<diesel::sql_types::Array<Text>, _>(&actions)
-                    .load::<Granted>(conn)
-                    .await
-                    .map_err(|e| format!("postgres authorizer: {}", PgFailure::from(e)))
-            },
-        )
+        let rows = pool::with_conn(&self.pool, connect_error("postgres authorizer"), Result::is_ok, async |conn| {
+            diesel::sql_query(self.batch_sql.as_str())
+                .bind::<Text, _>(principal.id())
+                .bind::<diesel::sql_types::Array<Text>, _>(&resources)
+                .bind::<diesel::sql_types::Array<Text>, _>(&actions)
+                .load::<Granted>(conn)
+                .await
+                .map_err(|e| format!("postgres authorizer: {}", PgFailure::from(e)))
+        })
         .await
         .map_err(BoxError::from)?;
         if rows.len() != permissions.len() {
@@ -207,6 +191,14 @@ impl PostgresRbacAuthorizer {
             );
         }
         Ok(rows.into_iter().zip(permissions).map(|(row, p)| Self::decision(row.granted, p)).collect())
+    }
+}
+
+/// How a pooled connection that could not be had reads in `what`'s error.
+fn connect_error<E: fmt::Display>(what: &'static str) -> impl FnOnce(bb8::RunError<E>) -> String {
+    move |e| match e {
+        bb8::RunError::User(e) => format!("{what}: connect: {e}"),
+        bb8::RunError::TimedOut => format!("{what}: timed out waiting for a connection"),
     }
 }
 
@@ -219,24 +211,17 @@ impl crate::tier::Teammates for PostgresRbacAuthorizer {
         }
         Box::pin(async move {
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let mates = pool::with_conn(
-                &self.pool,
-                |e| match e {
-                    bb8::RunError::User(e) => format!("postgres team-mates: connect: {e}"),
-                    bb8::RunError::TimedOut => "postgres team-mates: timed out waiting for a connection".to_owned(),
-                },
-                Result::is_ok,
-                async |conn| {
+            let mates =
+                pool::with_conn(&self.pool, connect_error("postgres team-mates"), Result::is_ok, async |conn| {
                     diesel::sql_query(self.teammates_sql.as_str())
                         .bind::<Text, _>(principal)
                         .bind::<diesel::sql_types::BigInt, _>(limit)
                         .load::<Mate>(conn)
                         .await
                         .map_err(|e| format!("postgres team-mates: {}", PgFailure::from(e)))
-                },
-            )
-            .await
-            .map_err(crate::tier::TierError::new)?;
+                })
+                .await
+                .map_err(crate::tier::TierError::new)?;
             Ok(mates.into_iter().map(|m| m.teammate).collect())
         })
     }
