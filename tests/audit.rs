@@ -1,5 +1,6 @@
 //! The audit log (`authz_cache::audit`): denies, invalidations with who asked, failures; and no
-//! principal id ever appears in it, only short keyed hashes.
+//! principal id ever appears in it, only short keyed hashes. Also the check span's provenance
+//! fields.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -54,5 +55,36 @@ async fn audit_events_name_scopes_and_requesters_but_never_principal_ids() {
     assert!(!by_line.contains("by=-"), "an invalidation with a requester names it (hashed): {by_line}");
     for id in ["mallory-secret-id", "broken-user-77", "admin-alice-id", "bob-secret-id"] {
         assert!(!log.contains(id), "{id} appears in the audit log:\n{log}");
+    }
+}
+
+/// Where a decision came from, as a tracing subscriber sees it: the `authz_check` span's fields
+/// (the `Decision` side is covered by the unit tests).
+#[tokio::test]
+async fn the_check_span_carries_source_age_and_allowed() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_env_filter("authz_cache=debug")
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let cache =
+        AuthzCache::builder(|_: Principal, _: Permission| async { Ok::<_, BoxError>(Decision::deny()) }).build();
+    let (bob, read) = (Principal::new("bob"), Permission::new("documents:1", "read"));
+    cache.check(&bob, &read).await.unwrap();
+    cache.check(&bob, &read).await.unwrap();
+
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let closes: Vec<&str> = log.lines().filter(|l| l.contains("authz_check") && l.contains("close")).collect();
+    assert_eq!(closes.len(), 2, "{log}");
+    assert!(closes[0].contains("source=\"authorizer\"") || closes[0].contains("source=authorizer"), "{}", closes[0]);
+    assert!(closes[1].contains("source=\"l1\"") || closes[1].contains("source=l1"), "{}", closes[1]);
+    for line in &closes {
+        assert!(line.contains("allowed=false"), "{line}");
+        assert!(line.contains("age_ms="), "{line}");
     }
 }
