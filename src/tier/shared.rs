@@ -342,6 +342,40 @@ impl TierSettings {
     }
 }
 
+/// The guard setters every built-in tier's builder offers (`timeout`, `failure_threshold`,
+/// `open_for`, `write_queue`), onto its `settings: TierSettings` field: one definition for the
+/// Redis and Postgres builders. `$store` names the store in the docs.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+macro_rules! guard_setters {
+    ($store:literal) => {
+        #[doc = concat!("How long one ", $store, " call may take (pool checkout included) before it counts as a failure.")]
+        pub fn timeout(mut self, timeout: Duration) -> Self {
+            self.settings = self.settings.timeout(timeout);
+            self
+        }
+
+        /// Consecutive failures that open the circuit breaker.
+        pub fn failure_threshold(mut self, failures: u32) -> Self {
+            self.settings = self.settings.failure_threshold(failures);
+            self
+        }
+
+        /// How long the breaker stays open before one probe is let through.
+        pub fn open_for(mut self, duration: Duration) -> Self {
+            self.settings = self.settings.open_for(duration);
+            self
+        }
+
+        /// Capacity of the background write queue; when it is full, writes are dropped and counted.
+        pub fn write_queue(mut self, capacity: usize) -> Self {
+            self.settings = self.settings.write_queue(capacity);
+            self
+        }
+    };
+}
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) use guard_setters;
+
 /// An invalidation backplane (see [`SharedTier::transport`]): what a store's bumps publish
 /// reaches every subscribed instance.
 ///

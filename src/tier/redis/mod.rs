@@ -93,29 +93,7 @@ impl RedisTierBuilder {
         self
     }
 
-    /// How long one Redis call may take (pool checkout included) before it counts as a failure.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.settings.timeout = timeout;
-        self
-    }
-
-    /// Consecutive failures that open the circuit breaker.
-    pub fn failure_threshold(mut self, failures: u32) -> Self {
-        self.settings.failure_threshold = failures.max(1);
-        self
-    }
-
-    /// How long the breaker stays open before one probe is let through.
-    pub fn open_for(mut self, duration: Duration) -> Self {
-        self.settings.open_for = duration;
-        self
-    }
-
-    /// Capacity of the background write queue; when it is full, writes are dropped and counted.
-    pub fn write_queue(mut self, capacity: usize) -> Self {
-        self.settings.write_queue = capacity.max(1);
-        self
-    }
+    crate::tier::shared::guard_setters!("Redis");
 
     /// Subscribe to the backplane through another URL than the pool's (default: the same).
     pub fn backplane_url(mut self, url: impl Into<String>) -> Self {
