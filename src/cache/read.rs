@@ -73,9 +73,9 @@ impl Inner {
         }
         let mut found = self.l1.get(key);
         let now = self.clock.mono_ms();
-        if found
-            .as_ref()
-            .is_some_and(|e| now >= e.refresh_at_ms || now >= e.local_until_ms || e.stamp != self.epochs.stamp(key))
+        // The epochs covering the key, read once (they do not depend on which copy is looked at).
+        let current = found.as_ref().map(|_| self.epochs.stamp(key));
+        if found.as_ref().is_some_and(|e| now >= e.refresh_at_ms || now >= e.local_until_ms || Some(e.stamp) != current)
         {
             // This thread's copy may be older than the entry another thread (a refresh, a miss)
             // put since: look past it before missing, or refreshing.
@@ -95,7 +95,7 @@ impl Inner {
                 }
                 None
             }
-            Some(e) if e.stamp != self.epochs.stamp(key) => {
+            Some(e) if Some(e.stamp) != current => {
                 if count {
                     Stats::incr(&self.stats.l1_stale);
                 }
