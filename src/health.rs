@@ -7,7 +7,9 @@
 //! - The backplane is up when subscribed and heard, degraded when subscribed but silent (L1 is
 //!   not trusted), down when not subscribed.
 //! - With L2, Redis is also degraded while its `maxmemory-policy` can evict epoch keys (or cannot
-//!   be read): `reason` says so.
+//!   be read): `reason` says so. On a Redis Cluster, `nodes` lists every node (role, slots,
+//!   whether it answered, its latency), and the tier is degraded while a slot has no master, a
+//!   node does not answer, or a master has fewer replicas than invalidations wait for.
 //! - The change feed (with L3) is up while it is known to be caught up, degraded while not.
 //! - The authorizer is down after [`AUTHORIZER_DOWN_AFTER`] consecutive failures and up again
 //!   at its first success.
@@ -53,7 +55,7 @@ pub enum HealthStatus {
 }
 
 /// The health of one part.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct PartHealth {
     /// Its status.
@@ -65,10 +67,32 @@ pub struct PartHealth {
     /// `maxmemory-policy` can evict epoch keys).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
+    /// A clustered store's nodes (Redis Cluster), as the tier's last check found them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeHealth>,
+}
+
+/// One node of a clustered store, as the tier's last check (every 2 s) found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct NodeHealth {
+    /// `host:port`.
+    pub address: String,
+    /// The store's id for it.
+    pub id: String,
+    /// Whether it is a master (else a replica).
+    pub master: bool,
+    /// The hash slots it serves (masters).
+    pub slots: u32,
+    /// Up when it answered the check, down when not.
+    pub status: HealthStatus,
+    /// The check's round trip, when it answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<u64>,
 }
 
 /// Per-part health.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct TiersHealth {
     /// L1.
@@ -82,7 +106,7 @@ pub struct TiersHealth {
 }
 
 /// The health of the cache and its parts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[non_exhaustive]
 pub struct Health {
     /// Overall.
@@ -112,7 +136,7 @@ impl Health {
     }
 
     pub(crate) fn assess(stats: &StatsSnapshot, authorizer_failing: u64) -> Self {
-        let part = |status| PartHealth { status, breaker: None, reason: None };
+        let part = |status| PartHealth { status, breaker: None, reason: None, nodes: Vec::new() };
         let remote = |t: RemoteTierSnapshot| PartHealth {
             status: match (t.breaker, t.warning) {
                 (BreakerState::Closed, None) => HealthStatus::Up,
@@ -121,6 +145,7 @@ impl Health {
             },
             breaker: Some(t.breaker),
             reason: t.warning,
+            nodes: Vec::new(),
         };
         let (l2, l3) = (stats.tiers.l2.map(remote), stats.tiers.l3.map(remote));
         let backplane = stats.backplane.map(|b| {
@@ -134,6 +159,7 @@ impl Health {
             status: if f.caught_up { HealthStatus::Up } else { HealthStatus::Degraded },
             breaker: None,
             reason: (!f.caught_up).then_some("change feed not confirmed within max_staleness: L1 and L2 not read"),
+            nodes: Vec::new(),
         });
         let mut authorizer =
             part(if authorizer_failing >= AUTHORIZER_DOWN_AFTER { HealthStatus::Down } else { HealthStatus::Up });
@@ -213,9 +239,9 @@ mod tests {
         use BreakerState::{Closed, HalfOpen, Open};
         for (l3, part) in [(Closed, HealthStatus::Up), (HalfOpen, HealthStatus::Degraded), (Open, HealthStatus::Down)] {
             let health = Health::assess(&tiers(Closed, l3), 0);
-            let l3_health = health.tiers.l3.expect("l3 is configured");
+            let l3_health = health.tiers.l3.clone().expect("l3 is configured");
             assert_eq!((l3_health.status, l3_health.breaker), (part, Some(l3)));
-            assert_eq!(health.tiers.l2.unwrap().status, HealthStatus::Up);
+            assert_eq!(health.tiers.l2.as_ref().unwrap().status, HealthStatus::Up);
             let overall = if part == HealthStatus::Up { HealthStatus::Up } else { HealthStatus::Degraded };
             assert_eq!(health.status, overall, "l3 {l3}");
             assert!(health.is_ready(), "a remote tier down still leaves the cache able to decide");

@@ -126,7 +126,7 @@ pub use crate::core::principal::{
     BearerToken, Principal, ResolveError, ResolveErrorKind, ResolvePrincipal, TrustedHeader,
 };
 pub use crate::future::ResponseFuture;
-pub use crate::health::{AUTHORIZER_DOWN_AFTER, Health, HealthStatus, PartHealth, TiersHealth};
+pub use crate::health::{AUTHORIZER_DOWN_AFTER, Health, HealthStatus, NodeHealth, PartHealth, TiersHealth};
 pub use crate::invalidation::backplane::BackplaneSnapshot;
 pub use crate::invalidation::{Invalidation, InvalidationError, InvalidationFuture, InvalidationService};
 pub use crate::layer::CachedAuthorizationLayer;
@@ -142,6 +142,10 @@ pub use crate::stats::{
 pub use crate::tier::BreakerState;
 #[cfg(feature = "postgres")]
 pub use crate::tier::postgres::{PostgresTier, PostgresTierBuilder, PostgresTierError};
+#[cfg(feature = "redis")]
+pub use crate::tier::redis::cluster::{
+    ClusterReport, RedisClusterTier, RedisClusterTierBuilder, RedisClusterTierError,
+};
 #[cfg(feature = "redis")]
 pub use crate::tier::redis::{RedisTier, RedisTierBuilder, RedisTierError};
 

@@ -210,7 +210,7 @@ async fn redis_black_hole_mid_stream_fails_no_request_and_the_breaker_recovers()
     assert!(during.call_timeouts >= 5, "{during:?}");
     assert!(during.calls_skipped > 100, "requests skipped redis at no cost while open: {during:?}");
     let health = c.health();
-    assert_eq!(health.tiers.l2.unwrap().status, tower_authz_cache::HealthStatus::Down);
+    assert_eq!(health.tiers.l2.as_ref().unwrap().status, tower_authz_cache::HealthStatus::Down);
     assert_eq!(health.status, tower_authz_cache::HealthStatus::Degraded);
     assert!(health.is_ready(), "the authorizer still decides: ready");
 

@@ -174,7 +174,7 @@ async fn a_maxmemory_policy_that_can_evict_epochs_is_reported() {
         let start = Instant::now();
         loop {
             let health = cache.health();
-            let l2 = health.tiers.l2.expect("l2 configured");
+            let l2 = health.tiers.l2.clone().expect("l2 configured");
             if l2.status == want {
                 return (health, l2);
             }

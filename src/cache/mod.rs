@@ -283,7 +283,18 @@ impl AuthzCache {
     /// The health of each part of the cache; see [`Health`](crate::Health).
     pub fn health(&self) -> crate::Health {
         let stats = self.stats();
-        crate::health::Health::assess(&stats, self.inner.stats.authorizer_failing())
+        let mut health = crate::health::Health::assess(&stats, self.inner.stats.authorizer_failing());
+        for slot in &self.inner.tiers {
+            let part = match slot.tier.level {
+                "l2" => health.tiers.l2.as_mut(),
+                "l3" => health.tiers.l3.as_mut(),
+                _ => None,
+            };
+            if let Some(part) = part {
+                part.nodes = slot.tier.tier.nodes();
+            }
+        }
+        health
     }
 
     /// Publishes the current counters and gauges through the `metrics` facade (feature

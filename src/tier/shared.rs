@@ -102,6 +102,12 @@ pub trait SharedTier: Send + Sync + 'static {
     fn warning(&self) -> Option<&'static str> {
         None
     }
+
+    /// The store's nodes as its last upkeep found them, for `health()` (a clustered store;
+    /// empty, the default, for one that is a single server).
+    fn nodes(&self) -> Vec<crate::health::NodeHealth> {
+        Vec::new()
+    }
 }
 
 /// Why a tier call failed. Its text reaches logs: never put a key, a value or a password in it.

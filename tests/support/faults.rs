@@ -307,8 +307,23 @@ impl OwnedRedis {
         redis
     }
 
+    /// Like [`start_with`](Self::start_with), on a given port.
+    pub fn start_on(port: u16, extra: &[&str]) -> OwnedRedis {
+        let mut redis = OwnedRedis { port, child: None, extra: extra.iter().map(|s| (*s).to_owned()).collect() };
+        redis.spawn();
+        redis
+    }
+
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     pub fn url(&self) -> String {
@@ -320,6 +335,14 @@ impl OwnedRedis {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Starts a killed server again on the same port and arguments (a cluster node comes back
+    /// with its node file).
+    pub fn start_again(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
         }
     }
 

@@ -51,6 +51,8 @@ pub fn request(method: &str, path: &str, token: Option<&str>, body: &str) -> Req
     b.body(axum::body::Body::from(body.to_owned())).unwrap()
 }
 
+#[cfg(feature = "redis")]
+pub mod cluster;
 pub mod faults;
 pub mod http1;
 #[cfg(feature = "postgres")]

@@ -35,6 +35,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
+pub(crate) mod cluster;
 mod eviction;
 mod scripts;
 mod transport;
