@@ -56,6 +56,9 @@ pub enum Roles {
     /// In a Redis hash, shared by every instance.
     #[cfg(feature = "redis")]
     Redis { conn: redis::aio::MultiplexedConnection, key: String },
+    /// In a Redis hash on the cluster, shared by every instance.
+    #[cfg(feature = "redis")]
+    RedisCluster { conn: redis::cluster_async::ClusterConnection, key: String },
     /// In the reference RBAC tables (`user_roles`), shared by every instance.
     #[cfg(feature = "postgres")]
     Postgres { client: Arc<tokio_postgres::Client>, schema: String },
@@ -83,6 +86,19 @@ impl Roles {
             let _: i64 = redis::cmd("HSETNX").arg(&key).arg(user).arg(role.name()).query_async(&mut conn).await?;
         }
         Ok(Roles::Redis { conn, key })
+    }
+
+    /// The demo users in the hash `key` on the Redis Cluster of `nodes`, seeded where absent.
+    #[cfg(feature = "redis")]
+    pub async fn redis_cluster(nodes: &[String], key: String) -> Result<Self, BoxError> {
+        let client = redis::cluster::ClusterClient::new(nodes.to_vec())?;
+        let mut conn = tokio::time::timeout(STORE_TIMEOUT * 4, client.get_async_connection())
+            .await
+            .map_err(|_| "cannot reach the redis cluster")??;
+        for (user, role) in DEMO_USERS {
+            let _: i64 = redis::cmd("HSETNX").arg(&key).arg(user).arg(role.name()).query_async(&mut conn).await?;
+        }
+        Ok(Roles::RedisCluster { conn, key })
     }
 
     /// The demo users in the reference RBAC tables of `schema` (already migrated), seeded where
@@ -132,13 +148,9 @@ impl Roles {
         match self {
             Roles::Memory(map) => Ok(map.read().unwrap_or_else(|e| e.into_inner()).get(user).copied()),
             #[cfg(feature = "redis")]
-            Roles::Redis { conn, key } => {
-                let mut conn = conn.clone();
-                let mut cmd = redis::cmd("HGET");
-                let q = cmd.arg(key).arg(user).query_async::<Option<String>>(&mut conn);
-                let name = tokio::time::timeout(STORE_TIMEOUT, q).await.map_err(|_| "role store timed out")??;
-                Ok(name.as_deref().and_then(Role::parse))
-            }
+            Roles::Redis { conn, key } => redis_get(&mut conn.clone(), key, user).await,
+            #[cfg(feature = "redis")]
+            Roles::RedisCluster { conn, key } => redis_get(&mut conn.clone(), key, user).await,
             #[cfg(feature = "postgres")]
             Roles::Postgres { client, schema } => {
                 let sql =
@@ -158,18 +170,9 @@ impl Roles {
                 Ok(map.get_mut(user).map(|r| *r = role).is_some())
             }
             #[cfg(feature = "redis")]
-            Roles::Redis { conn, key } => {
-                let mut conn = conn.clone();
-                let mut cmd = redis::cmd("HEXISTS");
-                let exists = cmd.arg(key).arg(user).query_async::<bool>(&mut conn);
-                if !tokio::time::timeout(STORE_TIMEOUT, exists).await.map_err(|_| "role store timed out")?? {
-                    return Ok(false);
-                }
-                let mut cmd = redis::cmd("HSET");
-                let set = cmd.arg(key).arg(user).arg(role.name()).query_async::<i64>(&mut conn);
-                tokio::time::timeout(STORE_TIMEOUT, set).await.map_err(|_| "role store timed out")??;
-                Ok(true)
-            }
+            Roles::Redis { conn, key } => redis_set(&mut conn.clone(), key, user, role).await,
+            #[cfg(feature = "redis")]
+            Roles::RedisCluster { conn, key } => redis_set(&mut conn.clone(), key, user, role).await,
             #[cfg(feature = "postgres")]
             Roles::Postgres { client, schema } => {
                 // Through the table, as an administrator would in psql: its trigger refreshes the
@@ -369,6 +372,38 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// A user's role in the Redis hash `key` (one Redis or a cluster).
+#[cfg(feature = "redis")]
+async fn redis_get(
+    conn: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+    user: &str,
+) -> Result<Option<Role>, BoxError> {
+    let mut cmd = redis::cmd("HGET");
+    let q = cmd.arg(key).arg(user).query_async::<Option<String>>(conn);
+    let name = tokio::time::timeout(STORE_TIMEOUT, q).await.map_err(|_| "role store timed out")??;
+    Ok(name.as_deref().and_then(Role::parse))
+}
+
+/// Sets an existing user's role in the Redis hash `key`; whether the user exists.
+#[cfg(feature = "redis")]
+async fn redis_set(
+    conn: &mut impl redis::aio::ConnectionLike,
+    key: &str,
+    user: &str,
+    role: Role,
+) -> Result<bool, BoxError> {
+    let mut cmd = redis::cmd("HEXISTS");
+    let exists = cmd.arg(key).arg(user).query_async::<bool>(&mut *conn);
+    if !tokio::time::timeout(STORE_TIMEOUT, exists).await.map_err(|_| "role store timed out")?? {
+        return Ok(false);
+    }
+    let mut cmd = redis::cmd("HSET");
+    let set = cmd.arg(key).arg(user).arg(role.name()).query_async::<i64>(conn);
+    tokio::time::timeout(STORE_TIMEOUT, set).await.map_err(|_| "role store timed out")??;
+    Ok(true)
+}
+
 async fn run() -> Result<(), String> {
     let port = demo::port()?;
     // Every setting comes from the environment (AUTHZ_CACHE_MODE, L1_CACHE_SIZE_MB, REDIS_URL, ...);
@@ -395,6 +430,25 @@ async fn run() -> Result<(), String> {
             println!("roles: in redis hash {key} (shared by every instance)");
             roles
         }
+        #[cfg(feature = "redis")]
+        None if config.redis_cluster_nodes().is_some() => {
+            if config.secret().is_none() {
+                println!("note: AUTHZ_CACHE_SECRET is not set; using the demo's fixed secret (never in production)");
+                config = config.with_secret(Some(Secret::new(DEMO_SECRET)));
+            }
+            let nodes = config.redis_cluster_nodes().unwrap_or_default().to_vec();
+            let key = format!("{}-demo-roles", config.redis_namespace());
+            let roles =
+                Roles::redis_cluster(&nodes, key.clone()).await.map_err(|e| format!("REDIS_CLUSTER_NODES: {e}"))?;
+            println!(
+                "tiers: L1 (in-process memory, {} MiB), L2 (redis cluster {}, namespace {}), redis cluster backplane",
+                config.l1_max_bytes() >> 20,
+                config.redis_cluster_nodes_redacted().unwrap_or_default(),
+                config.redis_namespace()
+            );
+            println!("roles: in redis hash {key} on the cluster (shared by every instance)");
+            roles
+        }
         _ => {
             println!("tiers: L1 (in-process memory, {} MiB)", config.l1_max_bytes() >> 20);
             Roles::demo()
@@ -415,7 +469,7 @@ async fn run() -> Result<(), String> {
             println!(
                 "tiers: + L3 (postgres {}, schema {schema}, migrations applied), postgres change feed{}",
                 config.database_url_redacted().unwrap_or_default(),
-                if config.redis_url().is_some() { "" } else { " and backplane" }
+                if config.uses_redis() { "" } else { " and backplane" }
             );
             println!(
                 "roles: in postgres tables {schema}.user_roles (shared by every instance), answered from the view"

@@ -13,7 +13,7 @@ use support::redis::{Namespace, SECRET};
 use tower_authz_cache::{AuthzCache, BoxError, Decision, Permission, PostgresTier, Principal, RedisTier};
 
 /// Every variable `CacheConfig::from_env` reads: the tests set the ones they mean.
-const CONFIG_VARS: [&str; 22] = [
+const CONFIG_VARS: [&str; 24] = [
     "AUTHZ_CACHE_MODE",
     "L1_CACHE_SIZE_MB",
     "REDIS_URL",
@@ -35,6 +35,8 @@ const CONFIG_VARS: [&str; 22] = [
     "AUTHZ_CACHE_AUDIT_MAX_PER_S",
     "AUTHZ_CACHE_AUDIT_INVALIDATE",
     "AUTHZ_CACHE_NAMESPACE",
+    "REDIS_CLUSTER_NODES",
+    "REDIS_CLUSTER_WAIT_REPLICAS",
     "AUTHZ_CACHE_SECRET",
 ];
 

@@ -324,3 +324,54 @@ async fn an_invalidation_no_replica_confirms_is_not_acknowledged_and_is_paid_whe
     wait_for("the debt paid", Duration::from_secs(15), || cache.stats().tiers.l2.unwrap().owed == 0).await;
     cache.invalidate(&Invalidation::Principal("carol".into())).await.expect("confirmed again");
 }
+
+/// `authz-cache init` checks the cluster (state, every slot covered); `invalidate` goes through it.
+#[cfg(feature = "cli")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_checks_the_cluster_and_invalidates_through_it() {
+    let mut cluster = OwnedCluster::start();
+    let nodes = cluster.urls().join(",");
+    let run = |args: &'static [&'static str], nodes: String| {
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_authz-cache"));
+            cmd.args(args);
+            for var in ["REDIS_URL", "DATABASE_URL", "AUTHZ_CACHE_MODE", "AUTHZ_CACHE_NAMESPACE"] {
+                cmd.env_remove(var);
+            }
+            cmd.env("REDIS_CLUSTER_NODES", nodes)
+                .env("AUTHZ_CACHE_SECRET", std::str::from_utf8(SECRET).unwrap())
+                .env("AUTHZ_CACHE_NAMESPACE", "cli");
+            cmd.output().expect("the authz-cache binary runs")
+        })
+    };
+    let out = run(&["init"], nodes.clone()).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("cluster_state:ok, 3 masters, 3 replicas, all 16384 slots covered"), "{text}");
+
+    let out = run(&["invalidate", "--principal", "bob"], nodes.clone()).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("through the Redis Cluster at") && text.contains("consistency token: v1."), "{text}");
+
+    // A master and its replica gone: slots without a master, and init says so.
+    let masters = cluster.masters();
+    for i in 0..6 {
+        if !masters.contains(&i) {
+            cluster.kill(i);
+        }
+    }
+    cluster.kill(masters[0]);
+    let live = cluster.urls_from(masters[1]).into_iter().take(1).collect::<Vec<_>>().join(",");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = run(&["init"], live.clone()).await.unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            assert!(text.contains("redis      FAIL  cluster"), "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "init still passes without a master for a third of the slots: {text}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -151,8 +151,26 @@ async fn init(opts: &[(String, String)]) -> Result<(), Failure> {
     // (what failed, why) for the result line and the error.
     let mut failed: Vec<(&str, String)> = Vec::new();
     let shown = config.redis_url_redacted().unwrap_or_default();
+    if let Some(nodes) = config.redis_cluster_nodes() {
+        let shown = config.redis_cluster_nodes_redacted().unwrap_or_default();
+        match redis_cluster_check(&config, nodes).await {
+            Ok(report) => println!(
+                "  redis      ok    cluster {shown}: cluster_state:ok, {} masters, {} replicas, all {} slots covered, namespace {}",
+                report.masters,
+                report.replicas,
+                report.slots_covered,
+                config.redis_namespace()
+            ),
+            Err(e) => {
+                let e = one_line(&e.to_string());
+                println!("  redis      FAIL  cluster {shown}: {e}");
+                failed.push(("redis", format!("redis cluster at {shown}: {e}")));
+            }
+        }
+    }
     match config.redis_url() {
-        None => println!("  redis      skip  REDIS_URL not set: no L2, no backplane"),
+        None if config.redis_cluster_nodes().is_some() => {}
+        None => println!("  redis      skip  REDIS_URL and REDIS_CLUSTER_NODES not set: no L2, no backplane"),
         Some(url) => match redis_version(url).await {
             Ok(version) => {
                 println!("  redis      ok    {} (redis {version}), namespace {}", shown, config.redis_namespace())
@@ -387,6 +405,22 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// `CLUSTER INFO` says ok and every slot has a master (see `RedisClusterTier::check_cluster`).
+async fn redis_cluster_check(
+    config: &CacheConfig,
+    nodes: &[String],
+) -> Result<tower_authz_cache::ClusterReport, BoxError> {
+    let tier = tower_authz_cache::RedisClusterTier::builder(nodes.iter().cloned())
+        .namespace(config.redis_namespace())
+        .connect_timeout(CHECK_TIMEOUT)
+        .timeout(CHECK_TIMEOUT)
+        .build()?;
+    match tokio::time::timeout(CHECK_TIMEOUT * 2, tier.check_cluster()).await {
+        Ok(report) => Ok(report?),
+        Err(_) => Err(format!("no answer within {:?}", CHECK_TIMEOUT * 2).into()),
+    }
+}
+
 async fn redis_version(url: &str) -> Result<String, BoxError> {
     let client = redis::Client::open(url)?;
     let mut conn = tokio::time::timeout(CHECK_TIMEOUT, client.get_multiplexed_async_connection())
@@ -427,9 +461,9 @@ async fn invalidate(opts: &[(String, String)]) -> Result<(), Failure> {
         _ => return Err(Failure::Usage("give exactly one of --principal, --resource, --all".into())),
     };
     let config = CacheConfig::from_env().map_err(|e| Failure::Usage(e.to_string()))?;
-    if config.redis_url().is_none() && config.database_url().is_none() {
+    if !config.uses_redis() && config.database_url().is_none() {
         return Err(Failure::Usage(
-            "neither REDIS_URL nor DATABASE_URL is set: invalidations reach other instances through Redis or Postgres"
+            "neither REDIS_URL, REDIS_CLUSTER_NODES nor DATABASE_URL is set: invalidations reach other instances through Redis or Postgres"
                 .into(),
         ));
     }
@@ -446,6 +480,9 @@ async fn invalidate(opts: &[(String, String)]) -> Result<(), Failure> {
     }
     if let Some(url) = config.redis_url_redacted() {
         stores.push(format!("Redis at {url}, namespace {}", config.redis_namespace()));
+    }
+    if let Some(nodes) = config.redis_cluster_nodes_redacted() {
+        stores.push(format!("the Redis Cluster at {nodes}, namespace {}", config.redis_namespace()));
     }
     let token = cache
         .invalidate(&invalidation)

@@ -146,6 +146,8 @@ pub struct CacheConfig {
     authorizer_timeout: Duration,
     max_staleness: Duration,
     redis_url: Option<String>,
+    redis_cluster_nodes: Option<Vec<String>>,
+    redis_cluster_wait_replicas: u8,
     redis_max_connections: u32,
     redis_namespace: String,
     database_url: Option<String>,
@@ -172,6 +174,7 @@ impl fmt::Debug for CacheConfig {
             .field("authorizer_timeout", &self.authorizer_timeout)
             .field("max_staleness", &self.max_staleness)
             .field("redis_url", &self.redis_url.as_deref().map(mask_url))
+            .field("redis_cluster_nodes", &self.redis_cluster_nodes_redacted())
             .field("redis_max_connections", &self.redis_max_connections)
             .field("redis_namespace", &self.redis_namespace)
             .field("database_url", &self.database_url.as_deref().map(mask_url))
@@ -209,6 +212,8 @@ impl CacheConfig {
             authorizer_timeout: Duration::from_secs(5),
             max_staleness: Duration::from_secs(1),
             redis_url: None,
+            redis_cluster_nodes: None,
+            redis_cluster_wait_replicas: 1,
             redis_max_connections: 5,
             redis_namespace: "authz".to_owned(),
             database_url: None,
@@ -251,6 +256,8 @@ impl CacheConfig {
     /// | `AUTHZ_CACHE_MODE` | preset, read first | `development` (default), `testing`, `production` |
     /// | `L1_CACHE_SIZE_MB` | L1 bound, in MiB | 1 to 1048576 |
     /// | `REDIS_URL` | L2 on Redis | `redis://` or `rediss://` URL with a host |
+    /// | `REDIS_CLUSTER_NODES` | L2 on a Redis Cluster, these seed nodes (not with `REDIS_URL`) | comma-separated `redis://` or `rediss://` URLs with a host |
+    /// | `REDIS_CLUSTER_WAIT_REPLICAS` | replicas that confirm each invalidation (`WAIT`), default 1 | 0 to 5 |
     /// | `REDIS_MAX_CONNECTIONS` | Redis pool size | 1 to 10000 |
     /// | `DATABASE_URL` | L3 on Postgres (feature `postgres`) | `postgres://` or `postgresql://` URL with a host |
     /// | `DATABASE_SCHEMA` | schema of the L3 tables | 1 to 40 of `a-z 0-9 _`, not starting with a digit |
@@ -274,7 +281,7 @@ impl CacheConfig {
     /// | `AUTHZ_CACHE_ROTATION_UNTIL` | end of the rotation, seconds since the Unix epoch | 1 to 253402300799, with `AUTHZ_CACHE_ROTATION_SECRET` |
     ///
     /// An empty value is invalid, not unset. `AUTHZ_CACHE_SECRET` is required in production when
-    /// `REDIS_URL` or `DATABASE_URL` is set.
+    /// `REDIS_URL`, `REDIS_CLUSTER_NODES` or `DATABASE_URL` is set.
     ///
     /// # Errors
     ///
@@ -351,6 +358,14 @@ impl CacheConfig {
         if let Some(url) = &self.redis_url {
             return Err(ConfigError::invalid(REDIS_URL, url, "unset: this build lacks the `redis` feature"));
         }
+        #[cfg(not(feature = "redis"))]
+        if let Some(nodes) = &self.redis_cluster_nodes {
+            return Err(ConfigError::invalid(
+                self::redis::REDIS_CLUSTER_NODES,
+                &nodes.join(","),
+                "unset: this build lacks the `redis` feature",
+            ));
+        }
         #[cfg(not(feature = "postgres"))]
         if let Some(url) = &self.database_url {
             return Err(ConfigError::invalid(DATABASE_URL, url, "unset: this build lacks the `postgres` feature"));
@@ -371,12 +386,16 @@ impl CacheConfig {
             builder = builder.rotation_secret(secret.expose(), *until);
         }
         #[cfg(any(feature = "redis", feature = "postgres"))]
-        if self.redis_url.is_some() || self.database_url.is_some() {
+        if self.uses_redis() || self.database_url.is_some() {
             // The cache's secret keys every tier; one warning when it is random.
             builder = builder.secret(self.shared_secret());
             #[cfg(feature = "redis")]
             if let Some(url) = &self.redis_url {
                 builder = builder.l2(self.redis_tier(url)?);
+            }
+            #[cfg(feature = "redis")]
+            if let Some(nodes) = &self.redis_cluster_nodes {
+                builder = builder.l2(self.redis_cluster_tier(nodes)?);
             }
             #[cfg(feature = "postgres")]
             if let Some(url) = &self.database_url {
@@ -430,6 +449,36 @@ impl CacheConfig {
     /// The Redis URL (`REDIS_URL`), password included: do not log it (`Debug` of the config masks it).
     pub fn redis_url(&self) -> Option<&str> {
         self.redis_url.as_deref()
+    }
+
+    /// The seed nodes of the Redis Cluster (`REDIS_CLUSTER_NODES`), passwords included: do not
+    /// log them.
+    pub fn redis_cluster_nodes(&self) -> Option<&[String]> {
+        self.redis_cluster_nodes.as_deref()
+    }
+
+    /// [`redis_cluster_nodes`](Self::redis_cluster_nodes) with passwords replaced by `***`,
+    /// comma-separated.
+    pub fn redis_cluster_nodes_redacted(&self) -> Option<String> {
+        self.redis_cluster_nodes.as_ref().map(|nodes| nodes.iter().map(|n| mask_url(n)).collect::<Vec<_>>().join(","))
+    }
+
+    /// How many replicas confirm each invalidation on a Redis Cluster
+    /// (`REDIS_CLUSTER_WAIT_REPLICAS`, default 1).
+    pub fn redis_cluster_wait_replicas(&self) -> u8 {
+        self.redis_cluster_wait_replicas
+    }
+
+    /// Whether L2 is on Redis: `REDIS_URL` or `REDIS_CLUSTER_NODES`.
+    pub fn uses_redis(&self) -> bool {
+        self.redis_url.is_some() || self.redis_cluster_nodes.is_some()
+    }
+
+    /// Sets the Redis Cluster's seed nodes (`None`: no cluster).
+    #[must_use]
+    pub fn with_redis_cluster_nodes(mut self, nodes: Option<Vec<String>>) -> Self {
+        self.redis_cluster_nodes = nodes;
+        self
     }
 
     /// Largest number of pooled Redis connections (`REDIS_MAX_CONNECTIONS`).

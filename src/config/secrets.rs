@@ -95,7 +95,7 @@ impl CacheConfig {
             Some(secret) if secret.expose().len() < SECRET_MIN_LEN => {
                 Err(ConfigError::redacted(SECRET, SECRET_ALLOWED))
             }
-            None if self.mode == Mode::Production && (self.redis_url.is_some() || self.database_url.is_some()) => {
+            None if self.mode == Mode::Production && (self.uses_redis() || self.database_url.is_some()) => {
                 Err(ConfigError::missing(
                     SECRET,
                     "required in production mode when REDIS_URL or DATABASE_URL is set: at least 16 bytes \

@@ -72,8 +72,9 @@ impl OwnedCluster {
         }
         let cluster = OwnedCluster { nodes, files, _one_at_a_time: guard };
         let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.addr().to_string()).collect();
-        let out = Command::new("redis-cli")
-            .args(["--cluster", "create"])
+        // `timeout`: redis-cli waits for the nodes to join without a limit of its own.
+        let out = Command::new("timeout")
+            .args(["60", "redis-cli", "--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
             .stdin(Stdio::null())

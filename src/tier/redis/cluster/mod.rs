@@ -21,7 +21,7 @@
 //!   water's master lost without its replica) makes the cache forget every shared epoch and drop
 //!   L1. A high water lost on its own only costs that.
 //! - **Backplane** (`transport.rs`): cluster-wide `PUBLISH`, heartbeats through every master.
-//! - **Upkeep** (`topology.rs`): every 2 s, `CLUSTER SLOTS`, a `PING` per node and the masters'
+//! - **Upkeep** (`topology.rs`): every 2 s, `CLUSTER NODES`, a `PING` per node and the masters'
 //!   `maxmemory-policy`: health per node, and a warning when a slot has no master, a node does
 //!   not answer, a master has fewer replicas than `wait_replicas`, or eviction is possible.
 //!
@@ -209,7 +209,7 @@ impl RedisClusterTier {
         let topology = s.read_topology().await?;
         let report = ClusterReport {
             masters: topology.masters().count(),
-            replicas: topology.nodes.len() - topology.masters().count(),
+            replicas: topology.nodes.iter().filter(|n| !n.is_master()).count(),
             slots_covered: topology.covered,
             state_ok: topology::state_ok(&info),
         };
@@ -373,12 +373,13 @@ impl ClusterShared {
         cmd.query_async::<i64>(&mut conn).await.map(|_| ()).map_err(failed)
     }
 
-    /// `CLUSTER SLOTS`, parsed and kept as the current topology.
+    /// `CLUSTER NODES`, parsed and kept as the current topology.
     async fn read_topology(&self) -> Result<Arc<Topology>, TierError> {
         let mut conn = self.conn().await?;
-        let reply = conn.route_command(redis::cmd("CLUSTER").arg("SLOTS").clone(), random()).await.map_err(failed)?;
+        let reply = conn.route_command(redis::cmd("CLUSTER").arg("NODES").clone(), random()).await.map_err(failed)?;
+        let reply: String = redis::from_redis_value(reply).map_err(TierError::new)?;
         let topology =
-            Arc::new(Topology::parse(&reply).ok_or_else(|| TierError::new("redis cluster: CLUSTER SLOTS unreadable"))?);
+            Arc::new(Topology::parse(&reply).ok_or_else(|| TierError::new("redis cluster: CLUSTER NODES unreadable"))?);
         *self.topology.write().unwrap_or_else(|e| e.into_inner()) = topology.clone();
         Ok(topology)
     }
@@ -441,10 +442,10 @@ impl ClusterShared {
         }
         let problem = if !topology.complete() {
             Problem::Uncovered
-        } else if found.iter().any(|(n, _)| n.status != HealthStatus::Up) {
-            Problem::NodeDown
         } else if topology.fewest_replicas() < usize::from(self.wait_replicas) {
             Problem::FewReplicas
+        } else if found.iter().any(|(n, _)| n.status != HealthStatus::Up) {
+            Problem::NodeDown
         } else {
             Problem::None
         };

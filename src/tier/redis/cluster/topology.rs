@@ -1,8 +1,6 @@
-//! The cluster's shape as `CLUSTER SLOTS` reports it: which nodes are masters, the slots each
+//! The cluster's shape as `CLUSTER NODES` reports it: which nodes are masters, the slots each
 //! serves, their replicas; whether every slot is covered. Read by the tier's upkeep (health per
 //! node, the masters the backplane's heartbeats go through) and by `authz-cache init`.
-
-use redis::Value;
 
 /// The number of hash slots of a Redis Cluster.
 pub(crate) const SLOTS: u32 = 16_384;
@@ -17,6 +15,8 @@ pub(crate) struct Node {
     pub(crate) slots: u32,
     /// The id of its master, for a replica.
     pub(crate) replica_of: Option<String>,
+    /// The cluster marked it failed.
+    pub(crate) failed: bool,
 }
 
 impl Node {
@@ -37,25 +37,39 @@ pub(crate) struct Topology {
 }
 
 impl Topology {
-    /// Parses a `CLUSTER SLOTS` reply: `[[start, end, [host, port, id, ..], replicas ..], ..]`.
-    /// `None` when it has another shape.
-    pub(crate) fn parse(reply: &Value) -> Option<Topology> {
-        let Value::Array(ranges) = reply else { return None };
+    /// Parses a `CLUSTER NODES` reply (one line per node: `id host:port@bus[,hostname] flags
+    /// master-id ping pong epoch link slot..`). `CLUSTER SLOTS` is not used: it leaves out
+    /// replicas whose replication offset is not known yet. Failed masters serve no slots here.
+    /// `None` when a line has another shape.
+    pub(crate) fn parse(reply: &str) -> Option<Topology> {
         let mut topology = Topology::default();
-        for range in ranges {
-            let Value::Array(parts) = range else { return None };
-            let (start, end) = (int(parts.first()?)?, int(parts.get(1)?)?);
-            if end < start || end >= i64::from(SLOTS) || start < 0 {
+        for line in reply.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.len() < 8 {
                 return None;
             }
-            let width = u32::try_from(end - start + 1).ok()?;
-            topology.covered += width;
-            let master = node(parts.get(2)?)?;
-            let master_id = master.0.clone();
-            topology.add(master, width, None);
-            for replica in &parts[3..] {
-                topology.add(node(replica)?, 0, Some(master_id.clone()));
+            let address = f[1].split('@').next()?;
+            let (host, port) = address.rsplit_once(':')?;
+            let port: u16 = port.parse().ok()?;
+            let flags = f[2];
+            let failed = flags.contains("fail") && !flags.contains("fail?");
+            let replica_of = flags.contains("slave").then(|| f[3].to_owned());
+            let mut slots = 0u32;
+            if replica_of.is_none() && !failed {
+                for range in &f[8..] {
+                    if range.starts_with('[') {
+                        continue; // a slot being migrated
+                    }
+                    let (a, b) = range.split_once('-').unwrap_or((range, range));
+                    let (a, b): (u32, u32) = (a.parse().ok()?, b.parse().ok()?);
+                    if b < a || b >= SLOTS {
+                        return None;
+                    }
+                    slots += b - a + 1;
+                }
             }
+            topology.covered += slots;
+            topology.nodes.push(Node { id: f[0].to_owned(), host: host.to_owned(), port, slots, replica_of, failed });
         }
         topology
             .nodes
@@ -63,15 +77,9 @@ impl Topology {
         Some(topology)
     }
 
-    fn add(&mut self, (id, host, port): (String, String, u16), slots: u32, replica_of: Option<String>) {
-        match self.nodes.iter_mut().find(|n| n.id == id) {
-            Some(n) => n.slots += slots,
-            None => self.nodes.push(Node { id, host, port, slots, replica_of }),
-        }
-    }
-
+    /// The masters serving slots (not failed ones).
     pub(crate) fn masters(&self) -> impl Iterator<Item = &Node> {
-        self.nodes.iter().filter(|n| n.is_master())
+        self.nodes.iter().filter(|n| n.is_master() && n.slots > 0)
     }
 
     /// Whether every slot has a master.
@@ -79,36 +87,13 @@ impl Topology {
         self.covered == SLOTS
     }
 
-    /// The fewest replicas any master has.
+    /// The fewest live replicas any master has.
     pub(crate) fn fewest_replicas(&self) -> usize {
         self.masters()
-            .map(|m| self.nodes.iter().filter(|n| n.replica_of.as_deref() == Some(m.id.as_str())).count())
+            .map(|m| self.nodes.iter().filter(|n| !n.failed && n.replica_of.as_deref() == Some(m.id.as_str())).count())
             .min()
             .unwrap_or(0)
     }
-}
-
-fn int(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int(i) => Some(*i),
-        _ => None,
-    }
-}
-
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    }
-}
-
-fn node(v: &Value) -> Option<(String, String, u16)> {
-    let Value::Array(parts) = v else { return None };
-    let host = text(parts.first()?)?;
-    let port = u16::try_from(int(parts.get(1)?)?).ok()?;
-    let id = parts.get(2).and_then(text).unwrap_or_else(|| format!("{host}:{port}"));
-    Some((id, host, port))
 }
 
 /// Whether a `CLUSTER INFO` reply says `cluster_state:ok`.
@@ -120,17 +105,14 @@ pub(crate) fn state_ok(info: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn n(host: &str, port: i64, id: &str) -> Value {
-        Value::Array(vec![Value::BulkString(host.into()), Value::Int(port), Value::BulkString(id.into())])
-    }
-
     #[test]
     fn parses_masters_replicas_and_coverage() {
-        let reply = Value::Array(vec![
-            Value::Array(vec![Value::Int(0), Value::Int(8191), n("127.0.0.1", 7000, "a"), n("127.0.0.1", 7003, "d")]),
-            Value::Array(vec![Value::Int(8192), Value::Int(16383), n("127.0.0.1", 7001, "b")]),
-        ]);
-        let t = Topology::parse(&reply).unwrap();
+        let reply = "\
+a 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-8190 8191
+b 127.0.0.1:7001@17001,host master - 0 0 2 connected 8192-16383 [93->-c]
+d 127.0.0.1:7003@17003 slave a 0 0 1 connected
+";
+        let t = Topology::parse(reply).unwrap();
         assert!(t.complete());
         assert_eq!(
             t.masters().map(|m| (m.address(), m.slots)).collect::<Vec<_>>(),
@@ -139,12 +121,14 @@ mod tests {
         assert_eq!(t.nodes[2].replica_of.as_deref(), Some("a"));
         assert_eq!(t.fewest_replicas(), 0);
 
-        let partial = Value::Array(vec![Value::Array(vec![Value::Int(0), Value::Int(99), n("h", 1, "a")])]);
-        assert!(!Topology::parse(&partial).unwrap().complete());
+        // A failed master serves nothing: its slots are uncovered, heartbeats skip it.
+        let failed = "a h:1@2 master,fail - 0 0 1 connected 0-99\nb h:2@3 myself,master - 0 0 1 connected 100-16383\n";
+        let t = Topology::parse(failed).unwrap();
+        assert!(!t.complete());
+        assert_eq!(t.masters().count(), 1);
         // Garbage is no topology, not a panic.
-        assert_eq!(Topology::parse(&Value::Int(3)), None);
-        let bad = Value::Array(vec![Value::Array(vec![Value::Int(5), Value::Int(1), n("h", 1, "a")])]);
-        assert_eq!(Topology::parse(&bad), None);
+        assert_eq!(Topology::parse("nonsense"), None);
+        assert_eq!(Topology::parse("a h:1@2 master - 0 0 1 connected 5-1"), None);
         assert!(state_ok("cluster_enabled:1\r\ncluster_state:ok\r\n") && !state_ok("cluster_state:fail"));
     }
 }

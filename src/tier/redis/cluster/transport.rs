@@ -14,6 +14,11 @@
 //! master that cannot be reached (failed, partitioned from the subscriber) stops the
 //! heartbeats: the cache stops trusting L1 within `max_staleness`, subscribes again, and goes on
 //! once the new topology's masters are all heard.
+//!
+//! A master that fails may have published a notice the bus never forwarded. So a subscription
+//! also ends as soon as a master it started with is no longer one (a failover, a node removed):
+//! the cache then treats everything before the new subscription as possibly missed, and L1
+//! entries older than it are not trusted.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -32,11 +37,18 @@ impl Transport for RedisClusterTier {
                 pubsub.subscribe(&s.keys.channel).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
+            // The masters it starts with: losing one of them ends it.
+            let masters = match s.read_topology().await {
+                Ok(t) => t,
+                Err(_) => s.current_topology(),
+            };
+            let masters: Vec<String> = masters.masters().map(|m| m.id.clone()).collect();
             match subscribed.await {
                 Ok(pubsub) => Ok(Box::new(ClusterSubscription {
                     stream: pubsub.into_on_message(),
                     shared: self.shared.clone(),
                     heard: HashSet::new(),
+                    masters,
                 }) as Box<dyn Subscription>),
                 Err(e) => {
                     // The next attempt goes through the next seed.
@@ -76,6 +88,8 @@ struct ClusterSubscription {
     shared: Arc<ClusterShared>,
     /// Masters heard through since the last heartbeat reported.
     heard: HashSet<String>,
+    /// The masters when it started.
+    masters: Vec<String>,
 }
 
 impl ClusterSubscription {
@@ -83,6 +97,9 @@ impl ClusterSubscription {
     fn heard_through(&mut self, node: &str) -> bool {
         self.heard.insert(node.to_owned());
         let topology = self.shared.current_topology();
+        if self.masters.is_empty() {
+            self.masters = topology.masters().map(|m| m.id.clone()).collect();
+        }
         let mut masters = topology.masters().peekable();
         if masters.peek().is_none() {
             return false;
@@ -95,12 +112,24 @@ impl ClusterSubscription {
     }
 }
 
+impl ClusterSubscription {
+    /// Whether a master this subscription started with is no longer one.
+    fn lost_a_master(&self) -> bool {
+        let topology = self.shared.current_topology();
+        topology.masters().next().is_some() && self.masters.iter().any(|id| !topology.masters().any(|m| &m.id == id))
+    }
+}
+
 impl Subscription for ClusterSubscription {
     fn next(&mut self) -> NoticeFuture<'_> {
         Box::pin(async move {
             use futures_util::StreamExt;
             loop {
                 let msg = self.stream.next().await?;
+                if self.lost_a_master() {
+                    tracing::info!(target: "authz_cache", "redis cluster: a master changed; subscribing again");
+                    return None;
+                }
                 let Ok(payload) = msg.get_payload::<String>() else { return Some(Ok(Notice::Malformed)) };
                 match Notice::parse(&payload) {
                     Notice::Heartbeat => {
