@@ -4,18 +4,32 @@
 # namespace shows no principal name, token or resource id.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# With REDIS_CLUSTER_NODES set (comma-separated URLs), the same walkthrough on a Redis Cluster.
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
-redis-cli -u "$REDIS_URL" ping >/dev/null || { echo "redis is not reachable at $REDIS_URL (bash .ci/run starts it)"; exit 1; }
+if [ -n "${REDIS_CLUSTER_NODES:-}" ]; then
+  NODES=${REDIS_CLUSTER_NODES//,/ }
+  STORE=(REDIS_CLUSTER_NODES="$REDIS_CLUSTER_NODES")
+  TIER='L2 (redis cluster'
+else
+  NODES=$REDIS_URL
+  STORE=(REDIS_URL="$REDIS_URL")
+  TIER='L2 (redis'
+fi
+for n in $NODES; do
+  redis-cli -u "$n" ping >/dev/null || { echo "redis is not reachable at $n (bash .ci/run starts it)"; exit 1; }
+done
+# Every key of the namespace, on every node (each master holds its share on a cluster).
+scan() { for n in $NODES; do redis-cli -u "$n" --scan --pattern "$1"; done | sort -u; }
 NS="smoke-$$-$(date +%s)"
 P1=${SMOKE_PORT1:-3918}; P2=${SMOKE_PORT2:-3919}
 cargo build -q --example quickstart
-REDIS_URL=$REDIS_URL AUTHZ_CACHE_NAMESPACE=$NS PORT=$P1 ./target/debug/examples/quickstart > /tmp/qs-redis-1.log 2>&1 &
+env "${STORE[@]}" AUTHZ_CACHE_NAMESPACE=$NS PORT=$P1 ./target/debug/examples/quickstart > /tmp/qs-redis-1.log 2>&1 &
 pid1=$!
-REDIS_URL=$REDIS_URL AUTHZ_CACHE_NAMESPACE=$NS PORT=$P2 ./target/debug/examples/quickstart > /tmp/qs-redis-2.log 2>&1 &
+env "${STORE[@]}" AUTHZ_CACHE_NAMESPACE=$NS PORT=$P2 ./target/debug/examples/quickstart > /tmp/qs-redis-2.log 2>&1 &
 pid2=$!
 cleanup() {
   kill $pid1 $pid2 2>/dev/null || true
-  redis-cli -u "$REDIS_URL" --scan --pattern "$NS*" | xargs -r redis-cli -u "$REDIS_URL" del >/dev/null
+  for n in $NODES; do redis-cli -u "$n" --scan --pattern "$NS*" | xargs -r -n 1 redis-cli -u "$n" del >/dev/null 2>&1 || true; done
 }
 trap cleanup EXIT
 for p in $P1 $P2; do
@@ -28,7 +42,7 @@ check() { if [ "$2" = "$3" ]; then echo "ok   $1 ($3)"; else echo "FAIL $1: expe
 code() { curl -s -o /dev/null -w '%{http_code}' "$@"; }
 json() { curl -s -H 'Authorization: Bearer alice-token' "http://127.0.0.1:$1/admin/stats" | python3 -c "import json,sys; d=json.load(sys.stdin); print($2)"; }
 
-check "instance 1 prints its tiers" 1 "$(grep -c 'L2 (redis' /tmp/qs-redis-1.log)"
+check "instance 1 prints its tiers" 1 "$(grep -c "$TIER" /tmp/qs-redis-1.log)"
 check "bob GET on 1" 200 "$(code -H 'Authorization: Bearer bob-token' "http://127.0.0.1:$P1/documents/1")"
 sleep 0.2 # write-behind
 check "bob GET on 2" 200 "$(code -H 'Authorization: Bearer bob-token' "http://127.0.0.1:$P2/documents/1")"
@@ -48,7 +62,7 @@ check "bob's very next GET on 2" 403 "$(code -H 'Authorization: Bearer bob-token
 check "bob's very next GET on 1" 403 "$(code -H 'Authorization: Bearer bob-token' "http://127.0.0.1:$P1/documents/1")"
 check "breaker closed on 2" closed "$(json $P2 'd["tiers"]["l2"]["breaker"]')"
 
-keys=$(redis-cli -u "$REDIS_URL" --scan --pattern "$NS:*")
+keys=$(scan "$NS:*")
 echo "redis-cli --scan --pattern '$NS:*' ->"; echo "$keys" | sed 's/^/    /'
 check "keys were written" 1 "$([ -n "$keys" ] && echo 1 || echo 0)"
 check "no principal, token or resource id in keys" 0 "$(echo "$keys" | grep -ciE 'alice|bob|carol|token|documents' || true)"

@@ -341,7 +341,9 @@ impl ClusterShared {
             eval.arg(a);
         }
         if self.wait_replicas > 0 {
-            let wait_ms = u64::try_from((self.settings.timeout / 2).as_millis()).unwrap_or(u64::MAX).max(1);
+            // A quarter of the call's timeout: the script, the high water and their round trips
+            // share the rest.
+            let wait_ms = u64::try_from((self.settings.timeout / 4).as_millis()).unwrap_or(u64::MAX).max(1);
             pipe.cmd("WAIT").arg(self.wait_replicas).arg(wait_ms);
         }
         let values: Vec<redis::Value> = pipe.query_async(&mut conn).await.map_err(failed)?;
