@@ -1004,12 +1004,14 @@ async fn run_cell(cell: &Cell, variant: Variant) -> Report {
         // and never invalidated, so they are served throughout.
         let stable_503 = recs.iter().filter(|r| r.status == 503 && (r.p as usize) < STABLE).count();
         // With grace, the stable keys' entries expire during the outage and only L1 can answer
-        // them; grace refuses an L1 that is not trusted (by design), so a backplane silence on a
-        // loaded machine excuses those 503s (noted, not hidden).
-        let distrusted = distrusts.iter().any(|d| *d > 0);
+        // them; grace refuses an L1 that is not trusted (by design), and a new subscription
+        // makes every older L1 entry stale (it may have missed invalidations), so a backplane
+        // silence or a re-subscription on a loaded machine excuses those 503s (noted, not
+        // hidden).
+        let distrusted = distrusts.iter().any(|d| *d > 0) || resubscribed > 0;
         if stable_503 > 0 && cell.grace && distrusted {
             report.notes.push_str(&format!(
-                "; {stable_503} 503s on stable keys while L1 was distrusted (grace needs a trusted L1)"
+                "; {stable_503} 503s on stable keys while L1 was distrusted or re-subscribed (grace needs a trusted, current L1)"
             ));
         } else if stable_503 > 0 {
             v.push(format!("{stable_503} 503s on validly cached keys"));

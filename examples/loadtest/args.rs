@@ -7,11 +7,14 @@ usage: cargo run --release --example loadtest -- [options]
 
 what to drive (default: every in-process configuration available):
   --configs LIST        in-process apps to run, one after the other:
-                        bare,l1,no-cache[,l1+l2][,no-cache-pg][,l1+l2+l3]
+                        bare,l1,no-cache[,l1+l2][,l1+l2-cluster][,no-cache-pg][,l1+l2+l3]
   --compare             bare,no-cache-pg,l1,l1+l2,l1+l2+l3 in open loop, as ratios to bare; the URLs
                         default to $REDIS_URL / $DATABASE_URL, else the local servers below
   --redis-url URL       also run l1+l2 (L2 on Redis, namespace loadtest-<pid>, deleted at the end)
                         (--compare default: redis://127.0.0.1:6379)
+  --redis-cluster-nodes URLS
+                        also run l1+l2-cluster (L2 on a Redis Cluster, comma-separated seed
+                        URLs; namespace loadtest-<pid>, deleted at the end)
   --database-url URL    also run no-cache-pg and, with --redis-url, l1+l2+l3 (each in a schema of
                         its own, loadtest_<pid>_<n>, seeded with --population users, dropped at the
                         end) (--compare default: postgres://postgres@127.0.0.1:5432/test)
@@ -48,7 +51,7 @@ output:
 ";
 
 /// Every in-process configuration.
-pub(crate) const CONFIGS: [&str; 6] = ["bare", "l1", "no-cache", "l1+l2", "no-cache-pg", "l1+l2+l3"];
+pub(crate) const CONFIGS: [&str; 7] = ["bare", "l1", "no-cache", "l1+l2", "l1+l2-cluster", "no-cache-pg", "l1+l2+l3"];
 /// The configurations `--compare` runs, in order.
 pub(crate) const COMPARE: [&str; 5] = ["bare", "no-cache-pg", "l1", "l1+l2", "l1+l2+l3"];
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +78,7 @@ pub(crate) struct Opts {
     pub(crate) configs: Option<Vec<String>>,
     pub(crate) compare: bool,
     pub(crate) redis_url: Option<String>,
+    pub(crate) redis_cluster_nodes: Option<Vec<String>>,
     pub(crate) database_url: Option<String>,
     pub(crate) allow_ttl: Duration,
     pub(crate) deny_ttl: Duration,
@@ -105,6 +109,7 @@ impl Default for Opts {
             configs: None,
             compare: false,
             redis_url: None,
+            redis_cluster_nodes: None,
             database_url: None,
             allow_ttl: Duration::from_secs(60),
             deny_ttl: Duration::from_secs(60),
@@ -180,6 +185,9 @@ pub(crate) fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Op
             "--configs" => o.configs = Some(value()?.split(',').filter(|c| !c.is_empty()).map(str::to_owned).collect()),
             "--compare" => o.compare = true,
             "--redis-url" => o.redis_url = Some(value()?),
+            "--redis-cluster-nodes" => {
+                o.redis_cluster_nodes = Some(value()?.split(',').map(|n| n.trim().to_owned()).collect())
+            }
             "--database-url" => o.database_url = Some(value()?),
             "--allow-ttl-s" => o.allow_ttl = seconds(&name, &value()?)?,
             "--deny-ttl-s" => o.deny_ttl = seconds(&name, &value()?)?,
@@ -206,7 +214,11 @@ pub(crate) fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Op
     if o.client_threads == 0 || o.server_threads == 0 {
         return Err("--client-threads and --server-threads must be at least 1".into());
     }
-    let in_process = o.configs.is_some() || o.compare || o.redis_url.is_some() || o.database_url.is_some();
+    let in_process = o.configs.is_some()
+        || o.compare
+        || o.redis_url.is_some()
+        || o.redis_cluster_nodes.is_some()
+        || o.database_url.is_some();
     if o.target.is_some() && in_process {
         return Err(
             "--target drives a running app: --configs, --compare, --redis-url and --database-url start in-process apps"
@@ -238,7 +250,11 @@ pub(crate) fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Op
             if !CONFIGS.contains(&c.as_str()) {
                 return Err(format!("--configs: unknown configuration {c:?} ({})", CONFIGS.join(", ")));
             }
-            if c.contains("l2") && o.redis_url.is_none() {
+            if c == "l1+l2-cluster" {
+                if o.redis_cluster_nodes.is_none() {
+                    return Err(format!("--configs {c} needs --redis-cluster-nodes"));
+                }
+            } else if c.contains("l2") && o.redis_url.is_none() {
                 return Err(format!("--configs {c} needs --redis-url"));
             }
             if (c.contains("l3") || c.ends_with("-pg")) && o.database_url.is_none() {

@@ -9,6 +9,7 @@ use crate::BoxError;
 /// What the in-process configurations share: the servers, and what to clean up.
 pub(crate) struct Backends {
     pub(crate) redis_url: Option<String>,
+    pub(crate) redis_cluster_nodes: Option<Vec<String>>,
     pub(crate) database_url: Option<String>,
     pub(crate) population: u32,
     pub(crate) allow_ttl: Duration,
@@ -21,6 +22,9 @@ pub(crate) struct Backends {
 pub(crate) struct Leftovers {
     pub(crate) redis: Option<(String, String)>,
     pub(crate) redis_used: std::sync::atomic::AtomicBool,
+    /// The cluster's seed nodes and this run's namespace on it.
+    pub(crate) redis_cluster: Option<(Vec<String>, String)>,
+    pub(crate) redis_cluster_used: std::sync::atomic::AtomicBool,
     pub(crate) database_url: Option<String>,
     pub(crate) schemas: std::sync::Mutex<Vec<String>>,
 }
@@ -30,7 +34,9 @@ impl Leftovers {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        !self.redis_used.load(Relaxed) && self.schemas.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+        !self.redis_used.load(Relaxed)
+            && !self.redis_cluster_used.load(Relaxed)
+            && self.schemas.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
     }
 
     /// Deletes what is left; says what it did.
@@ -50,6 +56,25 @@ impl Leftovers {
                 Ok(Err(e)) => eprintln!("redis: could not delete namespace {namespace}: {e}"),
                 Err(_) => eprintln!("redis: deleting namespace {namespace} timed out"),
             }
+        }
+        #[cfg(feature = "redis")]
+        if let (Some((nodes, namespace)), true) = (&self.redis_cluster, self.redis_cluster_used.swap(false, Relaxed)) {
+            let mut deleted = 0;
+            let mut nodes = nodes.clone();
+            // Every master, not only the seeds given.
+            if let Ok(Ok(found)) = tokio::time::timeout(Duration::from_secs(5), cluster_masters(&nodes[0])).await {
+                nodes.extend(found.into_iter().filter(|n| !nodes.contains(n)).collect::<Vec<_>>());
+            }
+            for node in &nodes {
+                // Each master deletes its own share, one key at a time (no cross-slot DEL);
+                // replicas answer with a redirection, which deletes nothing.
+                match tokio::time::timeout(Duration::from_secs(10), delete_namespace_by_key(node, namespace)).await {
+                    Ok(Ok(n)) => deleted += n,
+                    Ok(Err(e)) => eprintln!("redis cluster: could not delete namespace {namespace} on a node: {e}"),
+                    Err(_) => eprintln!("redis cluster: deleting namespace {namespace} timed out on a node"),
+                }
+            }
+            println!("redis cluster: deleted {deleted} keys of namespace {namespace}");
         }
     }
 
@@ -118,6 +143,52 @@ pub(crate) async fn redis_connection(url: &str) -> Result<redis::aio::Multiplexe
         .map_err(|_| format!("cannot reach redis at {url}"))??;
     let _: String = redis::cmd("PING").query_async(&mut conn).await?;
     Ok(conn)
+}
+/// The masters' URLs, as `CLUSTER NODES` on the node at `url` lists them.
+#[cfg(feature = "redis")]
+async fn cluster_masters(url: &str) -> Result<Vec<String>, BoxError> {
+    let mut conn = redis_connection(url).await?;
+    let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut conn).await?;
+    Ok(nodes
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let master = f.get(2).is_some_and(|flags| flags.contains("master") && !flags.contains("fail"));
+            master.then(|| f.get(1).and_then(|a| a.split('@').next()).map(|a| format!("redis://{a}"))).flatten()
+        })
+        .collect())
+}
+/// Deletes every key of the namespace held by the node at `url` (SCAN MATCH, then one DEL per
+/// key: a cluster node refuses a DEL across slots, and a replica's keys are its master's);
+/// returns how many.
+#[cfg(feature = "redis")]
+pub(crate) async fn delete_namespace_by_key(url: &str, namespace: &str) -> Result<u64, BoxError> {
+    let mut conn = redis_connection(url).await?;
+    let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
+    if !matches!(role.first(), Some(redis::Value::BulkString(r)) if r.as_slice() == b"master") {
+        return Ok(0);
+    }
+    let pattern = format!("{namespace}:*");
+    let mut cursor: u64 = 0;
+    let mut deleted = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        for key in keys {
+            let n: u64 = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
+            deleted += n;
+        }
+        cursor = next;
+        if cursor == 0 {
+            return Ok(deleted);
+        }
+    }
 }
 /// Deletes every key of the namespace (SCAN MATCH + DEL); returns how many.
 #[cfg(feature = "redis")]

@@ -1,4 +1,4 @@
-//! The configurations: the in-process apps (bare, l1, no-cache, l1+l2, no-cache-pg, l1+l2+l3), the
+//! The configurations: the in-process apps (bare, l1, no-cache, l1+l2, l1+l2-cluster, no-cache-pg, l1+l2+l3), the
 //! self-test server, and the targets the driver is pointed at.
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -156,6 +156,14 @@ pub(crate) async fn start_app(name: &str, n: usize, b: &Backends) -> Result<(Arc
                 format!("L1 + L2 (redis); {memory}"),
             )
         }
+        #[cfg(feature = "redis")]
+        "l1+l2-cluster" => {
+            let tier = redis_cluster_tier(b)?;
+            (
+                Some(cache_builder(memory_authorizer(), b).secret(secret(n)).l2(tier).build()),
+                format!("L1 + L2 (redis cluster); {memory}"),
+            )
+        }
         #[cfg(feature = "postgres")]
         "no-cache-pg" => {
             let (schema, _) = pg_schema(b, n).await?;
@@ -208,6 +216,17 @@ pub(crate) fn redis_tier(b: &Backends) -> Result<tower_authz_cache::RedisTier, B
         .namespace(namespace)
         .build()
         .map_err(|e| format!("--redis-url: {e}"))?)
+}
+#[cfg(feature = "redis")]
+pub(crate) fn redis_cluster_tier(b: &Backends) -> Result<tower_authz_cache::RedisClusterTier, BoxError> {
+    let (Some(nodes), Some((_, namespace))) = (&b.redis_cluster_nodes, &b.leftovers.redis_cluster) else {
+        return Err("this configuration needs --redis-cluster-nodes".into());
+    };
+    b.leftovers.redis_cluster_used.store(true, Relaxed);
+    Ok(tower_authz_cache::RedisClusterTier::builder(nodes.iter().cloned())
+        .namespace(namespace)
+        .build()
+        .map_err(|e| format!("--redis-cluster-nodes: {e}"))?)
 }
 /// Creates, migrates and seeds this configuration's schema, `loadtest_<pid>_<n>`; returns it
 /// and an L3 tier on it.

@@ -149,6 +149,8 @@ fn run(o: Opts) -> Result<(), BoxError> {
     let pid = std::process::id();
     let leftovers = Arc::new(Leftovers {
         redis: o.redis_url.clone().map(|url| (url, format!("loadtest-{pid}"))),
+        redis_cluster: o.redis_cluster_nodes.clone().map(|nodes| (nodes, format!("loadtest-{pid}-cluster"))),
+        redis_cluster_used: std::sync::atomic::AtomicBool::new(false),
         redis_used: std::sync::atomic::AtomicBool::new(false),
         database_url: o.database_url.clone(),
         schemas: std::sync::Mutex::new(Vec::new()),
@@ -231,6 +233,9 @@ fn run(o: Opts) -> Result<(), BoxError> {
             if o.redis_url.is_some() {
                 all.push("l1+l2".into());
             }
+            if o.redis_cluster_nodes.is_some() {
+                all.push("l1+l2-cluster".into());
+            }
             if o.database_url.is_some() {
                 all.push("no-cache-pg".into());
                 if o.redis_url.is_some() {
@@ -252,6 +257,7 @@ fn run(o: Opts) -> Result<(), BoxError> {
         }
         let backends = Backends {
             redis_url: o.redis_url.clone(),
+            redis_cluster_nodes: o.redis_cluster_nodes.clone(),
             database_url: o.database_url.clone(),
             population: o.population as u32,
             allow_ttl: o.allow_ttl,
