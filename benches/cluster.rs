@@ -93,11 +93,13 @@ fn main() {
             }
         }
         let mut delays = Vec::with_capacity(TRIALS);
+        let mut acks = Vec::with_capacity(TRIALS);
         for i in 0..TRIALS {
             let before = heard(&b);
             let who = format!("user-{i}");
             let t = Instant::now();
             a.invalidate(&Invalidation::Principal(who)).await.expect("confirmed");
+            acks.push(t.elapsed());
             while heard(&b) == before {
                 assert!(t.elapsed() < Duration::from_secs(5), "b never heard trial {i}");
                 tokio::task::yield_now().await;
@@ -105,6 +107,8 @@ fn main() {
             delays.push(t.elapsed());
         }
         let (d50, d99) = (pct(&mut delays, 0.5), pct(&mut delays, 0.99));
+        let (a50, a99) = (pct(&mut acks, 0.5), pct(&mut acks, 0.99));
+        println!("invalidate() confirmed (bump, WAIT, high water) ({TRIALS} trials): p50 {a50:8.1} us   p99 {a99:8.1} us");
         println!(
             "invalidation heard by the other instance ({TRIALS} trials): p50 {d50:8.1} us   p99 {d99:8.1} us (includes WAIT for a replica)"
         );
