@@ -40,3 +40,19 @@ for _ in $(seq 1 200); do
 done
 nodes=$(printf 'redis://%s,' "${addrs[@]}"); nodes=${nodes%,}
 REDIS_CLUSTER_NODES=$nodes bash .ci/demo-smoke-redis.sh
+# The load generator's cluster configuration: every request answered as the roles say, L2 read
+# on the cluster, and its namespace deleted from every master afterwards (given one seed only).
+out=$(cargo run -q --example loadtest -- --configs l1+l2-cluster --redis-cluster-nodes "redis://${addrs[3]}" \
+  --duration 2 --rate 200 --population 2000 2>&1) || { echo "$out"; echo "FAIL loadtest on the cluster"; exit 1; }
+echo "$out" | grep -E '^success|^L2 hits|redis cluster: deleted'
+echo "$out" | grep -qE '^success \(as the roles say\) +100\.00%' || { echo "FAIL loadtest: not every request answered as the roles say"; exit 1; }
+echo "$out" | grep -qE '^L2 hits / misses / errors +[0-9]+ / [1-9][0-9]* / 0$' || { echo "FAIL loadtest: L2 on the cluster not read, or errors"; exit 1; }
+echo "$out" | grep -qE 'redis cluster: deleted [1-9][0-9]* keys' || { echo "FAIL loadtest: namespace not deleted"; exit 1; }
+left=0
+for a in "${addrs[@]}"; do
+  # Masters only: a replica may not have applied the last deletions yet.
+  [ "$(redis-cli -h "${a%:*}" -p "${a#*:}" role | head -1)" = master ] || continue
+  left=$(( left + $(redis-cli -h "${a%:*}" -p "${a#*:}" dbsize) ))
+done
+[ "$left" = 0 ] || { echo "FAIL loadtest: $left keys left on the cluster"; exit 1; }
+echo "loadtest on the cluster: ok"
