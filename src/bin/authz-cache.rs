@@ -392,7 +392,28 @@ fn cli_cache(config: &CacheConfig, builder: AuthzCacheBuilder) -> Result<AuthzCa
             Failure::Usage(format!("DATABASE_URL={:?}: {e}", config.database_url_redacted().unwrap_or_default()))
         })?),
     };
-    let builder = config.clone().with_database_url(None).apply(builder.secret(config.secret_bytes())).map_err(usage)?;
+    // A one-shot process connects at its first call: the cluster tier gets the long timeout too.
+    let l2 = match config.redis_cluster_nodes() {
+        None => None,
+        Some(nodes) => Some(
+            tower_authz_cache::RedisClusterTier::builder(nodes.iter().cloned())
+                .namespace(config.redis_namespace())
+                .wait_replicas(config.redis_cluster_wait_replicas())
+                .connect_timeout(CALL_TIMEOUT)
+                .timeout(CALL_TIMEOUT)
+                .build()
+                .map_err(|e| Failure::Usage(format!("REDIS_CLUSTER_NODES: {e}")))?,
+        ),
+    };
+    let mut builder = config
+        .clone()
+        .with_database_url(None)
+        .with_redis_cluster_nodes(None)
+        .apply(builder.secret(config.secret_bytes()))
+        .map_err(usage)?;
+    if let Some(tier) = l2 {
+        builder = builder.l2(tier);
+    }
     Ok(match l3 {
         Some(tier) => builder.l3(tier),
         None => builder,

@@ -144,7 +144,8 @@ impl RedisClusterTierBuilder {
         Ok(RedisClusterTier {
             shared: Arc::new(ClusterShared {
                 client,
-                conn: tokio::sync::OnceCell::new(),
+                conn: Arc::new(tokio::sync::OnceCell::new()),
+                connecting: Mutex::new(None),
                 seeds,
                 next_seed: std::sync::atomic::AtomicUsize::new(0),
                 keys: Keys::new(&self.namespace),
@@ -279,7 +280,9 @@ const FEW_REPLICAS: &str =
 
 struct ClusterShared {
     client: redis::cluster::ClusterClient,
-    conn: tokio::sync::OnceCell<ClusterConnection>,
+    conn: Arc<tokio::sync::OnceCell<ClusterConnection>>,
+    /// The attempt to connect, in a task of its own (see [`ClusterShared::conn`]).
+    connecting: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The seed nodes, for the backplane's subscriptions (through the next one after a failure).
     seeds: Vec<redis::Client>,
     next_seed: std::sync::atomic::AtomicUsize,
@@ -311,9 +314,25 @@ fn epoch_value(raw: &str) -> u64 {
 }
 
 impl ClusterShared {
-    /// The cluster connection (made at the first call; a failed attempt is tried again by the
-    /// next call).
+    /// The cluster connection. The first call starts connecting in a task of its own (bounded
+    /// by the connect timeout, not by the caller's): a call timeout shorter than connecting to
+    /// every node would otherwise drop every attempt, and the tier would never connect. A failed
+    /// attempt is made again by the next call.
     async fn conn(&self) -> Result<ClusterConnection, TierError> {
+        if let Some(conn) = self.conn.get() {
+            return Ok(conn.clone());
+        }
+        {
+            let mut connecting = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
+            if connecting.as_ref().is_none_or(|task| task.is_finished()) {
+                let (cell, client) = (self.conn.clone(), self.client.clone());
+                *connecting = Some(tokio::spawn(async move {
+                    if let Err(e) = cell.get_or_try_init(|| client.get_async_connection()).await {
+                        tracing::debug!(target: "authz_cache", error = %e, "redis cluster: could not connect");
+                    }
+                }));
+            }
+        }
         let conn = self.conn.get_or_try_init(|| self.client.get_async_connection()).await.map_err(failed)?;
         Ok(conn.clone())
     }
