@@ -143,9 +143,7 @@ pub use crate::tier::BreakerState;
 #[cfg(feature = "postgres")]
 pub use crate::tier::postgres::{PostgresTier, PostgresTierBuilder, PostgresTierError};
 #[cfg(feature = "redis")]
-pub use crate::tier::redis::cluster::{
-    ClusterReport, RedisClusterTier, RedisClusterTierBuilder, RedisClusterTierError,
-};
+pub use crate::tier::redis::cluster::{ClusterReport, RedisClusterTier, RedisClusterTierBuilder};
 #[cfg(feature = "redis")]
 pub use crate::tier::redis::{RedisTier, RedisTierBuilder, RedisTierError};
 

@@ -158,9 +158,9 @@ async fn cluster_masters(url: &str) -> Result<Vec<String>, BoxError> {
         })
         .collect())
 }
-/// Deletes every key of the namespace held by the node at `url` (SCAN MATCH, then one DEL per
-/// key: a cluster node refuses a DEL across slots, and a replica's keys are its master's);
-/// returns how many.
+/// Deletes every key of the namespace held by the node at `url`, if it is a master (a replica's
+/// keys are its master's), one DEL per key (a cluster node refuses a DEL across slots); returns
+/// how many.
 #[cfg(feature = "redis")]
 pub(crate) async fn delete_namespace_by_key(url: &str, namespace: &str) -> Result<u64, BoxError> {
     let mut conn = redis_connection(url).await?;
@@ -168,46 +168,34 @@ pub(crate) async fn delete_namespace_by_key(url: &str, namespace: &str) -> Resul
     if !matches!(role.first(), Some(redis::Value::BulkString(r)) if r.as_slice() == b"master") {
         return Ok(0);
     }
-    let pattern = format!("{namespace}:*");
-    let mut cursor: u64 = 0;
-    let mut deleted = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
-        for key in keys {
-            let n: u64 = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
-            deleted += n;
-        }
-        cursor = next;
-        if cursor == 0 {
-            return Ok(deleted);
-        }
-    }
+    delete_matching(&mut conn, namespace, true).await
 }
 /// Deletes every key of the namespace (SCAN MATCH + DEL); returns how many.
 #[cfg(feature = "redis")]
 pub(crate) async fn delete_namespace(url: &str, namespace: &str) -> Result<u64, BoxError> {
     let mut conn = redis_connection(url).await?;
+    delete_matching(&mut conn, namespace, false).await
+}
+/// SCAN MATCH `{namespace}:*` and DEL what it finds, a batch at a time or `one_by_one`.
+#[cfg(feature = "redis")]
+async fn delete_matching(
+    conn: &mut redis::aio::MultiplexedConnection,
+    namespace: &str,
+    one_by_one: bool,
+) -> Result<u64, BoxError> {
     let pattern = format!("{namespace}:*");
     let mut cursor: u64 = 0;
     let mut deleted = 0;
     loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
-        if !keys.is_empty() {
-            let n: u64 = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
+        let (next, keys): (u64, Vec<String>) =
+            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000).query_async(conn).await?;
+        if one_by_one {
+            for key in &keys {
+                let n: u64 = redis::cmd("DEL").arg(key).query_async(conn).await?;
+                deleted += n;
+            }
+        } else if !keys.is_empty() {
+            let n: u64 = redis::cmd("DEL").arg(&keys).query_async(conn).await?;
             deleted += n;
         }
         cursor = next;

@@ -22,6 +22,18 @@ pub(crate) enum Eviction {
     Unreadable = 3,
 }
 
+impl Eviction {
+    /// What a `maxmemory-policy` (the second item of `CONFIG GET`'s reply) means for the cache;
+    /// no policy in the reply: unreadable.
+    pub(crate) fn of(policy: Option<&str>) -> Eviction {
+        match policy {
+            Some("noeviction") => Eviction::Safe,
+            Some(_) => Eviction::Unsafe,
+            None => Eviction::Unreadable,
+        }
+    }
+}
+
 /// The health warning of a Redis whose policy can evict epoch keys.
 pub(crate) const EVICTION_WARNING: &str =
     "redis maxmemory-policy can evict epoch keys (revoked entries could validate again): set noeviction";
@@ -44,11 +56,7 @@ impl RedisShared {
             Err(_) => return,
         };
         let found = match reply {
-            Ok(reply) => match reply.get(1).map(String::as_str) {
-                Some("noeviction") => (Eviction::Safe, reply.get(1).cloned()),
-                Some(_) => (Eviction::Unsafe, reply.get(1).cloned()),
-                None => (Eviction::Unreadable, None),
-            },
+            Ok(reply) => (Eviction::of(reply.get(1).map(String::as_str)), reply.get(1).cloned()),
             Err(e) if e.kind() != redis::ErrorKind::Io && !e.is_connection_dropped() => (Eviction::Unreadable, None),
             Err(_) => return,
         };

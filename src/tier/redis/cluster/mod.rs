@@ -61,7 +61,7 @@ use self::keys::Keys;
 use self::topology::Topology;
 use super::eviction::{EVICTION_UNKNOWN, EVICTION_WARNING, Eviction};
 use super::scripts::LUA_EPOCHS;
-use super::{failed, parse_epoch};
+use super::{RedisTierError, failed, parse_epoch};
 use crate::cache::epoch::EPOCH_MAX;
 use crate::cache::key::Scope;
 use crate::health::{HealthStatus, NodeHealth};
@@ -118,18 +118,18 @@ impl RedisClusterTierBuilder {
     crate::tier::shared::guard_setters!("Redis Cluster");
 
     /// Validates the configuration and builds the tier. Connections are made lazily.
-    pub fn build(self) -> Result<RedisClusterTier, RedisClusterTierError> {
+    pub fn build(self) -> Result<RedisClusterTier, RedisTierError> {
         if !crate::tier::names::namespace_ok(&self.namespace) {
-            return Err(RedisClusterTierError::config("namespace must be 1-64 of [A-Za-z0-9-_./]"));
+            return Err(RedisTierError::config("namespace must be 1-64 of [A-Za-z0-9-_./]"));
         }
         if self.nodes.is_empty() {
-            return Err(RedisClusterTierError::config("at least one seed node is needed"));
+            return Err(RedisTierError::config("at least one seed node is needed"));
         }
         let mut seeds = Vec::with_capacity(self.nodes.len());
         for node in &self.nodes {
             seeds.push(
                 redis::Client::open(node.as_str())
-                    .map_err(|e| RedisClusterTierError::config(format!("invalid redis cluster node url: {e}")))?,
+                    .map_err(|e| RedisTierError::config(format!("invalid redis cluster node url: {e}")))?,
             );
         }
         let client = redis::cluster::ClusterClientBuilder::new(self.nodes.clone())
@@ -140,7 +140,7 @@ impl RedisClusterTierBuilder {
             .min_retry_wait(5)
             .max_retry_wait(50)
             .build()
-            .map_err(|e| RedisClusterTierError::config(format!("invalid redis cluster nodes: {e}")))?;
+            .map_err(|e| RedisTierError::config(format!("invalid redis cluster nodes: {e}")))?;
         Ok(RedisClusterTier {
             shared: Arc::new(ClusterShared {
                 client,
@@ -241,26 +241,6 @@ pub struct ClusterReport {
     /// `CLUSTER INFO` said `cluster_state:ok`.
     pub state_ok: bool,
 }
-
-/// The Redis Cluster tier could not be configured.
-#[derive(Debug)]
-pub struct RedisClusterTierError {
-    message: String,
-}
-
-impl RedisClusterTierError {
-    fn config(message: impl Into<String>) -> Self {
-        Self { message: message.into() }
-    }
-}
-
-impl fmt::Display for RedisClusterTierError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for RedisClusterTierError {}
 
 /// What the last upkeep found wrong with the cluster (the health warning).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -429,11 +409,13 @@ impl ClusterShared {
                     let mut cmd = redis::cmd("CONFIG");
                     cmd.arg("GET").arg("maxmemory-policy");
                     match tokio::time::timeout(self.settings.timeout * 4, conn.route_command(cmd, at(node))).await {
-                        Ok(Ok(v)) => match redis::from_redis_value::<Vec<String>>(v) {
-                            Ok(reply) if reply.get(1).map(String::as_str) == Some("noeviction") => Eviction::Safe,
-                            Ok(reply) if reply.len() == 2 => Eviction::Unsafe,
-                            _ => Eviction::Unreadable,
-                        },
+                        Ok(Ok(v)) => Eviction::of(
+                            redis::from_redis_value::<Vec<String>>(v)
+                                .ok()
+                                .as_ref()
+                                .and_then(|r| r.get(1))
+                                .map(String::as_str),
+                        ),
                         Ok(Err(e)) if e.kind() != redis::ErrorKind::Io && !e.is_connection_dropped() => {
                             Eviction::Unreadable
                         }
