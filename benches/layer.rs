@@ -19,8 +19,8 @@ use tower_authz_cache::{
     AuthzCache, BearerToken, BoxError, CachedAuthorizationLayer, Decision, Permission, Principal, RouteTable,
 };
 
-async fn handler(req: Request<()>) -> Result<Response<String>, Infallible> {
-    Ok(Response::new(req.uri().path().to_owned()))
+async fn handler(req: Request<()>) -> Result<Response<bytes::Bytes>, Infallible> {
+    Ok(Response::new(bytes::Bytes::copy_from_slice(req.uri().path().as_bytes())))
 }
 
 fn request() -> Request<()> {

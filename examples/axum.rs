@@ -13,10 +13,10 @@
 use std::convert::Infallible;
 
 use axum::extract::{Extension, Path, Request};
-use axum::{Router, ServiceExt, http::Method, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{Router, ServiceExt, http::Method, http::StatusCode, routing::get};
 use tower::ServiceBuilder;
 use tower_authz_cache::{
-    AuthzCache, BearerToken, CachedAuthorizationLayer, Decision, Permission, Principal, RouteTable,
+    Authorized, AuthzCache, BearerToken, CachedAuthorizationLayer, Decision, Permission, Principal, RouteTable,
 };
 
 #[tokio::main]
@@ -41,16 +41,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let router = Router::new().route("/health", get(|| async { "ok" })).route(
         "/documents/{id}",
-        get(|Path(id): Path<String>, Extension(caller): Extension<Principal>| async move {
-            format!("document {id}, read by {}\n", caller.id())
+        get(|Path(id): Path<String>, Extension(caller): Extension<Authorized>| async move {
+            format!("document {id}, read by {}\n", caller.principal().id())
         })
         .delete(|| async { StatusCode::NO_CONTENT }),
     );
     // The layer wraps the whole router: each request is authorized once, before routing.
-    let app = ServiceBuilder::new()
-        .map_response(IntoResponse::into_response)
-        .layer(CachedAuthorizationLayer::new(cache, tokens, routes))
-        .service(router);
+    let app = ServiceBuilder::new().layer(CachedAuthorizationLayer::new(cache, tokens, routes)).service(router);
 
     let port = std::env::var("PORT").map_or(Ok(3000), |p| p.parse::<u16>())?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 
 use axum::Router;
 use axum::body::Body;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
 use http::{Method, Request};
 use tower::{Service, ServiceBuilder, ServiceExt};
@@ -45,10 +45,7 @@ fn layered()
         async move { Ok::<_, Infallible>(who) }
     });
     let routes = RouteTable::new().route(Method::GET, "/documents/{id}", "documents:{id}", "read");
-    ServiceBuilder::new()
-        .map_response(IntoResponse::into_response)
-        .layer(CachedAuthorizationLayer::new(cache, tokens, routes))
-        .service(router())
+    ServiceBuilder::new().layer(CachedAuthorizationLayer::new(cache, tokens, routes)).service(router())
 }
 
 fn request() -> Request<Body> {

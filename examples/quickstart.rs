@@ -42,8 +42,8 @@ use tower::{Service, ServiceBuilder};
 #[cfg(any(feature = "redis", feature = "postgres"))]
 use tower_authz_cache::Secret;
 use tower_authz_cache::{
-    AuthzCache, BearerToken, CacheConfig, CachedAuthorizationLayer, Decision, Invalidation, Monitor, Permission,
-    Principal,
+    Authorized, AuthzCache, BearerToken, CacheConfig, CachedAuthorizationLayer, Decision, Invalidation, Monitor,
+    Permission, Principal,
 };
 
 use demo::{DEMO_USERS, Role, routes};
@@ -238,7 +238,6 @@ pub fn app_from(roles: Roles, cache: AuthzCache) -> impl App {
     // exist), and no per-route copy of the middleware is cloned for each request.
     // `Router::layer(...)` works too.
     ServiceBuilder::new()
-        .map_response(IntoResponse::into_response)
         .layer(CachedAuthorizationLayer::new(cache.clone(), tokens, routes()))
         .service(handlers(AppState { roles, cache }))
 }
@@ -283,7 +282,7 @@ fn problem(status: StatusCode, detail: &str) -> Response {
 
 async fn set_role(
     State(state): State<AppState>,
-    Extension(admin): Extension<Principal>,
+    Extension(admin): Extension<Authorized>,
     Path(user): Path<String>,
     body: Bytes,
 ) -> Response {
@@ -299,7 +298,7 @@ async fn set_role(
     // The store changed first, then the cache forgets: the next request asks the store again.
     // The answer carries the invalidation's consistency token: a request that sends it back
     // (header `authz-consistency`), to any instance, sees the change.
-    match state.cache.invalidate_as(&Invalidation::principal(user), &admin).await {
+    match state.cache.invalidate_as(&Invalidation::principal(user), admin.principal()).await {
         Ok(token) => with_token(token),
         Err(_) => problem(StatusCode::SERVICE_UNAVAILABLE, "role changed, but the invalidation was not delivered"),
     }
@@ -310,12 +309,12 @@ fn with_token(token: tower_authz_cache::ConsistencyToken) -> Response {
     ([(tower_authz_cache::consistency::DEFAULT_HEADER, token.to_string())], StatusCode::NO_CONTENT).into_response()
 }
 
-async fn invalidate(State(state): State<AppState>, Extension(admin): Extension<Principal>, body: Bytes) -> Response {
+async fn invalidate(State(state): State<AppState>, Extension(admin): Extension<Authorized>, body: Bytes) -> Response {
     let invalidation = match demo::parse_invalidation(&body) {
         Ok(invalidation) => invalidation,
         Err(detail) => return problem(StatusCode::BAD_REQUEST, detail),
     };
-    match state.cache.invalidate_as(&invalidation, &admin).await {
+    match state.cache.invalidate_as(&invalidation, admin.principal()).await {
         Ok(token) => with_token(token),
         Err(_) => problem(StatusCode::SERVICE_UNAVAILABLE, "invalidation not delivered"),
     }

@@ -90,6 +90,7 @@
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod authorized;
 mod cache;
 pub mod config;
 pub mod consistency;
@@ -115,6 +116,7 @@ mod extract;
 #[path = "internals.rs"]
 pub mod __internals;
 
+pub use crate::authorized::Authorized;
 pub use crate::cache::warm::WarmReport;
 pub use crate::cache::{AuthzCache, AuthzCacheBuilder, BuildError, CheckError, CheckErrorKind, REFRESH_CONCURRENCY};
 pub use crate::config::{CacheConfig, ConfigError, Mode, Secret};
@@ -123,7 +125,7 @@ pub use crate::core::authorizer::Authorizer;
 pub use crate::core::decision::{Decision, DecisionSource};
 pub use crate::core::permission::{Access, MapPermission, Permission, RouteTable};
 pub use crate::core::principal::{
-    BearerToken, Principal, ResolveError, ResolveErrorKind, ResolvePrincipal, TrustedHeader,
+    BearerFuture, BearerToken, Principal, ResolveError, ResolveErrorKind, ResolvePrincipal, TrustedHeader,
 };
 pub use crate::future::ResponseFuture;
 pub use crate::health::{AUTHORIZER_DOWN_AFTER, Health, HealthStatus, NodeHealth, PartHealth, TiersHealth};
@@ -133,7 +135,7 @@ pub use crate::layer::CachedAuthorizationLayer;
 pub use crate::monitor::{Alert, AlertKind, Monitor, MonitorBuilder, MonitorHandle, Report, TierWindow, Trend};
 #[cfg(feature = "postgres")]
 pub use crate::rbac::PostgresRbacAuthorizer;
-pub use crate::response::{Rejection, RejectionKind, ResponseBody};
+pub use crate::response::{Rejection, RejectionKind};
 pub use crate::service::CachedAuthorization;
 pub use crate::stats::{
     AuditSnapshot, ChangeFeedSnapshot, InvalidationsSnapshot, LatenciesSnapshot, LatencySnapshot, RemoteTierSnapshot,

@@ -1,5 +1,6 @@
-//! The 401 / 403 / 503 responses: [`Rejection`], and the [`ResponseBody`] that carries either
-//! the inner service's body or a rejection's.
+//! The 401 / 403 / 503 / 400 responses: [`Rejection`]. The layer answers in the inner service's
+//! own body type (any body that is `From<Bytes>`, as axum's `Body` and `Full<Bytes>` are), so a
+//! response needs no boxing on its way out.
 //!
 //! By default a rejection is an RFC 9457 `application/problem+json` body; the [`Rejection`] is
 //! also put in the response's extensions, so outer layers can see why. Replace the body with
@@ -19,14 +20,10 @@
 //! ```
 
 use std::borrow::Cow;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
-use http_body::{Body, Frame, SizeHint};
-use pin_project::pin_project;
 
 /// Why a request was turned away. Found in the rejection response's extensions.
 #[derive(Debug, Clone)]
@@ -129,65 +126,4 @@ pub(crate) type Responder = Arc<dyn Fn(&Rejection) -> Response<Bytes> + Send + S
 
 pub(crate) fn default_responder() -> Responder {
     Arc::new(Rejection::problem_json)
-}
-
-/// The response body of [`CachedAuthorization`](crate::CachedAuthorization): the inner
-/// service's body, or a rejection's.
-#[pin_project]
-#[derive(Debug)]
-pub struct ResponseBody<B> {
-    #[pin]
-    kind: Kind<B>,
-}
-
-#[pin_project(project = KindProj)]
-#[derive(Debug)]
-enum Kind<B> {
-    Inner {
-        #[pin]
-        body: B,
-    },
-    Rejection {
-        data: Option<Bytes>,
-    },
-}
-
-impl<B> ResponseBody<B> {
-    pub(crate) fn inner(body: B) -> Self {
-        Self { kind: Kind::Inner { body } }
-    }
-
-    pub(crate) fn rejection(data: Bytes) -> Self {
-        Self { kind: Kind::Rejection { data: Some(data) } }
-    }
-}
-
-impl<B> Body for ResponseBody<B>
-where
-    B: Body,
-    B::Data: From<Bytes>,
-{
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        match self.project().kind.project() {
-            KindProj::Inner { body } => body.poll_frame(cx),
-            KindProj::Rejection { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d.into())))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Inner { body } => body.is_end_stream(),
-            Kind::Rejection { data } => data.is_none(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Inner { body } => body.size_hint(),
-            Kind::Rejection { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-        }
-    }
 }

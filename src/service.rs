@@ -5,7 +5,7 @@
 //! use http::{Request, Response, StatusCode};
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //! use tower_authz_cache::{
-//!     AuthzCache, CachedAuthorizationLayer, Decision, Permission, Principal, TrustedHeader,
+//!     Authorized, AuthzCache, CachedAuthorizationLayer, Decision, Permission, Principal, TrustedHeader,
 //! };
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -17,8 +17,9 @@
 //! let svc = ServiceBuilder::new()
 //!     .layer(CachedAuthorizationLayer::new(cache, TrustedHeader::new("x-user-id".parse().unwrap()), mapper))
 //!     .service(service_fn(|req: Request<String>| async move {
-//!         let who = req.extensions().get::<Principal>().map(|p| p.id().to_owned());
-//!         Ok::<_, std::convert::Infallible>(Response::new(format!("hello {}", who.unwrap_or_default())))
+//!         let who = req.extensions().get::<Authorized>().map(|a| a.principal().id().to_owned());
+//!         let text = format!("hello {}", who.unwrap_or_default());
+//!         Ok::<_, std::convert::Infallible>(Response::new(bytes::Bytes::from(text)))
 //!     }));
 //!
 //! let res = svc.clone().oneshot(Request::get("/").header("x-user-id", "alice").body(String::new()).unwrap()).await.unwrap();
@@ -38,16 +39,16 @@ use http::request::Parts;
 use http::{HeaderName, HeaderValue, Request, Response};
 use tower::Service;
 
+use crate::cache::CheckError;
 use crate::cache::key::ShortHash;
-use crate::cache::single_flight::CatchUnwind;
 use crate::consistency::ConsistencyToken;
 use crate::future::ResponseFuture;
 use crate::layer::Options;
-use crate::response::{Responder, ResponseBody};
-use crate::{Access, AuthzCache, Decision, DecisionSource, MapPermission, Rejection, RejectionKind, ResolvePrincipal};
-
-/// An authorized request: its parts, and the `Cache-Status` member to add to its response.
-pub(crate) type Authorized = (Parts, Option<HeaderValue>);
+use crate::response::Responder;
+use crate::{
+    Access, Authorized, AuthzCache, Decision, DecisionSource, MapPermission, Permission, Principal, Rejection,
+    RejectionKind, ResolveError, ResolvePrincipal,
+};
 
 /// The `Cache-Status` header (RFC 9211).
 pub(crate) static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -105,7 +106,7 @@ impl<S: fmt::Debug, R, M> fmt::Debug for CachedAuthorization<S, R, M> {
 impl<R, M> Shared<R, M> {
     /// The answer to a request whose resolver or mapper panicked: it fails closed like a
     /// panicking authorizer (503, an audit event, counted), and the service keeps serving.
-    fn plugin_panicked(&self, plugin: &'static str, reason: &'static str, parts: &Parts) -> Response<Bytes> {
+    pub(crate) fn plugin_panicked(&self, plugin: &'static str, reason: &'static str, parts: &Parts) -> Response<Bytes> {
         self.cache.plugin_panicked();
         tracing::error!(
             target: "authz_cache::audit",
@@ -115,9 +116,15 @@ impl<R, M> Shared<R, M> {
         );
         Rejection::new(RejectionKind::Unavailable, reason).into_response(&self.respond)
     }
-}
 
-impl<R: ResolvePrincipal, M> Shared<R, M> {
+    fn resolver_panicked(&self, parts: &Parts) -> Response<Bytes> {
+        self.plugin_panicked(
+            "principal resolver",
+            "authorization temporarily unavailable: principal resolver panicked",
+            parts,
+        )
+    }
+
     /// The consistency token the request carries (extension first, then the header), if any;
     /// `Err` for a header that does not parse.
     fn token(&self, parts: &Parts) -> Result<Option<ConsistencyToken>, ()> {
@@ -131,23 +138,22 @@ impl<R: ResolvePrincipal, M> Shared<R, M> {
         text.parse::<ConsistencyToken>().map(Some).map_err(|_| ())
     }
 
-    /// Resolves and checks; on allow returns the parts with the principal, permission and
-    /// decision in their extensions (and the `Cache-Status` member when on), otherwise the
-    /// rejection response.
-    pub(crate) async fn authorize(&self, mut parts: Parts, access: Access) -> Result<Authorized, Response<Bytes>> {
-        // The async block defers the call into the first poll, so a resolver that panics before
-        // returning its future is caught too.
-        let resolved = CatchUnwind::new(async { self.resolver.resolve(&parts).await }).await;
+    /// After the resolver: the principal and the permission to check, or the rejection (the
+    /// resolver panicked or refused, no rule covers the request, a consistency token is refused).
+    /// `resolved` is `None` when the resolver panicked.
+    // The rejection is a response: boxing it would cost the allow path an allocation for a
+    // rare outcome.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn resolved(
+        &self,
+        resolved: Option<Result<Principal, ResolveError>>,
+        access: Access,
+        parts: &Parts,
+    ) -> Result<(Principal, Permission), Response<Bytes>> {
         let principal = match resolved {
-            Ok(Ok(p)) => p,
-            Err(()) => {
-                return Err(self.plugin_panicked(
-                    "principal resolver",
-                    "authorization temporarily unavailable: principal resolver panicked",
-                    &parts,
-                ));
-            }
-            Ok(Err(e)) => {
+            Some(Ok(p)) => p,
+            None => return Err(self.resolver_panicked(parts)),
+            Some(Err(e)) => {
                 let kind = if e.is_unavailable() { RejectionKind::Unavailable } else { RejectionKind::Unauthenticated };
                 if e.is_unavailable() {
                     tracing::warn!(target: "authz_cache::audit", error = ?e, "principal store unavailable: failing closed");
@@ -174,7 +180,7 @@ impl<R: ResolvePrincipal, M> Shared<R, M> {
                     .into_response(&self.respond));
             }
         };
-        let Ok(token) = self.token(&parts) else {
+        let Ok(token) = self.token(parts) else {
             return Err(
                 Rejection::new(RejectionKind::BadRequest, "consistency token malformed").into_response(&self.respond)
             );
@@ -184,17 +190,27 @@ impl<R: ResolvePrincipal, M> Shared<R, M> {
                 return Err(Rejection::new(RejectionKind::BadRequest, e.to_string()).into_response(&self.respond));
             }
         }
-        let checked = self.cache.check(&principal, &permission).await;
+        Ok((principal, permission))
+    }
+
+    /// After the check: on allow, [`Authorized`] goes into the request's extensions and the
+    /// `Cache-Status` member (when on) comes back; otherwise the rejection.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn concluded(
+        &self,
+        checked: Result<Decision, CheckError>,
+        principal: Principal,
+        permission: Permission,
+        parts: &mut Parts,
+    ) -> Result<Option<HeaderValue>, Response<Bytes>> {
         let status = match &checked {
             Ok(decision) if self.options.cache_status => Some(cache_status(decision)),
             _ => None,
         };
         match checked {
             Ok(decision) if decision.is_allowed() => {
-                parts.extensions.insert(principal);
-                parts.extensions.insert(permission);
-                parts.extensions.insert(decision);
-                Ok((parts, status))
+                parts.extensions.insert(Authorized::new(principal, permission, decision));
+                Ok(status)
             }
             Ok(decision) => {
                 tracing::info!(
@@ -226,10 +242,11 @@ where
     S: Service<Request<ReqB>, Response = Response<ResB>> + Clone,
     R: ResolvePrincipal,
     M: MapPermission,
+    ResB: From<Bytes>,
 {
-    type Response = Response<ResponseBody<ResB>>;
+    type Response = Response<ResB>;
     type Error = S::Error;
-    type Future = ResponseFuture<S, ReqB>;
+    type Future = ResponseFuture<S, ReqB, R, M>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -240,25 +257,23 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let (parts, body) = req.into_parts();
-        // A panicking mapper must not unwind through the server (a dropped connection): it is
-        // answered like a panicking authorizer. Not panicking costs nothing measurable.
+        // A panicking mapper or resolver must not unwind through the server (a dropped
+        // connection): it is answered like a panicking authorizer. Not panicking costs nothing
+        // measurable.
         let access = match catch_unwind(AssertUnwindSafe(|| self.shared.mapper.map(&parts))) {
+            Ok(Access::Public) => return ResponseFuture::calling(inner.call(Request::from_parts(parts, body))),
             Ok(access) => access,
             Err(_) => {
-                let res = self.shared.plugin_panicked(
+                return ResponseFuture::rejected(self.shared.plugin_panicked(
                     "permission mapper",
                     "authorization temporarily unavailable: permission mapper panicked",
                     &parts,
-                );
-                return ResponseFuture::rejected(res, inner, body);
+                ));
             }
         };
-        match access {
-            Access::Public => ResponseFuture::calling(inner.call(Request::from_parts(parts, body))),
-            access => {
-                let shared = self.shared.clone();
-                ResponseFuture::authorizing(Box::pin(async move { shared.authorize(parts, access).await }), inner, body)
-            }
+        match catch_unwind(AssertUnwindSafe(|| self.shared.resolver.resolve(&parts))) {
+            Ok(resolve) => ResponseFuture::resolving(resolve, self.shared.clone(), access, inner, parts, body),
+            Err(_) => ResponseFuture::rejected(self.shared.resolver_panicked(&parts)),
         }
     }
 }

@@ -401,7 +401,9 @@ fn service(cache: &AuthzCache) -> Svc {
             (res.status(), reason)
         })
         .layer(layer)
-        .service(service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(String::from("ok"))) }));
+        .service(service_fn(|_: Request<()>| async {
+            Ok::<_, Infallible>(Response::new(bytes::Bytes::from_static(b"ok")))
+        }));
     BoxCloneService::new(svc)
 }
 

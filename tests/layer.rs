@@ -11,8 +11,8 @@ use http::{Method, Request, Response, StatusCode};
 use support::{get, render, send};
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
 use tower_authz_cache::{
-    AuthzCache, BearerToken, BoxError, CachedAuthorizationLayer, Decision, Permission, Principal, Rejection,
-    RejectionKind, ResolveError, RouteTable,
+    Authorized, AuthzCache, BearerToken, BoxError, CachedAuthorizationLayer, Decision, Permission, Principal,
+    Rejection, RejectionKind, ResolveError, RouteTable,
 };
 
 fn tokens() -> BearerToken<impl Fn(String) -> std::future::Ready<Result<Option<Principal>, BoxError>> + Clone> {
@@ -36,9 +36,10 @@ fn routes() -> RouteTable {
 
 /// The inner service echoes what the layer put in the request extensions.
 async fn inner(req: Request<Body>) -> Result<Response<Body>, Infallible> {
-    let p = req.extensions().get::<Principal>().map(|p| p.id().to_owned());
-    let perm = req.extensions().get::<Permission>().map(|p| p.to_string());
-    let allowed = req.extensions().get::<Decision>().map(Decision::is_allowed);
+    let authorized = req.extensions().get::<Authorized>();
+    let p = authorized.map(|a| a.principal().id().to_owned());
+    let perm = authorized.map(|a| a.permission().to_string());
+    let allowed = authorized.map(|a| a.decision().is_allowed());
     Ok(Response::new(Body::from(format!("{p:?} {perm:?} {allowed:?}"))))
 }
 

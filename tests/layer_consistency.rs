@@ -12,8 +12,8 @@ use http::{Method, Request, Response, StatusCode};
 use support::{get, send};
 use tower::{ServiceBuilder, service_fn};
 use tower_authz_cache::{
-    AuthzCache, BearerToken, BoxError, CachedAuthorizationLayer, ConsistencyToken, Decision, Invalidation, Permission,
-    Principal, RouteTable,
+    Authorized, AuthzCache, BearerToken, BoxError, CachedAuthorizationLayer, ConsistencyToken, Decision, Invalidation,
+    Permission, Principal, RouteTable,
 };
 
 const SECRET: &str = "layer-consistency secret, 32 b!!";
@@ -52,7 +52,7 @@ fn layer(cache: AuthzCache) -> CachedAuthorizationLayer<impl tower_authz_cache::
 
 /// Echoes where the decision came from; answers with its own `Cache-Status` member.
 async fn inner(req: Request<Body>) -> Result<Response<Body>, Infallible> {
-    let source = req.extensions().get::<Decision>().map(|d| d.source().to_string()).unwrap_or_default();
+    let source = req.extensions().get::<Authorized>().map(|a| a.decision().source().to_string()).unwrap_or_default();
     let mut res = Response::new(Body::from(source));
     res.headers_mut().insert("cache-status", "origin-cache; hit".parse().unwrap());
     Ok(res)

@@ -25,8 +25,8 @@ use http_body_util::Full;
 use support::http1::Conn;
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 use tower_authz_cache::{
-    Access, AuthzCache, BearerToken, BoxError, CachedAuthorizationLayer, Decision, MapPermission, Permission,
-    Principal, RouteTable,
+    Access, Authorized, AuthzCache, BearerToken, BoxError, CachedAuthorizationLayer, Decision, MapPermission,
+    Permission, Principal, RouteTable,
 };
 
 /// A route: method, path template, and the permission it needs (resource template, action), or
@@ -73,8 +73,9 @@ struct Log(Arc<Mutex<Vec<String>>>);
 /// exactly what this route needs. The body names the route that ran.
 fn handle(log: &Log, spec: &Spec, params: &HashMap<String, String>, parts: &http::request::Parts) -> String {
     let want = need(spec, params);
-    let got = parts.extensions.get::<Permission>();
-    let allowed = parts.extensions.get::<Decision>().is_some_and(Decision::is_allowed);
+    let authorized = parts.extensions.get::<Authorized>();
+    let got = authorized.map(Authorized::permission);
+    let allowed = authorized.is_some_and(|a| a.decision().is_allowed());
     let ok = match &want {
         None => true,
         Some(want) => got == Some(want) && allowed,

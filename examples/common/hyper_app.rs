@@ -22,7 +22,8 @@ use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tower::ServiceBuilder;
 use tower_authz_cache::{
-    AuthzCache, AuthzCacheBuilder, BearerToken, CachedAuthorizationLayer, Invalidation, Permission, Principal,
+    Authorized, AuthzCache, AuthzCacheBuilder, BearerToken, CachedAuthorizationLayer, Invalidation, Permission,
+    Principal,
 };
 
 use crate::demo::{self, Role};
@@ -69,7 +70,7 @@ fn route(method: &Method, path: &str) -> Route {
 /// in the request's extensions.
 async fn handle(app: App, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
-    let caller = parts.extensions.get::<Principal>().cloned();
+    let caller = parts.extensions.get::<Authorized>().map(|a| a.principal().clone());
     match (route(&parts.method, parts.uri.path()), caller) {
         (Route::Health, _) => text(StatusCode::OK, "ok"),
         (Route::Metrics, _) => {

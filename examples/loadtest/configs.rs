@@ -69,14 +69,12 @@ pub(crate) fn principal_of(token: &str, population: u32) -> Option<Principal> {
 }
 /// The handlers behind the layer, as the quickstart wires them, resolving the population's tokens.
 pub(crate) fn population_app(cache: AuthzCache, population: u32) -> impl quickstart::App {
-    use axum::response::IntoResponse;
     let tokens = tower_authz_cache::BearerToken::new(move |token: String| {
         let principal = principal_of(&token, population);
         async move { Ok::<_, std::convert::Infallible>(principal) }
     })
     .with_realm("loadtest");
     tower::ServiceBuilder::new()
-        .map_response(IntoResponse::into_response)
         .layer(tower_authz_cache::CachedAuthorizationLayer::new(cache.clone(), tokens, routes()))
         .service(handlers(cache))
 }

@@ -97,6 +97,12 @@ fn sample_hit() -> bool {
 
 type Outcome = Result<Decision, CheckError>;
 
+/// The `authz_check` span around a check (disabled, and nearly free, without a subscriber for it).
+fn check_span() -> tracing::Span {
+    use tracing::field::Empty;
+    tracing::debug_span!(target: "authz_cache", "authz_check", source = Empty, age_ms = Empty, allowed = Empty)
+}
+
 /// The decision's provenance as fields of the check's span (nothing when the span is off).
 fn record_provenance(span: &tracing::Span, decision: &Decision) {
     if span.is_disabled() {
@@ -207,30 +213,47 @@ impl AuthzCache {
     /// [`Decision::age`]); so does the `authz_check` tracing span (target `authz_cache`, level
     /// debug) around the check, as its fields `source`, `age_ms` and `allowed`.
     pub async fn check(&self, principal: &Principal, permission: &Permission) -> Result<Decision, CheckError> {
-        use tracing::field::Empty;
-        let span =
-            tracing::debug_span!(target: "authz_cache", "authz_check", source = Empty, age_ms = Empty, allowed = Empty);
+        match self.check_l1(principal, permission) {
+            Some(decision) => {
+                let span = check_span();
+                record_provenance(&span, &decision);
+                Ok(decision)
+            }
+            None => self.check_past_l1(principal, permission).await,
+        }
+    }
+
+    /// The hit half of [`check`](Self::check), synchronously: the decision when L1 holds a valid
+    /// entry (counted, sampled for latency and audit, refreshed ahead when due), `None` after
+    /// an L1 miss (counted), which [`check_past_l1`](Self::check_past_l1) takes on from. The
+    /// layer answers L1 hits through this without a future of its own.
+    pub(crate) fn check_l1(&self, principal: &Principal, permission: &Permission) -> Option<Decision> {
         // Reading the clock is a good share of an L1 hit's cost on some VMs: hits are timed one
         // in `HIT_SAMPLE`; misses always, from the L1 miss on.
         let start = sample_hit().then(Instant::now);
         let key = CacheKey::new(principal, permission);
-        if let Some((decision, due)) = self.inner.lookup_l1_due(&key, true, true) {
-            record_provenance(&span, &decision);
-            if self.inner.auditor.as_ref().is_some_and(auditor::Sampler::due) {
-                self.inner.offer_audit(&key, principal, permission, &decision);
-            }
-            if due {
-                self.refresh_ahead(key, principal, permission);
-            }
-            if let Some(start) = start {
-                let elapsed = start.elapsed();
-                self.inner.stats.l1_hit_latency.record(elapsed);
-                #[cfg(feature = "metrics")]
-                crate::exposition::record_l1_hit(elapsed);
-            }
-            return Ok(decision);
+        let (decision, due) = self.inner.lookup_l1_due(&key, true, true)?;
+        if self.inner.auditor.as_ref().is_some_and(auditor::Sampler::due) {
+            self.inner.offer_audit(&key, principal, permission, &decision);
         }
-        let start = start.unwrap_or_else(Instant::now);
+        if due {
+            self.refresh_ahead(key, principal, permission);
+        }
+        if let Some(start) = start {
+            let elapsed = start.elapsed();
+            self.inner.stats.l1_hit_latency.record(elapsed);
+            #[cfg(feature = "metrics")]
+            crate::exposition::record_l1_hit(elapsed);
+        }
+        Some(decision)
+    }
+
+    /// The rest of [`check`](Self::check) after [`check_l1`](Self::check_l1) missed: the
+    /// shared tiers and the authorizer, behind single flight.
+    pub(crate) async fn check_past_l1(&self, principal: &Principal, permission: &Permission) -> Outcome {
+        let span = check_span();
+        let key = CacheKey::new(principal, permission);
+        let start = Instant::now();
         self.note_active(principal);
         // Boxed: the miss path's state (flight, timeout, authorizer future) is large, and
         // keeping it out of this future keeps the hit path free of big moves.

@@ -264,8 +264,8 @@ impl RouteTable {
     }
 
     fn lookup(&self, method: &Method, path: &str) -> Access {
-        // `Copy` segments: no drop glue for the 32 slots; decoded spellings (a `%` in the path,
-        // rare) live beside them.
+        // `Copy` segments of 6 bytes: no drop glue for the 32 slots; decoded spellings (a `%` in
+        // the path, rare) live beside them.
         let mut buf = [Segment::EMPTY; MAX_SEGMENTS];
         let mut decoded = Vec::new();
         let Some(n) = split_path(path, &mut buf, &mut decoded) else {
@@ -284,14 +284,14 @@ impl RouteTable {
                     Seg::Literal(lit) => {
                         // The raw bytes, as the router compares them: a template literal has no
                         // `%`, so an escaped spelling of it never matches.
-                        if **lit != *value.raw {
+                        if **lit != *value.raw(path) {
                             ok = false;
                             break;
                         }
                         score |= 1 << (63 - i);
                     }
                     Seg::Param => {
-                        if value.text(&decoded).bytes().any(|b| b == b':' || b == b'*') {
+                        if value.reserved {
                             ok = false;
                             break;
                         }
@@ -308,25 +308,34 @@ impl RouteTable {
         match &route.target {
             Target::Public => Access::Public,
             Target::Permission { resource, action } => {
-                let resource = RESOURCE_BUF.with_borrow_mut(|out| {
-                    out.clear();
-                    for part in resource.iter() {
-                        match part {
-                            Part::Literal(l) => out.push_str(l),
-                            Part::Segment(i) => out.push_str(segments[*i].text(&decoded)),
-                        }
-                    }
-                    Arc::<str>::from(out.as_str())
-                });
+                let resource = concat(resource.iter().map(|part| match part {
+                    Part::Literal(l) => &**l,
+                    Part::Segment(i) => segments[*i].text(path, &decoded),
+                }));
                 Access::Requires(Permission { resource, action: action.clone() })
             }
         }
     }
 }
 
-thread_local! {
-    /// Scratch space for building resource names: one allocation per request (the `Arc<str>`).
-    static RESOURCE_BUF: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+/// The pieces of a resource name, joined into the one allocation the `Arc<str>` needs (through a
+/// stack buffer when it is short, as resource names are).
+fn concat<'a>(pieces: impl Iterator<Item = &'a str> + Clone) -> Arc<str> {
+    let len: usize = pieces.clone().map(str::len).sum();
+    let mut buf = [0u8; 128];
+    if len > buf.len() {
+        return Arc::from(pieces.collect::<String>());
+    }
+    let mut at = 0;
+    for piece in pieces {
+        buf[at..at + piece.len()].copy_from_slice(piece.as_bytes());
+        at += piece.len();
+    }
+    // Whole `str`s end to end are UTF-8; the check is a formality on a short ASCII run.
+    match std::str::from_utf8(&buf[..at]) {
+        Ok(text) => Arc::from(text),
+        Err(_) => Arc::from(String::from_utf8_lossy(&buf[..at]).as_ref()),
+    }
 }
 
 impl MapPermission for RouteTable {
@@ -342,61 +351,115 @@ fn method_matches(route: Option<&Method>, method: &Method) -> bool {
     }
 }
 
-/// One path segment: as sent (what literals match) and, when it had a `%`, the index of its
-/// percent-decoded spelling (what parameters take) in the decoded list.
+/// One path segment: where it sits in the path (what literals match) and, when it had a `%`, the
+/// index of its percent-decoded spelling (what parameters take) in the decoded list.
 #[derive(Clone, Copy)]
-struct Segment<'a> {
-    raw: &'a str,
+struct Segment {
+    start: u16,
+    end: u16,
     decoded: u8,
+    /// The decoded spelling holds a `:` or a `*` (no parameter may take it).
+    reserved: bool,
 }
 
-impl<'a> Segment<'a> {
-    const SAME: u8 = u8::MAX;
-    const EMPTY: Segment<'static> = Segment { raw: "", decoded: Self::SAME };
+impl Segment {
+    /// `decoded` when the segment had no `%` (so that an empty slot is all zeros); otherwise
+    /// `decoded` is the index in the list plus one.
+    const SAME: u8 = 0;
+    const EMPTY: Segment = Segment { start: 0, end: 0, decoded: Self::SAME, reserved: false };
+
+    /// The spelling as sent.
+    fn raw<'p>(&self, path: &'p str) -> &'p str {
+        path.get(usize::from(self.start)..usize::from(self.end)).unwrap_or_default()
+    }
 
     /// The decoded spelling.
-    fn text<'s>(&'s self, decoded: &'s [String]) -> &'s str {
+    fn text<'s>(&self, path: &'s str, decoded: &'s [String]) -> &'s str {
         match self.decoded {
-            Self::SAME => self.raw,
-            i => &decoded[usize::from(i)],
+            Self::SAME => self.raw(path),
+            i => decoded.get(usize::from(i - 1)).map_or("", String::as_str),
         }
     }
 }
 
+/// Byte classes for the one pass over a path (bits, or'ed over a segment).
+const RESERVED: u8 = 1;
+/// `%`, `\`, a control character or a non-ASCII byte: the segment takes the slow path.
+const SLOW: u8 = 2;
+const SLASH: u8 = 4;
+static CLASS: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = match b as u8 {
+            b'/' => SLASH,
+            b':' | b'*' => RESERVED,
+            b'%' | b'\\' | 0..0x20 | 0x7f.. => SLOW,
+            _ => 0,
+        };
+        b += 1;
+    }
+    table
+};
+
 /// Splits and decodes a request path into `out` (decoded spellings into `decoded`); `None` when
-/// it must match nothing.
-fn split_path<'a>(path: &'a str, out: &mut [Segment<'a>; MAX_SEGMENTS], decoded: &mut Vec<String>) -> Option<usize> {
-    if path.len() > MAX_PATH_LEN {
+/// it must match nothing. One pass classifies every byte; only a segment with a `%`, a `\`, a
+/// control character or a non-ASCII byte is looked at again (and decoded).
+fn split_path(path: &str, out: &mut [Segment; MAX_SEGMENTS], decoded: &mut Vec<String>) -> Option<usize> {
+    let bytes = path.as_bytes();
+    if bytes.len() > MAX_PATH_LEN || bytes.first() != Some(&b'/') {
         return None;
     }
-    let rest = path.strip_prefix('/')?;
-    if rest.is_empty() {
+    if bytes.len() == 1 {
         return Some(0);
     }
     let mut n = 0;
-    for raw in rest.split('/') {
-        if n == MAX_SEGMENTS {
-            return None;
+    let mut start = 1;
+    let mut flags = 0u8;
+    for i in 1..=bytes.len() {
+        let class = bytes.get(i).map_or(SLASH, |b| CLASS[usize::from(*b)]);
+        if class != SLASH {
+            flags |= class;
+            continue;
         }
-        let seg = percent_decode(raw)?;
-        let forbidden = if seg.is_ascii() {
-            seg.bytes().any(|b| b == b'/' || b == b'\\' || b.is_ascii_control())
-        } else {
-            seg.chars().any(|c| c == '/' || c == '\\' || c.is_control())
-        };
-        if seg.is_empty() || seg == "." || seg == ".." || forbidden {
-            return None;
-        }
-        out[n] = match seg {
-            Cow::Borrowed(_) => Segment { raw, decoded: Segment::SAME },
-            Cow::Owned(text) => {
-                decoded.push(text);
-                Segment { raw, decoded: (decoded.len() - 1) as u8 }
-            }
-        };
+        let slot = out.get_mut(n)?;
+        *slot = segment(path, start, i, flags, decoded)?;
         n += 1;
+        start = i + 1;
+        flags = 0;
     }
     Some(n)
+}
+
+/// The segment `path[start..end]`, whose bytes' classes or'ed are `flags`; `None` when it must
+/// match nothing.
+fn segment(path: &str, start: usize, end: usize, flags: u8, decoded: &mut Vec<String>) -> Option<Segment> {
+    let raw = path.get(start..end)?;
+    // `MAX_PATH_LEN` keeps offsets within u16.
+    let (start, end) = (u16::try_from(start).ok()?, u16::try_from(end).ok()?);
+    if flags & SLOW == 0 {
+        if raw.is_empty() || raw == "." || raw == ".." {
+            return None;
+        }
+        return Some(Segment { start, end, decoded: Segment::SAME, reserved: flags & RESERVED != 0 });
+    }
+    let seg = percent_decode(raw)?;
+    let forbidden = if seg.is_ascii() {
+        seg.bytes().any(|b| b == b'/' || b == b'\\' || b.is_ascii_control())
+    } else {
+        seg.chars().any(|c| c == '/' || c == '\\' || c.is_control())
+    };
+    if seg.is_empty() || seg == "." || seg == ".." || forbidden {
+        return None;
+    }
+    let reserved = seg.bytes().any(|b| b == b':' || b == b'*');
+    Some(match seg {
+        Cow::Borrowed(_) => Segment { start, end, decoded: Segment::SAME, reserved },
+        Cow::Owned(text) => {
+            decoded.push(text);
+            Segment { start, end, decoded: u8::try_from(decoded.len()).ok()?, reserved }
+        }
+    })
 }
 
 fn percent_decode(raw: &str) -> Option<Cow<'_, str>> {

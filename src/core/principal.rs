@@ -229,16 +229,23 @@ impl std::error::Error for ResolveError {
 /// });
 /// ```
 pub trait ResolvePrincipal: Send + Sync + 'static {
+    /// The future [`resolve`](Self::resolve) returns. It owns what it needs (it borrows neither
+    /// the request nor the resolver), so the layer keeps it inline in its own response future:
+    /// take what you need from the head before returning it.
+    type Future: Future<Output = Result<Principal, ResolveError>> + Send + 'static;
+
     /// Resolves the principal from the request head.
-    fn resolve(&self, parts: &Parts) -> impl Future<Output = Result<Principal, ResolveError>> + Send;
+    fn resolve(&self, parts: &Parts) -> Self::Future;
 }
 
 impl<F, Fut> ResolvePrincipal for F
 where
     F: Fn(&Parts) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<Principal, ResolveError>> + Send,
+    Fut: Future<Output = Result<Principal, ResolveError>> + Send + 'static,
 {
-    fn resolve(&self, parts: &Parts) -> impl Future<Output = Result<Principal, ResolveError>> + Send {
+    type Future = Fut;
+
+    fn resolve(&self, parts: &Parts) -> Fut {
         self(parts)
     }
 }
@@ -273,16 +280,16 @@ impl<L> BearerToken<L> {
         self.realm = HeaderValue::from_str(&format!("Bearer realm=\"{clean}\"")).ok();
         self
     }
+}
 
-    fn challenge(&self, error: Option<&str>) -> HeaderValue {
-        let base = self.realm.as_ref().map(|v| v.to_str().unwrap_or("Bearer")).unwrap_or("Bearer");
-        match error {
-            None => HeaderValue::from_str(base).unwrap_or(HeaderValue::from_static("Bearer")),
-            Some(e) => {
-                let sep = if base == "Bearer" { " " } else { ", " };
-                HeaderValue::from_str(&format!("{base}{sep}error=\"{e}\""))
-                    .unwrap_or(HeaderValue::from_static("Bearer"))
-            }
+/// The `WWW-Authenticate` challenge: `Bearer`, the realm when set, and the error when given.
+fn challenge(realm: Option<&HeaderValue>, error: Option<&str>) -> HeaderValue {
+    let base = realm.map(|v| v.to_str().unwrap_or("Bearer")).unwrap_or("Bearer");
+    match error {
+        None => HeaderValue::from_str(base).unwrap_or(HeaderValue::from_static("Bearer")),
+        Some(e) => {
+            let sep = if base == "Bearer" { " " } else { ", " };
+            HeaderValue::from_str(&format!("{base}{sep}error=\"{e}\"")).unwrap_or(HeaderValue::from_static("Bearer"))
         }
     }
 }
@@ -304,48 +311,110 @@ pub(crate) fn parse_bearer(parts: &Parts) -> Result<&str, ResolveError> {
         return Err(ResolveError::invalid("authorization header too long"));
     }
     let value = value.to_str().map_err(|_| ResolveError::invalid("authorization header is not ascii"))?;
-    let (scheme, rest) =
-        value.split_once(' ').ok_or_else(|| ResolveError::invalid("malformed authorization header"))?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(ResolveError::invalid("authorization scheme is not bearer"));
+    // `Bearer <token68>`: the scheme in any case, spaces around the token.
+    if let (Some(scheme), Some(b' ')) = (value.as_bytes().get(..6), value.as_bytes().get(6)) {
+        if scheme.eq_ignore_ascii_case(b"bearer") {
+            let token = trim_spaces(value.get(7..).unwrap_or_default());
+            return if is_token68(token.as_bytes()) {
+                Ok(token)
+            } else {
+                Err(ResolveError::invalid("malformed bearer token"))
+            };
+        }
     }
-    let token = rest.trim_start_matches(' ').trim_end_matches(' ');
-    if token.is_empty() || !is_token68(token) {
-        return Err(ResolveError::invalid("malformed bearer token"));
+    match value.split_once(' ') {
+        None => Err(ResolveError::invalid("malformed authorization header")),
+        Some(_) => Err(ResolveError::invalid("authorization scheme is not bearer")),
     }
-    Ok(token)
 }
 
+/// `text` without leading and trailing spaces (spaces only: a tab is not trimmed).
+fn trim_spaces(text: &str) -> &str {
+    text.trim_start_matches(' ').trim_end_matches(' ')
+}
+
+/// The bytes of RFC 7235 `token68` before its `=` padding.
+static TOKEN68: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = matches!(b as u8, b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'+' | b'/');
+        b += 1;
+    }
+    table
+};
+
 /// RFC 7235 `token68`: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
-fn is_token68(token: &str) -> bool {
-    let body = token.trim_end_matches('=');
-    !body.is_empty()
-        && body.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/'))
+fn is_token68(token: &[u8]) -> bool {
+    let pad = token.iter().rev().take_while(|b| **b == b'=').count();
+    let body = &token[..token.len() - pad];
+    !body.is_empty() && body.iter().all(|b| TOKEN68[usize::from(*b)])
 }
 
 impl<L, Fut, E> ResolvePrincipal for BearerToken<L>
 where
     L: Fn(String) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<Option<Principal>, E>> + Send,
+    Fut: Future<Output = Result<Option<Principal>, E>> + Send + 'static,
     E: Into<BoxError>,
 {
-    fn resolve(&self, parts: &Parts) -> impl Future<Output = Result<Principal, ResolveError>> + Send {
-        let parsed = parse_bearer(parts).map(str::to_owned);
-        async move {
-            let token = match parsed {
-                Ok(token) => token,
-                Err(e) => {
-                    let error = if e.is_missing() { None } else { Some("invalid_request") };
-                    return Err(e.with_challenge(self.challenge(error)));
-                }
-            };
-            match (self.lookup)(token).await {
+    type Future = BearerFuture<Fut>;
+
+    fn resolve(&self, parts: &Parts) -> BearerFuture<Fut> {
+        let state = match parse_bearer(parts) {
+            Ok(token) => BearerState::Lookup { lookup: (self.lookup)(token.to_owned()), realm: self.realm.clone() },
+            Err(e) => {
+                let error = if e.is_missing() { None } else { Some("invalid_request") };
+                BearerState::Refused { error: Some(e.with_challenge(challenge(self.realm.as_ref(), error))) }
+            }
+        };
+        BearerFuture { state }
+    }
+}
+
+/// The future of [`BearerToken`]'s [`resolve`](ResolvePrincipal::resolve): the token lookup, or
+/// the refusal of a malformed header.
+#[pin_project::pin_project]
+pub struct BearerFuture<Fut> {
+    #[pin]
+    state: BearerState<Fut>,
+}
+
+#[pin_project::pin_project(project = BearerStateProj)]
+enum BearerState<Fut> {
+    Lookup {
+        #[pin]
+        lookup: Fut,
+        realm: Option<HeaderValue>,
+    },
+    Refused {
+        error: Option<ResolveError>,
+    },
+}
+
+impl<Fut> fmt::Debug for BearerFuture<Fut> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BearerFuture").finish_non_exhaustive()
+    }
+}
+
+impl<Fut, E> Future for BearerFuture<Fut>
+where
+    Fut: Future<Output = Result<Option<Principal>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Principal, ResolveError>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        match self.project().state.project() {
+            BearerStateProj::Lookup { lookup, realm } => Poll::Ready(match std::task::ready!(lookup.poll(cx)) {
                 Ok(Some(principal)) => Ok(principal),
-                Ok(None) => {
-                    Err(ResolveError::invalid("unknown bearer token")
-                        .with_challenge(self.challenge(Some("invalid_token"))))
-                }
+                Ok(None) => Err(ResolveError::invalid("unknown bearer token")
+                    .with_challenge(challenge(realm.as_ref(), Some("invalid_token")))),
                 Err(e) => Err(ResolveError::unavailable(e)),
+            }),
+            BearerStateProj::Refused { error } => {
+                Poll::Ready(Err(error.take().unwrap_or_else(|| ResolveError::invalid("malformed bearer token"))))
             }
         }
     }
@@ -373,7 +442,9 @@ impl TrustedHeader {
 }
 
 impl ResolvePrincipal for TrustedHeader {
-    fn resolve(&self, parts: &Parts) -> impl Future<Output = Result<Principal, ResolveError>> + Send {
+    type Future = std::future::Ready<Result<Principal, ResolveError>>;
+
+    fn resolve(&self, parts: &Parts) -> Self::Future {
         let mut values = parts.headers.get_all(&self.name).iter();
         let result = match (values.next(), values.next()) {
             (None, _) => Err(ResolveError::missing()),
@@ -419,6 +490,7 @@ mod tests {
         let r = bearer();
         assert_eq!(r.resolve(&parts(&[("authorization", b"Bearer good")])).await.unwrap().id(), "bob");
         assert_eq!(r.resolve(&parts(&[("authorization", b"bearer  good")])).await.unwrap().id(), "bob");
+        assert_eq!(r.resolve(&parts(&[("authorization", b"BEARER good  ")])).await.unwrap().id(), "bob");
         type Headers<'a> = &'a [(&'a str, &'a [u8])];
         let cases: &[(Headers<'_>, ResolveErrorKind)] = &[
             (&[], ResolveErrorKind::Missing),
@@ -427,6 +499,10 @@ mod tests {
             (&[("authorization", b"Bearer")], ResolveErrorKind::Invalid),
             (&[("authorization", b"Bearer ")], ResolveErrorKind::Invalid),
             (&[("authorization", b"Bearer a b")], ResolveErrorKind::Invalid),
+            (&[("authorization", b"Bearer \tgood")], ResolveErrorKind::Invalid),
+            (&[("authorization", b"Bearer good=x")], ResolveErrorKind::Invalid),
+            (&[("authorization", b"Bearer ===")], ResolveErrorKind::Invalid),
+            (&[("authorization", b"Bearerx good")], ResolveErrorKind::Invalid),
             (&[("authorization", b"Bearer g\xffod")], ResolveErrorKind::Invalid),
             (&[("authorization", b"Bearer good"), ("authorization", b"Bearer good")], ResolveErrorKind::Invalid),
             (&[("authorization", b"Bearer down")], ResolveErrorKind::Unavailable),
