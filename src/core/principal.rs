@@ -346,8 +346,10 @@ static TOKEN68: [bool; 256] = {
 
 /// RFC 7235 `token68`: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
 fn is_token68(token: &[u8]) -> bool {
-    let pad = token.iter().rev().take_while(|b| **b == b'=').count();
-    let body = &token[..token.len() - pad];
+    let mut body = token;
+    while let [rest @ .., b'='] = body {
+        body = rest;
+    }
     !body.is_empty() && body.iter().all(|b| TOKEN68[usize::from(*b)])
 }
 
