@@ -6,7 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=$(mktemp -d /tmp/authz-smoke-cluster.XXXXXX)
 pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$dir"; }
+# The servers are waited for before their directories go: a node still saving its nodes.conf
+# as it exits once made `rm -rf` fail ("Directory not empty"), and the script with it.
+cleanup() {
+  kill "${pids[@]}" 2>/dev/null || true
+  wait "${pids[@]}" 2>/dev/null || true
+  rm -rf "$dir" 2>/dev/null || { sleep 0.5; rm -rf "$dir" 2>/dev/null; } || true
+}
 trap cleanup EXIT
 free() { ! (echo > "/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 ports=()
