@@ -21,6 +21,15 @@ what to drive (default: every in-process configuration available):
   --target URL          drive one running app instead (http://host:port)
   --self-test           drive a trivial in-process server (fixed 200 \"ok\") in open loop at --rate
                         and report whether the generator keeps up
+  --fleet N             run each configuration as N instances (own L1 each, shared Redis and
+                        Postgres) behind a round-robin balancer, one restarted every
+                        --restart-every seconds: configurations bare,no-cache,l1[,l1+l2][,l1+l2+l3]
+  --restart-every S     fleet: seconds between rolling restarts (default 5)
+  --restart-window-s S  fleet: how long after each restart counts as its window (default 1)
+  --flush-redis-at S    fleet: delete the run's Redis namespace S seconds in (Redis losing all)
+  --saturate P99_MS     each configuration's highest throughput with p99 at most P99_MS: closed
+                        loop, no think time, 1, 2, 4, ... concurrent request loops (up to
+                        --connections), --duration each; reported as a ratio to bare's
 
 workload:
   --mode open|closed    open: a fixed rate, latency from the intended send time (default open)
@@ -88,6 +97,16 @@ pub(crate) struct Opts {
     pub(crate) svg: Option<String>,
     pub(crate) client_threads: usize,
     pub(crate) server_threads: usize,
+    /// `--fleet`: instances per configuration; the restarts, their windows, the flush.
+    pub(crate) fleet: Option<usize>,
+    pub(crate) restart_every: Duration,
+    pub(crate) restart_window: Duration,
+    pub(crate) flush_redis_at: Option<Duration>,
+    /// `--saturate`: the p99 limit.
+    pub(crate) saturate: Option<Duration>,
+    /// Closed loop: this many request loops, each drawing a user per request (`None`: one loop
+    /// per user, with think time).
+    pub(crate) loops: Option<usize>,
 }
 impl Default for Opts {
     fn default() -> Self {
@@ -119,6 +138,12 @@ impl Default for Opts {
             svg: None,
             client_threads: 1,
             server_threads: 1,
+            fleet: None,
+            restart_every: Duration::from_secs(5),
+            restart_window: Duration::from_secs(1),
+            flush_redis_at: None,
+            saturate: None,
+            loops: None,
         }
     }
 }
@@ -196,6 +221,17 @@ pub(crate) fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Op
             "--svg" => o.svg = Some(value()?),
             "--client-threads" => o.client_threads = num(&name, &value()?)?,
             "--server-threads" => o.server_threads = num(&name, &value()?)?,
+            "--fleet" => o.fleet = Some(num(&name, &value()?)?),
+            "--restart-every" => o.restart_every = seconds(&name, &value()?)?,
+            "--restart-window-s" => o.restart_window = seconds(&name, &value()?)?,
+            "--flush-redis-at" => o.flush_redis_at = Some(seconds(&name, &value()?)?),
+            "--saturate" => {
+                let ms: f64 = num(&name, &value()?)?;
+                if !(ms.is_finite() && ms > 0.0 && ms <= 60_000.0) {
+                    return Err(format!("--saturate {ms}: expected a p99 limit in ms, above 0"));
+                }
+                o.saturate = Some(Duration::from_secs_f64(ms / 1000.0));
+            }
             _ => return Err(format!("unknown argument {arg:?}")),
         }
     }
@@ -224,6 +260,29 @@ pub(crate) fn parse_args(args: impl Iterator<Item = String>) -> Result<Option<Op
             "--target drives a running app: --configs, --compare, --redis-url and --database-url start in-process apps"
                 .into(),
         );
+    }
+    if let Some(n) = o.fleet {
+        if !(1..=64).contains(&n) || o.self_test || o.target.is_some() || o.compare || o.saturate.is_some() {
+            return Err("--fleet N (1 to 64) runs in-process configurations in open loop: no --self-test, --target, --compare or --saturate".into());
+        }
+        if o.mode == Mode::Closed || o.restart_every.is_zero() || o.restart_window > o.restart_every {
+            return Err("--fleet runs in open loop, with --restart-every above 0 and --restart-window-s at most --restart-every".into());
+        }
+        if o.flush_redis_at.is_some() && o.redis_url.is_none() {
+            return Err("--flush-redis-at needs --redis-url".into());
+        }
+        if let Some(c) =
+            o.configs.iter().flatten().find(|c| !["bare", "no-cache", "l1", "l1+l2", "l1+l2+l3"].contains(&c.as_str()))
+        {
+            return Err(format!("--fleet: configuration {c:?} is not available (bare, no-cache, l1, l1+l2, l1+l2+l3)"));
+        }
+        // Round robin over the instances: every instance gets the same number of connections.
+        o.connections = o.connections.div_ceil(n) * n;
+    } else if o.flush_redis_at.is_some() {
+        return Err("--flush-redis-at is for --fleet".into());
+    }
+    if o.saturate.is_some() && (o.self_test || o.target.is_some() || o.compare) {
+        return Err("--saturate steps in-process configurations (--configs, or the default set)".into());
     }
     if o.self_test && (o.target.is_some() || in_process || o.mode == Mode::Closed) {
         return Err("--self-test runs the open-loop driver against its own trivial server only".into());

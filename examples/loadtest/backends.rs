@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::BoxError;
 
 /// What the in-process configurations share: the servers, and what to clean up.
+#[derive(Clone)]
 pub(crate) struct Backends {
     pub(crate) redis_url: Option<String>,
     pub(crate) redis_cluster_nodes: Option<Vec<String>>,

@@ -28,6 +28,7 @@ pub(crate) fn local_target(name: &str, addr: SocketAddr, authorizes: bool, cache
         tokens: Tokens::Population,
         authorizes,
         cached,
+        fleet: None,
     })
 }
 /// The quickstart's route table (the demo's, in `examples/common/demo.rs`).
@@ -330,5 +331,6 @@ pub(crate) fn parse_target(url: &str) -> Result<Arc<Target>, BoxError> {
         tokens: Tokens::Demo,
         authorizes: true,
         cached: true,
+        fleet: None,
     }))
 }

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::BoxError;
 use crate::args::{Mode, Opts};
 use crate::client::{ERR_KINDS, ErrKind, connect, exchange, write_request};
+use crate::fleet::{Fleet, Windows};
 use crate::report::fmt_us;
 use crate::workload::{Req, Rng, Tokens, Workload};
 
@@ -31,6 +32,15 @@ pub(crate) struct Target {
     pub(crate) authorizes: bool,
     /// Has a decision cache (its hit rate is compared with the compulsory-miss bound).
     pub(crate) cached: bool,
+    /// A fleet of instances behind the driver's round robin (`addr` is then unused).
+    pub(crate) fleet: Option<Arc<Fleet>>,
+}
+
+impl Target {
+    /// Where connection `conn` goes, and which incarnation of its instance that is.
+    fn route(&self, conn: usize) -> (SocketAddr, u64) {
+        self.fleet.as_ref().map_or((self.addr, 0), |f| f.route(conn))
+    }
 }
 /// One request handed to a connection: its intended send time and, in closed loop, who waits.
 pub(crate) struct Job {
@@ -62,6 +72,15 @@ pub(crate) struct Stats {
     /// Distinct cache keys among the requests sent, and how many were sent.
     pub(crate) keys: HashSet<u64>,
     pub(crate) sent: u64,
+    /// The requests sent during a fleet's restart windows.
+    pub(crate) window: WindowStats,
+}
+/// What the requests whose intended send time fell in a restart window got.
+#[derive(Default)]
+pub(crate) struct WindowStats {
+    pub(crate) latency: Vec<u32>,
+    pub(crate) sent: u64,
+    pub(crate) expected: u64,
 }
 pub(crate) fn us(d: Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
@@ -82,6 +101,9 @@ impl Stats {
         }
         self.expected += other.expected;
         self.sent += other.sent;
+        self.window.latency.extend(other.window.latency);
+        self.window.sent += other.window.sent;
+        self.window.expected += other.window.expected;
         if self.keys.len() < other.keys.len() {
             std::mem::swap(&mut self.keys, &mut other.keys);
         }
@@ -98,13 +120,18 @@ pub(crate) struct ConnCtx {
     pub(crate) hard_stop: Instant,
     pub(crate) timeout: Duration,
     pub(crate) progress: Arc<Progress>,
+    /// A fleet's restart windows.
+    pub(crate) windows: Option<Windows>,
 }
-/// One keep-alive connection: sends its jobs in order, reconnecting after any error.
+/// One keep-alive connection (number `conn`): sends its jobs in order, reconnecting after any
+/// error, and (behind a fleet) before the next request once its instance was replaced.
 pub(crate) async fn connection_task(
     ctx: ConnCtx,
+    conn: usize,
     mut stream: Option<TcpStream>,
     mut rx: mpsc::UnboundedReceiver<Job>,
 ) -> Stats {
+    let mut incarnation = ctx.target.route(conn).1;
     let mut st = Stats::default();
     let mut wbuf = String::with_capacity(256);
     let mut rbuf = Vec::with_capacity(8192);
@@ -127,10 +154,18 @@ pub(crate) async fn connection_task(
         write_request(&mut wbuf, &ctx.target.host, job.req, tokens);
         st.keys.insert(job.req.key(tokens));
         st.sent += 1;
+        let in_window = ctx.windows.is_some_and(|w| w.contains(job.intended));
+        st.window.sent += u64::from(in_window);
+        let (addr, now_there) = ctx.target.route(conn);
+        if now_there != incarnation {
+            // The balancer drains the old instance: the next request goes to the new one.
+            stream = None;
+            incarnation = now_there;
+        }
         let deadline = (Instant::now() + ctx.timeout).min(ctx.hard_stop);
         let result = tokio::time::timeout_at(deadline.into(), async {
             if stream.is_none() {
-                stream = Some(connect(ctx.target.addr, ctx.timeout).await?);
+                stream = Some(connect(addr, ctx.timeout).await?);
             }
             let s = stream.as_mut().ok_or(ErrKind::Connect)?;
             let sent = Instant::now();
@@ -148,8 +183,11 @@ pub(crate) async fn connection_task(
                 st.lag.push(us(sent.saturating_duration_since(job.intended)));
                 *st.status.entry(r.status).or_default() += 1;
                 let denied = ctx.target.authorizes && job.req.denied(tokens);
-                if (denied && r.status == 403) || (!denied && (200..300).contains(&r.status)) {
-                    st.expected += 1;
+                let expected = (denied && r.status == 403) || (!denied && (200..300).contains(&r.status));
+                st.expected += u64::from(expected);
+                if in_window {
+                    st.window.latency.push(latency);
+                    st.window.expected += u64::from(expected);
                 }
                 st.last_done = Some(done);
                 ctx.progress.done.fetch_add(1, Relaxed);
@@ -213,7 +251,7 @@ pub(crate) async fn drive(o: &Opts, target: Arc<Target>, wl: Arc<Workload>) -> R
     // The clock starts once the connections are up: connecting is not part of the measurement.
     let mut set = tokio::task::JoinSet::new();
     for i in 0..c {
-        let (addr, timeout) = (target.addr, o.timeout);
+        let (addr, timeout) = (target.route(i).0, o.timeout);
         set.spawn(async move { (i, connect(addr, timeout).await.ok()) });
     }
     let mut streams: Vec<Option<TcpStream>> = (0..c).map(|_| None).collect();
@@ -233,14 +271,17 @@ pub(crate) async fn drive(o: &Opts, target: Arc<Target>, wl: Arc<Workload>) -> R
     let t0 = Instant::now() + Duration::from_millis(20);
     let end = t0 + o.duration;
     let hard_stop = end + o.drain;
-    let ctx = ConnCtx { target: target.clone(), hard_stop, timeout: o.timeout, progress: progress.clone() };
+    let windows = target.fleet.as_ref().map(|f| Windows { t0, every: f.every, width: f.width });
+    let ctx = ConnCtx { target: target.clone(), hard_stop, timeout: o.timeout, progress: progress.clone(), windows };
     let mut senders = Vec::with_capacity(c);
     let mut conns = Vec::with_capacity(c);
-    for s in streams {
+    for (i, s) in streams.into_iter().enumerate() {
         let (tx, rx) = mpsc::unbounded_channel();
         senders.push(tx);
-        conns.push(tokio::spawn(connection_task(ctx.clone(), s, rx)));
+        conns.push(tokio::spawn(connection_task(ctx.clone(), i, s, rx)));
     }
+    // A fleet's restarts and flush run beside the load, from t0.
+    let controller = target.fleet.clone().map(|f| tokio::spawn(f.run(t0, end)));
     let printer = tokio::spawn(print_progress(target.name.clone(), t0, progress.clone()));
 
     enum Issuer {
@@ -289,9 +330,12 @@ pub(crate) async fn drive(o: &Opts, target: Arc<Target>, wl: Arc<Workload>) -> R
             let issued = Arc::new(AtomicU64::new(0));
             let budget = Arc::new(AtomicU64::new(0));
             let mut users = tokio::task::JoinSet::new();
-            for u in 0..wl.users() {
+            // With `loops`, that many loops each draw a user per request (saturation: the same
+            // request stream whatever the concurrency); otherwise one loop per user.
+            let loops = o.loops.unwrap_or(wl.users());
+            for u in 0..loops {
                 let (senders, wl, issued, budget) = (senders.clone(), wl.clone(), issued.clone(), budget.clone());
-                let (think, max) = (o.think, o.max_requests);
+                let (think, max, draw) = (o.think, o.max_requests, o.loops.is_some());
                 let mut rng = Rng::new(o.seed ^ (u as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
                 // Users start spread over one think time rather than all at t0.
                 let offset = Duration::from_micros(rng.below(think.as_micros() as u64));
@@ -300,7 +344,8 @@ pub(crate) async fn drive(o: &Opts, target: Arc<Target>, wl: Arc<Workload>) -> R
                     let conn = &senders[u % senders.len()];
                     while Instant::now() < end && budget.fetch_add(1, Relaxed) < max {
                         let (tx, rx) = oneshot::channel();
-                        let job = Job { req: wl.request(u, &mut rng), intended: Instant::now(), done: Some(tx) };
+                        let user = if draw { rng.below(wl.users() as u64) as usize } else { u };
+                        let job = Job { req: wl.request(user, &mut rng), intended: Instant::now(), done: Some(tx) };
                         if conn.send(job).is_err() {
                             break;
                         }
@@ -324,6 +369,9 @@ pub(crate) async fn drive(o: &Opts, target: Arc<Target>, wl: Arc<Workload>) -> R
     }
     let finished = Instant::now();
     printer.abort();
+    if let Some(controller) = controller {
+        controller.abort();
+    }
     eprintln!(
         "[{}] done  {:>5.1}s  requests {:>8}  errors {}",
         target.name,

@@ -59,6 +59,40 @@ impl CacheDelta {
     pub(crate) fn hit_rate(&self) -> Option<f64> {
         (self.checks() > 0).then(|| self.hits() as f64 / self.checks() as f64)
     }
+
+    /// Field by field: `self = f(self, other)` (a fleet sums its instances' counters).
+    fn combine(&mut self, o: &CacheDelta, f: impl Fn(u64, u64) -> u64) {
+        let tier = |a: Option<(u64, u64, u64)>, b: Option<(u64, u64, u64)>| match (a, b) {
+            (None, None) => None,
+            (a, b) => {
+                let ((a0, a1, a2), (b0, b1, b2)) = (a.unwrap_or_default(), b.unwrap_or_default());
+                Some((f(a0, b0), f(a1, b1), f(a2, b2)))
+            }
+        };
+        *self = CacheDelta {
+            l1_hits: f(self.l1_hits, o.l1_hits),
+            l1_misses: f(self.l1_misses, o.l1_misses),
+            l1_untrusted: f(self.l1_untrusted, o.l1_untrusted),
+            l1_stale: f(self.l1_stale, o.l1_stale),
+            l1_expired: f(self.l1_expired, o.l1_expired),
+            remote_timeouts: f(self.remote_timeouts, o.remote_timeouts),
+            write_drops: f(self.write_drops, o.write_drops),
+            l2: tier(self.l2, o.l2),
+            l3: tier(self.l3, o.l3),
+            authorizer_calls: f(self.authorizer_calls, o.authorizer_calls),
+            authorizer_errors: f(self.authorizer_errors, o.authorizer_errors),
+            single_flight_joins: f(self.single_flight_joins, o.single_flight_joins),
+            undecided: f(self.undecided, o.undecided),
+        };
+    }
+
+    pub(crate) fn add(&mut self, o: &CacheDelta) {
+        self.combine(o, u64::saturating_add);
+    }
+
+    pub(crate) fn sub(&mut self, o: &CacheDelta) {
+        self.combine(o, u64::saturating_sub);
+    }
 }
 pub(crate) fn cache_delta(before: &Value, after: &Value) -> CacheDelta {
     let get = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
@@ -99,6 +133,7 @@ pub(crate) async fn run_target(
     about: String,
 ) -> Result<Run, BoxError> {
     let before = if target.stats { fetch_stats(&target, o.timeout).await } else { None };
+    let fleet_before = target.fleet.as_ref().map(|f| f.totals());
     let load0 = loadavg();
     let cpu0 = thread_cpu();
     let servers0 = server_ticks();
@@ -107,8 +142,13 @@ pub(crate) async fn run_target(
     let servers = server_cpu_between(&servers0, &server_ticks());
     let load1 = loadavg();
     let after = if target.stats { fetch_stats(&target, o.timeout).await } else { None };
-    let cache = match (&before, &after) {
-        (Some(b), Some(a)) => Some(cache_delta(b, a)),
+    let cache = match (&before, &after, &target.fleet, fleet_before) {
+        (_, _, Some(fleet), Some(before)) => target.authorizes.then(|| {
+            let mut delta = fleet.totals();
+            delta.sub(&before);
+            delta
+        }),
+        (Some(b), Some(a), _, _) => Some(cache_delta(b, a)),
         _ => {
             if target.stats {
                 eprintln!("[{}] note: GET /admin/stats did not answer 200 JSON; no cache counters", target.name);

@@ -57,6 +57,11 @@ pub(crate) struct Summary {
     /// The app ran in this process (its CPU is known).
     pub(crate) local: bool,
     pub(crate) cached: bool,
+    /// A fleet's restart windows: the latency, the requests sent and those answered as the
+    /// roles say, of the requests sent during one.
+    pub(crate) window_latency: Pcts,
+    pub(crate) window_sent: u64,
+    pub(crate) window_expected: u64,
 }
 impl Summary {
     pub(crate) fn new(run: Run) -> Self {
@@ -65,6 +70,7 @@ impl Summary {
         let responses: u64 = stats.status.values().sum();
         let ok = stats.status.iter().filter(|(s, _)| (200..300).contains(*s)).map(|(_, n)| n).sum();
         let span = stats.last_done.unwrap_or(finished).saturating_duration_since(t0).as_secs_f64();
+        let window_latency = pcts(&mut stats.window.latency);
         Summary {
             name,
             about,
@@ -87,6 +93,9 @@ impl Summary {
             load,
             local,
             cached,
+            window_latency,
+            window_sent: stats.window.sent,
+            window_expected: stats.window.expected,
         }
     }
 
