@@ -7,9 +7,10 @@
 //!
 //! - `instructions serve bare|layer` serves it on `PORT` (default 3900) on a current-thread
 //!   runtime, until killed: the script drives it over loopback HTTP with keep-alive;
-//! - `instructions oneshot bare|layer N` sends it `N` requests in-process through
+//! - `instructions oneshot bare|layer|bare-miss|layer-miss N` sends it `N` requests in-process through
 //!   `tower::ServiceExt::oneshot` (after a warm-up of 100, so that every layered request is an L1
-//!   hit) and exits: the script runs two `N`s and divides the difference.
+//!   hit) and exits: the script runs two `N`s and divides the difference. The `-miss` modes name a
+//!   new document in every request: each is an L1 miss (the authorizer, an L1 insert).
 //!
 //! ```text
 //! bash scripts/instructions.sh     # builds this in release and prints the table
@@ -52,6 +53,13 @@ fn request() -> Request<Body> {
     Request::get("/documents/1").header("authorization", "Bearer bob-token").body(Body::empty()).expect("request")
 }
 
+fn document(id: usize) -> Request<Body> {
+    Request::get(format!("/documents/{id}"))
+        .header("authorization", "Bearer bob-token")
+        .body(Body::empty())
+        .expect("request")
+}
+
 type Error = Box<dyn std::error::Error>;
 
 async fn serve<S>(app: S, layered: bool) -> Result<(), Error>
@@ -65,12 +73,13 @@ where
     Ok(())
 }
 
-async fn oneshot<S>(app: S, n: usize) -> Result<(), Error>
+async fn oneshot<S>(app: S, n: usize, misses: bool) -> Result<(), Error>
 where
     S: Service<Request<Body>, Response = Response, Error = Infallible> + Clone,
 {
     for i in 0..100 + n {
-        let res = app.clone().oneshot(request()).await?;
+        // With `misses`, every request names a document no earlier one did: an L1 miss each.
+        let res = app.clone().oneshot(if misses { document(i) } else { request() }).await?;
         if i == 0 && !res.status().is_success() {
             return Err(format!("the app answered {}", res.status()).into());
         }
@@ -79,7 +88,8 @@ where
 }
 
 fn main() -> Result<(), Error> {
-    const USAGE: &str = "usage: instructions serve|oneshot bare|layer [N]";
+    const USAGE: &str =
+        "usage: instructions serve bare|layer, or instructions oneshot bare|layer|bare-miss|layer-miss N";
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (mode, which) = (args.first().map(String::as_str), args.get(1).map(String::as_str));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -88,8 +98,10 @@ fn main() -> Result<(), Error> {
         match (mode, which) {
             (Some("serve"), Some("bare")) => serve(router(), false).await,
             (Some("serve"), Some("layer")) => serve(layered(), true).await,
-            (Some("oneshot"), Some("bare")) => oneshot(router(), n()?).await,
-            (Some("oneshot"), Some("layer")) => oneshot(layered(), n()?).await,
+            (Some("oneshot"), Some("bare")) => oneshot(router(), n()?, false).await,
+            (Some("oneshot"), Some("layer")) => oneshot(layered(), n()?, false).await,
+            (Some("oneshot"), Some("bare-miss")) => oneshot(router(), n()?, true).await,
+            (Some("oneshot"), Some("layer-miss")) => oneshot(layered(), n()?, true).await,
             _ => Err(USAGE.into()),
         }
     })

@@ -8,7 +8,8 @@
 #   N requests over one keep-alive loopback connection, and the counters are dumped: the server's
 #   instructions (hyper, axum, the layer; not curl's) divided by N.
 # - in-process: `oneshot` N1 and then N2 requests; (total(N2) - total(N1)) / (N2 - N1) leaves out
-#   start-up and warm-up.
+#   start-up and warm-up. Once with L1 hits, once with a new document in every request (an L1
+#   miss each: a trivial authorizer, the L1 insert; no shared tier).
 #
 # Usage: bash scripts/instructions.sh [N]      (N requests per HTTP measure, default 2000)
 # Needs valgrind (callgrind, callgrind_control) and curl. Prints a table; MAX_HTTP_RATIO=1.10 makes
@@ -63,6 +64,8 @@ http_bare=$(http bare 3931)
 http_layer=$(http layer 3932)
 one_bare=$(inproc bare)
 one_layer=$(inproc layer)
+miss_bare=$(inproc bare-miss)
+miss_layer=$(inproc layer-miss)
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b / a }'; }
 http_ratio=$(ratio "$http_bare" "$http_layer")
 echo "instructions per request (callgrind; L1 hits; HTTP: $N keep-alive requests, in-process: oneshot $N1 vs $N2)"
@@ -70,6 +73,7 @@ echo "| path | bare | with the layer | layer - bare | ratio |"
 echo "|---|---:|---:|---:|---:|"
 echo "| HTTP on loopback | $http_bare | $http_layer | $((http_layer - http_bare)) | ${http_ratio}x |"
 echo "| in-process (oneshot) | $one_bare | $one_layer | $((one_layer - one_bare)) | $(ratio "$one_bare" "$one_layer")x |"
+echo "| in-process, every request an L1 miss | $miss_bare | $miss_layer | $((miss_layer - miss_bare)) | $(ratio "$miss_bare" "$miss_layer")x |"
 if [ -n "${MAX_HTTP_RATIO:-}" ]; then
   awk -v r="$http_ratio" -v m="$MAX_HTTP_RATIO" 'BEGIN { exit !(r <= m) }' \
     || { echo "instructions: HTTP ratio ${http_ratio}x is above MAX_HTTP_RATIO=${MAX_HTTP_RATIO}" >&2; exit 1; }

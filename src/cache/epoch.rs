@@ -395,7 +395,7 @@ mod tests {
     use std::sync::Arc;
 
     fn key(p: &str, r: &str) -> CacheKey {
-        CacheKey { principal: Arc::from(p), resource: Arc::from(r), action: Arc::from("read") }
+        CacheKey::of(Arc::from(p), Arc::from(r), Arc::from("read"))
     }
 
     fn epochs(forget_after_ms: u64) -> (Epochs, Clock) {

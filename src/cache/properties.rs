@@ -17,7 +17,7 @@ fn part() -> impl Strategy<Value = String> {
 }
 
 fn key(p: &str, r: &str, a: &str) -> CacheKey {
-    CacheKey { principal: Arc::from(p), resource: Arc::from(r), action: Arc::from(a) }
+    CacheKey::of(Arc::from(p), Arc::from(r), Arc::from(a))
 }
 
 proptest! {
