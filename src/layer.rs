@@ -39,9 +39,9 @@ use crate::{AuthzCache, MapPermission, Rejection, ResolvePrincipal};
 ///
 /// For each request: map it to the [`Access`](crate::Access) it needs (public requests go
 /// straight through), resolve the principal (401 without one), then ask the cache (403 on deny,
-/// 503 when no decision can be obtained). On allow, the [`Principal`](crate::Principal),
-/// [`Permission`](crate::Permission) and [`Decision`](crate::Decision) are put in the request's
-/// extensions for the handler.
+/// 503 when no decision can be obtained). On allow, one [`Authorized`](crate::Authorized) (the
+/// principal, the permission checked and the decision) is put in the request's extensions for
+/// the handler. Responses are in the inner service's body type (any `From<Bytes>` body).
 ///
 /// A request may carry a [`ConsistencyToken`](crate::ConsistencyToken) (from an invalidation's
 /// answer) in the `authz-consistency` header, or as a request extension put there by an outer
